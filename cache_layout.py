@@ -1,0 +1,283 @@
+"""The on-disk layout of a feature cache: one definition of every name and rule.
+
+Every script (extraction, submission, audit, loading) goes through this module to
+find a volume's files, to decide whether a volume is complete, and to read or
+write metadata and status records. Nothing else spells a file name.
+
+Layout of an output directory::
+
+    volume_000000_features.zarr   features (C, D, H, W)
+    volume_000000_gt.zarr         labels (D, H, W)
+    volume_000000_mask.zarr       valid-label mask (D, H, W), with GT extension
+    volume_000000_raw.zarr        raw crop at slice resolution (only with --save-raw)
+    volume_000000_metadata.json   the commit marker, written last and atomically
+    volume_000000.partial/        staging area of a run in progress (debris if killed)
+    logs/volume_000000.status.json  running / complete / failed, host, times, error
+    logs/volume_000000.lock       held by the run that owns the index
+    logs/volume_000000.out|.err   scheduler job output
+
+A volume exists for readers exactly when its metadata file exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
+ARRAY_NAMES = ("features", "gt", "mask", "raw")
+LOGS_DIR = "logs"
+METADATA_DIGEST_KEY = "metadata_digest"
+
+
+def volume_name(volume_index: int) -> str:
+    return f"volume_{volume_index:06d}"
+
+
+@dataclass(frozen=True)
+class VolumePaths:
+    """Where every file of one volume lives."""
+
+    output_dir: Path
+    volume_index: int
+
+    @property
+    def name(self) -> str:
+        return volume_name(self.volume_index)
+
+    def array(self, array_name: str) -> Path:
+        return self.output_dir / f"{self.name}_{array_name}.zarr"
+
+    @property
+    def metadata(self) -> Path:
+        return self.output_dir / f"{self.name}_metadata.json"
+
+    @property
+    def staging(self) -> Path:
+        return self.output_dir / f"{self.name}.partial"
+
+    def staged_array(self, array_name: str) -> Path:
+        return self.staging / f"{array_name}.zarr"
+
+    @property
+    def logs(self) -> Path:
+        return self.output_dir / LOGS_DIR
+
+    @property
+    def status(self) -> Path:
+        return self.logs / f"{self.name}.status.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.logs / f"{self.name}.lock"
+
+    @property
+    def log_out(self) -> Path:
+        return self.logs / f"{self.name}.out"
+
+    @property
+    def log_err(self) -> Path:
+        return self.logs / f"{self.name}.err"
+
+    def existing_arrays(self) -> list[Path]:
+        return [self.array(a) for a in ARRAY_NAMES if self.array(a).exists()]
+
+
+def is_volume_complete(output_dir: Path | str, volume_index: int) -> bool:
+    """The one completeness test: the metadata file (the commit marker) exists."""
+    return VolumePaths(Path(output_dir), volume_index).metadata.is_file()
+
+
+def committed_volume_indices(output_dir: Path | str) -> list[int]:
+    """Indices of every committed volume, sorted. One directory listing, no stat per file."""
+    try:
+        names = os.listdir(output_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(VOLUME_NAME_RE.match, names) if m)
+
+
+# ----------------------------------------------------------------------------- json
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def metadata_digest(metadata: dict) -> str:
+    """sha256 of the metadata without its own digest: any edit of the file changes it."""
+    body = {k: v for k, v in metadata.items() if k != METADATA_DIGEST_KEY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def seal_metadata(metadata: dict) -> dict:
+    return {**metadata, METADATA_DIGEST_KEY: metadata_digest(metadata)}
+
+
+def metadata_is_intact(metadata: dict) -> bool:
+    return metadata.get(METADATA_DIGEST_KEY) == metadata_digest(metadata)
+
+
+def read_metadata(output_dir: Path | str, volume_index: int) -> dict:
+    return read_json(VolumePaths(Path(output_dir), volume_index).metadata)
+
+
+def config_fingerprint(values: dict) -> str:
+    """Fingerprint of the settings that decide the feature values (not their storage)."""
+    return hashlib.sha256(canonical_json(values).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- status records
+
+
+def scheduler_job_id() -> str | None:
+    """The job id as LSF or SLURM exposes it, with the array element where there is one."""
+    env = os.environ
+    if env.get("LSB_JOBID"):
+        index = env.get("LSB_JOBINDEX", "0")
+        return env["LSB_JOBID"] + (f"[{index}]" if index not in ("", "0") else "")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    return env.get("SLURM_JOB_ID")
+
+
+def write_status(paths: VolumePaths, state: str, **fields: Any) -> dict:
+    """Record running / complete / failed / skipped for one volume, keeping earlier fields."""
+    previous = read_status(paths) or {}
+    record = {
+        **(previous if previous.get("pid") == os.getpid() else {}),
+        "volume_index": paths.volume_index,
+        "state": state,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": scheduler_job_id(),
+        "updated": now_iso(),
+        **fields,
+    }
+    write_json_atomic(paths.status, record)
+    return record
+
+
+def read_status(paths: VolumePaths) -> dict | None:
+    try:
+        return read_json(paths.status)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class VolumeLocked(Exception):
+    """Another live process holds this volume's lock."""
+
+
+class VolumeLock:
+    """An exclusive flock on logs/volume_XXXXXX.lock; released by the kernel if the holder dies."""
+
+    def __init__(self, paths: VolumePaths):
+        self.paths = paths
+        self.fd: int | None = None
+
+    def __enter__(self) -> "VolumeLock":
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise VolumeLocked(holder or "unknown holder") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- debris
+
+
+def partial_debris(paths: VolumePaths) -> list[Path]:
+    """What a killed run leaves: its staging area, and arrays with no metadata."""
+    debris = [paths.staging] if paths.staging.exists() else []
+    if not paths.metadata.exists():
+        debris += paths.existing_arrays()
+    return debris
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def iter_files(root: Path) -> Iterator[os.DirEntry]:
+    """Every regular file below root, via scandir (no extra stat on most file systems)."""
+    stack = [root]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry
+
+
+def bytes_on_disk(root: Path) -> int:
+    """Bytes allocated on disk below root (like du), which is what storage planning needs."""
+    return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in iter_files(root))

@@ -1,0 +1,825 @@
+"""DINOv3 feature extraction for one volume, streamed into a TensorStore cache.
+
+The pipeline, per volume:
+
+1. A source turns the index into a crop: raw at slice resolution (S^3) and labels (D^3).
+2. For each plane (xy, xz, yz) the raw is area-averaged along the plane's normal to D
+   slices of S x S, normalised, and run through the ViT in batches. Patch tokens
+   (CLS and registers dropped) give a (C, S/p, S/p) grid per slice.
+3. Grids are upsampled bilinearly (align_corners=False) to D x D and the planes are
+   averaged into features (C, D, H, W).
+4. Planes other than the streaming one (xy when present) are held as token grids,
+   1/16 of the output size. The streaming plane then produces the output slab by slab,
+   each slab written asynchronously while the next slices are computed, so the whole
+   float32 volume is never in memory.
+5. Arrays are written under OUT/volume_XXXXXX.partial/, moved into place, and the
+   metadata file (the commit marker) is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tensorstore as ts
+import torch
+import torch.nn.functional as F
+
+from cache_layout import (
+    VolumeLock,
+    VolumePaths,
+    bytes_on_disk,
+    config_fingerprint,
+    fsync_directory,
+    now_iso,
+    partial_debris,
+    read_json,
+    remove_tree,
+    scheduler_job_id,
+    seal_metadata,
+    write_json_atomic,
+    write_status,
+)
+from preprocess_options import DEFAULT_MODEL_ID, PLANES
+from volume_sources import CropGeometry, LabelFilters, SamplingOptions, SourceCrop, VolumeSource
+from zarr_arrays import (
+    CHECKSUM_ALGORITHM,
+    DEFAULT_LABEL_CHUNKS,
+    DEFAULT_RAW_CHUNKS,
+    StorageOptions,
+    block_checksums,
+    clamp_chunks,
+    codec_description,
+    create_array,
+    funlib_attributes,
+    parse_chunks,
+    ts_context,
+    write_unit,
+)
+
+log = logging.getLogger("dinov3_preprocessing")
+
+# Normalisation constants by pretraining data (DINOv3 model cards).
+SAT493M_NORMALIZATION = {"family": "SAT-493M", "mean": [0.430, 0.411, 0.296], "std": [0.213, 0.156, 0.143]}
+IMAGENET_NORMALIZATION = {"family": "LVD-1689M (ImageNet)", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+# Offline demo models: random weights, built from DINOv3ViTConfig. 'random:tiny' is the default demo.
+RANDOM_MODEL_PRESETS = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, num_register_tokens=4),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_register_tokens=4),
+    "vitl16-1layer": dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
+}
+RANDOM_MODEL_SEED = 0
+UPSAMPLING = "bilinear, align_corners=False, separable per axis"
+PLANE_AXES = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}  # normal axis, image axes (z=0, y=1, x=2)
+LOG_EVERY_SECONDS = 30.0
+
+
+class PreprocessingError(Exception):
+    """A failure a user can act on: the message is one line saying what and what to do."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that decides one volume's output. Defaults live in preprocess_options."""
+
+    volume_index: int
+    output_dir: Path
+    model_id: str = DEFAULT_MODEL_ID
+    model_revision: str | None = None
+    geometry: CropGeometry = field(default_factory=CropGeometry)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    planes: tuple[str, ...] = PLANES
+    batch_size: int = 8
+    features_dtype: str = "float16"
+    save_raw: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.volume_index < 0:
+            raise PreprocessingError(f"--volume-index must be >= 0, got {self.volume_index}")
+        if self.batch_size <= 0:
+            raise PreprocessingError(f"--batch-size must be positive, got {self.batch_size}")
+        unknown = [p for p in self.planes if p not in PLANE_AXES]
+        if unknown or not self.planes:
+            raise PreprocessingError(f"--planes must be some of {' '.join(PLANES)}, got {' '.join(self.planes)}")
+        if len(set(self.planes)) != len(self.planes):
+            raise PreprocessingError(f"--planes lists a plane twice: {' '.join(self.planes)}")
+
+    @property
+    def paths(self) -> VolumePaths:
+        return VolumePaths(Path(self.output_dir), self.volume_index)
+
+    def fingerprint_values(self, source: VolumeSource) -> dict:
+        """The settings that decide the feature values (storage layout left out), known
+        before the model loads so that a rerun can be skipped cheaply."""
+        return {
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
+            "normalization": normalization_for(self.model_id),
+            "geometry": asdict(self.geometry),
+            "sampling": self.sampling.fingerprint_values(),
+            "source": source.fingerprint_values(),
+            "planes": sorted(self.planes),
+            "upsampling": UPSAMPLING,
+            "features_dtype": self.features_dtype,
+        }
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    device: torch.device
+    patch_size: int
+    hidden_size: int
+    prefix_tokens: int  # CLS + register tokens, dropped from the output
+    normalization: dict
+    identity: dict  # model id, revision, pretrained flag: recorded and fingerprinted
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PreprocessingError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PreprocessingError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def load_model(model_id: str, revision: str | None = None, device: str = "auto") -> LoadedModel:
+    """Any Hugging Face id or local directory, or 'random:PRESET' for an offline demo model."""
+    torch_device = resolve_device(device)
+    if model_id.startswith("random"):
+        model, identity = build_random_model(model_id)
+    else:
+        model, identity = load_pretrained_model(model_id, revision)
+    model.eval().to(torch_device)
+    config = model.config
+    return LoadedModel(
+        model=model,
+        device=torch_device,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden_size,
+        prefix_tokens=1 + config.num_register_tokens,
+        normalization=normalization_for(model_id),
+        identity=identity,
+    )
+
+
+def build_random_model(model_id: str) -> tuple[torch.nn.Module, dict]:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    preset = model_id.partition(":")[2] or "tiny"
+    if preset not in RANDOM_MODEL_PRESETS:
+        raise PreprocessingError(
+            f"unknown random model {model_id!r}; choose random:{' or random:'.join(RANDOM_MODEL_PRESETS)}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_MODEL_SEED)
+        model = DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, **RANDOM_MODEL_PRESETS[preset]))
+    log.warning(
+        "model %s has RANDOM weights (not pretrained): features are for testing the pipeline only", model_id
+    )
+    identity = {"model_id": model_id, "revision": None, "pretrained": False, "random_seed": RANDOM_MODEL_SEED,
+                "config": RANDOM_MODEL_PRESETS[preset]}
+    return model, identity
+
+
+def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn.Module, dict]:
+    from transformers import DINOv3ViTModel
+
+    try:
+        model = DINOv3ViTModel.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PreprocessingError(
+            f"cannot load model {model_id!r} ({first_line[:200]}); pass --model-id a local directory holding "
+            "config.json and model.safetensors (download it where the hub is reachable with "
+            "'hf download <id> --local-dir DIR'), or use --model-id random:tiny for an offline demo"
+        ) from None
+    commit = getattr(model.config, "_commit_hash", None)
+    identity = {"model_id": model_id, "revision": revision or commit, "commit_hash": commit, "pretrained": True}
+    return model, identity
+
+
+def normalization_for(model_id: str) -> dict:
+    """Mean/std of the pretraining data: the local preprocessor config if any, else the model family."""
+    if model_id.startswith("random"):
+        return IMAGENET_NORMALIZATION
+    preprocessor = Path(model_id) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        cfg = read_json(preprocessor)
+        if "image_mean" in cfg and "image_std" in cfg:
+            return {"family": "preprocessor_config.json", "mean": cfg["image_mean"], "std": cfg["image_std"]}
+    return SAT493M_NORMALIZATION if "sat493m" in model_id.lower() else IMAGENET_NORMALIZATION
+
+
+# ----------------------------------------------------------------------------- slicing and the forward pass
+
+
+def check_slice_size(geometry: CropGeometry, patch_size: int) -> None:
+    if geometry.slice_size % patch_size:
+        raise PreprocessingError(
+            f"slice size {geometry.slice_size} (= --output-image-dim {geometry.output_image_dim} x "
+            f"{geometry.raw_per_label} raw voxels per label voxel) is not a multiple of the model's patch size "
+            f"{patch_size}; change --output-image-dim or the resolutions"
+        )
+
+
+def plane_slices(
+    raw: np.ndarray, plane: str, n_slices: int, start: int, stop: int, device: torch.device
+) -> torch.Tensor:
+    """Slices start:stop of a plane, as float in raw units: raw area-averaged along the
+    plane's normal to n_slices positions. Shape (stop - start, S, S), image axes in z, y, x order."""
+    normal, _ = PLANE_AXES[plane]
+    factor = raw.shape[normal] // n_slices
+    view = np.moveaxis(raw, normal, 0)[start * factor : stop * factor]
+    block = torch.from_numpy(np.ascontiguousarray(view)).to(device, non_blocking=True)
+    return block.reshape(stop - start, factor, *block.shape[1:]).float().mean(dim=1)
+
+
+def normalise(slices: torch.Tensor, raw_range: tuple[float, float], normalization: dict) -> torch.Tensor:
+    """Raw units -> [0, 1] -> grey copied to 3 channels -> (x - mean) / std."""
+    lo, hi = raw_range
+    grey = ((slices - lo) / (hi - lo)).clamp_(0, 1)
+    mean = torch.tensor(normalization["mean"], device=slices.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"], device=slices.device).view(1, 3, 1, 1)
+    return (grey.unsqueeze(1) - mean) / std
+
+
+@torch.inference_mode()
+def token_grids(loaded: LoadedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> patch-token grids (B, C, S/p, S/p), float32."""
+    with torch.autocast(loaded.device.type, dtype=loaded.autocast_dtype, enabled=loaded.autocast_dtype is not None):
+        hidden = loaded.model(pixel_values=pixel_values).last_hidden_state
+    patches = hidden[:, loaded.prefix_tokens :].float()
+    grid = pixel_values.shape[-1] // loaded.patch_size
+    return patches.reshape(len(patches), grid, grid, -1).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- upsampling
+
+
+def linear_weights(in_size: int, out_size: int, start: int, stop: int, device: torch.device):
+    """Source indices and weights of linear interpolation for outputs start:stop, with the
+    same arithmetic as torch's bilinear upsampling (align_corners=False)."""
+    scale = in_size / out_size
+    dst = torch.arange(start, stop, device=device, dtype=torch.float32)
+    src = ((dst + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    return i0, i1, src - i0
+
+
+def upsample_axis(x: torch.Tensor, dim: int, in_size: int, out_size: int, start: int, stop: int) -> torch.Tensor:
+    i0, i1, lam = linear_weights(in_size, out_size, start, stop, x.device)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    lam = lam.view(shape)
+    return x.index_select(dim, i0) * (1 - lam) + x.index_select(dim, i1) * lam
+
+
+def plane_contribution(grids: torch.Tensor, plane: str, out_dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """A plane's upsampled features over a block. `grids` holds the plane's slices that
+    fall inside the block along its normal, (m, c, g, g); `ranges` are the block's (start,
+    stop) along z, y, x. Returns (c, dz, dy, dx)."""
+    _, (axis_a, axis_b) = PLANE_AXES[plane]
+    g = grids.shape[-1]
+    x = upsample_axis(grids, 2, g, out_dim, *ranges[axis_a])
+    x = upsample_axis(x, 3, g, out_dim, *ranges[axis_b])
+    # x is (normal, c, axis_a, axis_b); put c first and the spatial axes in z, y, x order
+    order = {"xy": (1, 0, 2, 3), "xz": (1, 2, 0, 3), "yz": (1, 2, 3, 0)}[plane]
+    return x.permute(*order)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def to_numpy(block: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return block.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+    return block.to(getattr(torch, dtype)).cpu().numpy()
+
+
+class AsyncBlockWriter:
+    """Writes blocks through TensorStore while computing goes on, with at most
+    `max_in_flight` blocks outstanding; crc32s of every chunk are taken on a thread."""
+
+    def __init__(self, max_in_flight: int = 3):
+        self.max_in_flight = max_in_flight
+        self.pending: collections.deque = collections.deque()
+        self.checksums: dict[str, dict[str, int]] = collections.defaultdict(dict)
+        self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.wait_seconds = 0.0
+
+    def write(self, name: str, store: ts.TensorStore, origin: tuple[int, ...], block: np.ndarray, chunks) -> None:
+        region = tuple(slice(o, o + n) for o, n in zip(origin, block.shape))
+        future = store[region].write(block)
+        checksum = self.hasher.submit(block_checksums, block, origin, chunks)
+        self.pending.append((name, future, checksum))
+        while len(self.pending) > self.max_in_flight:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        name, future, checksum = self.pending.popleft()
+        started = time.perf_counter()
+        future.result()
+        self.checksums[name].update(checksum.result())
+        self.wait_seconds += time.perf_counter() - started
+
+    def flush(self) -> None:
+        while self.pending:
+            self._finish_oldest()
+        self.hasher.shutdown()
+
+    def abandon(self) -> None:
+        for _, future, _ in self.pending:
+            try:
+                future.result()
+            except Exception:
+                pass
+        self.pending.clear()
+        self.hasher.shutdown(cancel_futures=True)
+
+
+@dataclass
+class StagedArrays:
+    stores: dict[str, ts.TensorStore]
+    chunks: dict[str, tuple[int, ...]]
+
+
+def stage_arrays(config: ExtractionConfig, crop: SourceCrop, n_channels: int, commit_id: str, context) -> StagedArrays:
+    """Create every array of the volume under the staging directory."""
+    d = config.geometry.output_image_dim
+    label_voxel = [config.geometry.base_resolution] * 3
+    shapes = {"features": (n_channels, d, d, d), "gt": crop.gt.shape}
+    dtypes = {"features": config.features_dtype, "gt": crop.gt.dtype.name}
+    chunks = {
+        "features": clamp_chunks(shapes["features"], config.storage.feature_chunks),
+        "gt": clamp_chunks(crop.gt.shape, DEFAULT_LABEL_CHUNKS),
+    }
+    if crop.mask is not None:
+        shapes["mask"], dtypes["mask"], chunks["mask"] = crop.mask.shape, "uint8", clamp_chunks(crop.mask.shape, DEFAULT_LABEL_CHUNKS)
+    if config.save_raw:
+        shapes["raw"], dtypes["raw"], chunks["raw"] = crop.raw.shape, crop.raw.dtype.name, clamp_chunks(crop.raw.shape, DEFAULT_RAW_CHUNKS)
+    stores = {}
+    for name in shapes:
+        voxel = [config.geometry.min_resolution_for_raw] * 3 if name == "raw" else label_voxel
+        attributes = funlib_attributes(voxel, crop.offset_nm, channel_axis=name == "features")
+        attributes["dinov3_cache"] = {"commit_id": commit_id, "volume_index": config.volume_index, "array": name}
+        dims = (["c"] if name == "features" else []) + ["z", "y", "x"]
+        stores[name] = create_array(
+            config.paths.staged_array(name), shapes[name], dtypes[name], chunks[name], config.storage, context, attributes, dims
+        )
+    return StagedArrays(stores, chunks)
+
+
+def write_label_arrays(crop: SourceCrop, staged: StagedArrays, writer: AsyncBlockWriter) -> None:
+    arrays = {"gt": crop.gt, "mask": crop.mask, "raw": crop.raw}
+    for name, store in staged.stores.items():
+        if name != "features":
+            writer.write(name, store, (0,) * arrays[name].ndim, np.ascontiguousarray(arrays[name]), staged.chunks[name])
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class FeatureStatistics:
+    """Running statistics of the features, taken on the compute device before the cast."""
+
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    minimum: float = float("inf")
+    maximum: float = float("-inf")
+    non_finite: int = 0
+
+    def add(self, block: torch.Tensor) -> None:
+        finite = torch.isfinite(block)
+        self.non_finite += int((~finite).sum())
+        values = block.double()
+        self.count += block.numel()
+        self.total += float(values.sum())
+        self.total_sq += float((values * values).sum())
+        self.minimum = min(self.minimum, float(block.min()))
+        self.maximum = max(self.maximum, float(block.max()))
+
+    def summary(self) -> dict:
+        mean = self.total / max(self.count, 1)
+        var = max(self.total_sq / max(self.count, 1) - mean * mean, 0.0)
+        return {"mean": mean, "std": var ** 0.5, "min": self.minimum, "max": self.maximum, "non_finite": self.non_finite}
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic lines in a log file."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.done, self.label = total, 0, label
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="slice", leave=False)
+        self.started = self.last_line = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last_line >= LOG_EVERY_SECONDS or self.done == self.total:
+            rate = self.done / max(now - self.started, 1e-9)
+            print(f"{self.label}: {self.done}/{self.total} slices ({rate:.1f} slices/s)", file=sys.stderr, flush=True)
+            self.last_line = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plane_order(planes: tuple[str, ...]) -> tuple[list[str], str]:
+    """Held planes first; the streaming plane (xy when present) last."""
+    streaming = "xy" if "xy" in planes else planes[-1]
+    return [p for p in planes if p != streaming], streaming
+
+
+def iter_plane_grids(
+    loaded: LoadedModel, crop: SourceCrop, plane: str, n_slices: int, batch_size: int, progress: Progress
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first slice index, token grids) for each batch of a plane's slices."""
+    for start in range(0, n_slices, batch_size):
+        stop = min(n_slices, start + batch_size)
+        slices = plane_slices(crop.raw, plane, n_slices, start, stop, loaded.device)
+        yield start, token_grids(loaded, normalise(slices, crop.raw_range, loaded.normalization))
+        progress.update(stop - start)
+
+
+def extract_features(
+    loaded: LoadedModel,
+    crop: SourceCrop,
+    config: ExtractionConfig,
+    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
+) -> float:
+    """Compute the features and hand them out as write-unit-aligned blocks
+    (channels, z, y, x origin; float32 tensor). Returns the seconds spent computing."""
+    d = config.geometry.output_image_dim
+    held_planes, streaming = plane_order(config.planes)
+    n_channels = loaded.hidden_size
+    unit = write_unit((n_channels, d, d, d), clamp_chunks((n_channels, d, d, d), config.storage.feature_chunks), config.storage.zarr_format)
+    slab_axis = PLANE_AXES[streaming][0]
+    slab = unit[1 + slab_axis]
+    progress = Progress(d * len(config.planes), f"volume {config.volume_index}")
+    compute = 0.0
+    held: dict[str, torch.Tensor] = {}
+    for plane in held_planes:
+        grids = []
+        started = time.perf_counter()
+        for _, batch in iter_plane_grids(loaded, crop, plane, d, config.batch_size, progress):
+            grids.append(batch)
+        held[plane] = torch.cat(grids)
+        compute += time.perf_counter() - started
+
+    pending: list[torch.Tensor] = []
+    done = 0
+    started = time.perf_counter()
+    for start, batch in iter_plane_grids(loaded, crop, streaming, d, config.batch_size, progress):
+        pending.append(batch)
+        available = start + len(batch)
+        while available - done >= slab or (available == d and done < d):
+            stop = min(d, done + slab)
+            grids = torch.cat(pending)
+            ready, rest = grids[: stop - done], grids[stop - done :]
+            pending = [rest] if len(rest) else []
+            compute += time.perf_counter() - started
+            emit_slab(ready, streaming, held, done, stop, slab_axis, d, unit[0], n_channels, emit_block)
+            started = time.perf_counter()
+            done = stop
+    compute += time.perf_counter() - started
+    progress.close()
+    return compute
+
+
+def emit_slab(
+    streaming_grids: torch.Tensor,
+    streaming: str,
+    held: dict[str, torch.Tensor],
+    start: int,
+    stop: int,
+    slab_axis: int,
+    d: int,
+    channel_unit: int,
+    n_channels: int,
+    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
+) -> None:
+    """Average every plane over the slab start:stop along slab_axis, in channel blocks."""
+    ranges = [(0, d)] * 3
+    ranges[slab_axis] = (start, stop)
+    n_planes = 1 + len(held)
+    for c0 in range(0, n_channels, channel_unit):
+        c1 = min(n_channels, c0 + channel_unit)
+        block = plane_contribution(streaming_grids[:, c0:c1], streaming, d, ranges)
+        for plane, grids in held.items():
+            normal = PLANE_AXES[plane][0]
+            block = block + plane_contribution(grids[ranges[normal][0] : ranges[normal][1], c0:c1], plane, d, ranges)
+        origin = [c0, 0, 0, 0]
+        origin[1 + slab_axis] = start
+        emit_block(tuple(origin), block / n_planes)
+
+
+# ----------------------------------------------------------------------------- one volume, end to end
+
+
+@dataclass
+class VolumeOutcome:
+    state: str  # complete | skipped
+    message: str
+    metadata: dict | None = None
+
+
+def preprocess_volume(
+    config: ExtractionConfig,
+    source: VolumeSource,
+    loaded: LoadedModel | None = None,
+) -> VolumeOutcome:
+    """Extract, write and commit one volume, under its lock. Raises PreprocessingError,
+    SourceError or StorageError with an actionable one-line message."""
+    paths = config.paths
+    ensure_writable(paths.output_dir)
+    with VolumeLock(paths):
+        skip = existing_volume_check(config, source)
+        if skip is not None:
+            return skip
+        for debris in partial_debris(paths):
+            log.info("removing debris of an interrupted run: %s", debris)
+            remove_tree(debris)
+        write_status(paths, "running", started=now_iso())
+        try:
+            metadata = build_and_commit(config, source, loaded)
+        except BaseException as e:
+            write_status(paths, "failed", finished=now_iso(), error=one_line(e))
+            remove_tree(paths.staging)
+            raise
+        write_status(paths, "complete", finished=now_iso(), timing=metadata["timing"])
+        return VolumeOutcome("complete", f"volume {config.volume_index} complete: {paths.metadata}", metadata)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def ensure_writable(output_dir: Path) -> None:
+    try:
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PreprocessingError(f"cannot create output directory {output_dir} ({e.strerror}); choose a writable --output-dir") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK) or not os.access(output_dir / "logs", os.W_OK | os.X_OK):
+        raise PreprocessingError(f"output directory {output_dir} is not writable; choose a writable --output-dir")
+
+
+def existing_volume_check(config: ExtractionConfig, source: VolumeSource) -> VolumeOutcome | None:
+    """Skip a complete volume made with the same configuration; refuse a different one
+    unless --overwrite, which replaces it once the new one is ready."""
+    paths = config.paths
+    if not paths.metadata.exists() or config.overwrite:
+        return None
+    try:
+        metadata = read_json(paths.metadata)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PreprocessingError(
+            f"volume {config.volume_index} has an unreadable metadata file {paths.metadata} ({e}); "
+            "inspect it, or pass --overwrite to recompute the volume"
+        ) from None
+    existing = metadata.get("configuration", {}).get("fingerprint")
+    wanted = config_fingerprint(config.fingerprint_values(source))
+    if existing != wanted:
+        raise PreprocessingError(
+            f"volume {config.volume_index} already exists with a different configuration (fingerprint {existing}, "
+            f"this run {wanted}); pass --overwrite to replace it, or use another --output-dir"
+        )
+    return VolumeOutcome(
+        "skipped", f"volume {config.volume_index} is already complete; skipping (use --overwrite to recompute)", metadata
+    )
+
+
+def build_and_commit(config: ExtractionConfig, source: VolumeSource, loaded: LoadedModel | None) -> dict:
+    paths = config.paths
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if loaded is None:
+        loaded = load_model(config.model_id, config.model_revision, config.device)
+    timing["model_load_seconds"] = time.perf_counter() - t0
+    check_slice_size(config.geometry, loaded.patch_size)
+
+    t = time.perf_counter()
+    crop = source.sample(config.volume_index, config.geometry, config.sampling)
+    timing["source_read_seconds"] = time.perf_counter() - t
+
+    t_volume = time.perf_counter()
+    commit_id = uuid.uuid4().hex
+    paths.staging.mkdir(parents=True)
+    context = ts_context(config.storage.num_threads)
+    staged = stage_arrays(config, crop, loaded.hidden_size, commit_id, context)
+    writer = AsyncBlockWriter()
+    stats = FeatureStatistics()
+
+    def emit(origin: tuple[int, ...], block: torch.Tensor) -> None:
+        stats.add(block)
+        writer.write("features", staged.stores["features"], origin, to_numpy(block, config.features_dtype), staged.chunks["features"])
+
+    try:
+        write_label_arrays(crop, staged, writer)
+        timing["feature_extraction_seconds"] = extract_features(loaded, crop, config, emit)
+        t = time.perf_counter()
+        writer.flush()
+    except BaseException:
+        writer.abandon()
+        raise
+    timing["tensorstore_write_seconds"] = writer.wait_seconds
+    timing["write_flush_seconds"] = time.perf_counter() - t
+    storage = {name: bytes_on_disk(paths.staged_array(name)) for name in staged.stores}
+    fingerprint_values = config.fingerprint_values(source)
+    metadata = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
+    commit_volume(paths, list(staged.stores))
+    timing["total_seconds"] = time.perf_counter() - t_volume
+    metadata["timing"] = {k: round(v, 4) for k, v in timing.items()}
+    write_json_atomic(paths.metadata, seal_metadata(metadata))
+    remove_tree(paths.staging)
+    return read_json(paths.metadata)
+
+
+def commit_volume(paths: VolumePaths, array_names: list[str]) -> None:
+    """Move staged arrays into place. An existing volume (overwrite) stops being visible
+    first: its metadata goes, then its arrays; the new metadata is written by the caller."""
+    if paths.metadata.exists():
+        paths.metadata.unlink()
+        fsync_directory(paths.output_dir)
+    old = paths.staging / "replaced"
+    old.mkdir()
+    for array in paths.existing_arrays():
+        os.replace(array, old / array.name)
+    for name in array_names:
+        os.replace(paths.staged_array(name), paths.array(name))
+    fsync_directory(paths.output_dir)
+
+
+def volume_metadata(
+    config: ExtractionConfig,
+    loaded: LoadedModel,
+    crop: SourceCrop,
+    staged: StagedArrays,
+    checksums: dict,
+    storage_bytes: dict[str, int],
+    stats: FeatureStatistics,
+    commit_id: str,
+    fingerprint_values: dict,
+) -> dict:
+    paths = config.paths
+    shapes = {name: list(store.shape) for name, store in staged.stores.items()}
+    shapes.setdefault("raw", list(crop.raw.shape))
+    gb = {f"{name}_gb": round(n / 1e9, 6) for name, n in storage_bytes.items()}
+    return {
+        "volume_index": config.volume_index,
+        "volume_name": paths.name,
+        "timestamp": now_iso(),
+        "paths": {name: str(paths.array(name).resolve()) for name in staged.stores},
+        "source_dataset": crop.description,
+        "shapes": shapes,
+        "dtypes": {name: str(store.dtype.numpy_dtype) for name, store in staged.stores.items()},
+        "configuration": {
+            "model_id": config.model_id,
+            "model_revision": loaded.identity.get("revision"),
+            "pretrained": loaded.identity["pretrained"],
+            "base_resolution": config.geometry.base_resolution,
+            "min_resolution_for_raw": config.geometry.min_resolution_for_raw,
+            "output_image_dim": config.geometry.output_image_dim,
+            "slice_size": config.geometry.slice_size,
+            "patch_size": loaded.patch_size,
+            "planes": list(config.planes),
+            "plane_combination": "mean",
+            "slice_reduction": "area mean along the plane normal",
+            "upsampling": UPSAMPLING,
+            "normalization": loaded.normalization,
+            "intensity_range": list(crop.raw_range),
+            "organelles": list(config.sampling.organelles),
+            "gt_extension": config.sampling.gt_extension,
+            "filters": asdict(config.sampling.filters),
+            "features_dtype": config.features_dtype,
+            "compression": config.storage.compression,
+            "zarr_format": config.storage.zarr_format,
+            "chunks": list(staged.chunks["features"]),
+            "codecs": codec_description(config.storage),
+            "batch_size": config.batch_size,
+            "device": str(loaded.device),
+            "voxel_size_nm": {"features": [config.geometry.base_resolution] * 3, "raw": [config.geometry.min_resolution_for_raw] * 3},
+            "offset_nm": list(crop.offset_nm),
+            "fingerprint": config_fingerprint(fingerprint_values),
+            "fingerprint_inputs": fingerprint_values,
+        },
+        "storage": {**gb, "total_gb": round(sum(storage_bytes.values()) / 1e9, 6), "bytes": storage_bytes},
+        "statistics": label_statistics(crop) | {"features": stats.summary()},
+        "integrity": {
+            "commit_id": commit_id,
+            "algorithm": CHECKSUM_ALGORITHM,
+            "chunks": {name: list(c) for name, c in staged.chunks.items()},
+            "crc32": {name: dict(sorted(sums.items())) for name, sums in checksums.items()},
+        },
+        "provenance": provenance(loaded),
+    }
+
+
+def label_statistics(crop: SourceCrop) -> dict:
+    classes = np.unique(crop.gt if crop.mask is None else crop.gt[crop.mask.astype(bool)])
+    return {
+        "num_classes": int(classes.size),
+        "unique_classes": [int(c) for c in classes[:1000]],
+        "valid_gt_fraction": 1.0 if crop.mask is None else float(crop.mask.mean()),
+    }
+
+
+def provenance(loaded: LoadedModel) -> dict:
+    import transformers
+
+    return {
+        "model": loaded.identity,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tensorstore": getattr(ts, "__version__", package_version("tensorstore")),
+            "numpy": np.__version__,
+        },
+        "host": platform.node(),
+        "job_id": scheduler_job_id(),
+        "command": sys.argv,
+    }
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def config_from_args(args) -> ExtractionConfig:
+    """The ExtractionConfig for parsed preprocess_volume.py options (see preprocess_options)."""
+    return ExtractionConfig(
+        volume_index=args.volume_index,
+        output_dir=Path(args.output_dir),
+        model_id=args.model_id,
+        model_revision=args.model_revision,
+        geometry=CropGeometry(args.base_resolution, args.min_resolution_for_raw, args.output_image_dim),
+        sampling=SamplingOptions(
+            organelles=tuple(args.organelles),
+            filters=LabelFilters(args.min_label_fraction, args.min_unique_ids, args.min_ground_truth_fraction),
+            gt_extension=not args.no_gt_extension,
+            crop_filter=tuple(args.crop_filter),
+            inference_filter=tuple(args.inference_filter),
+        ),
+        storage=StorageOptions(
+            zarr_format=args.zarr_format,
+            compression=args.compression,
+            feature_chunks=parse_chunks(args.chunks),
+            num_threads=args.num_threads,
+        ),
+        planes=tuple(args.planes),
+        batch_size=args.batch_size,
+        features_dtype=args.features_dtype,
+        save_raw=args.save_raw,
+        overwrite=args.overwrite,
+        device=args.device,
+    )

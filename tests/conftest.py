@@ -1,0 +1,61 @@
+"""Shared fixtures: a small random-weight DINOv3 saved like a real checkpoint, tiny geometry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# slice 64 = output 16 x (128 nm / 32 nm); 4 x 4 tokens per slice with patch 16
+TINY_GEOMETRY_ARGS = ["--output-image-dim", "16", "--base-resolution", "128", "--min-resolution-for-raw", "32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random DINOv3 written with save_pretrained, loaded as any local checkpoint."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(
+        patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_register_tokens=2,
+    )
+    path = tmp_path_factory.mktemp("model") / "tiny-dinov3"
+    DINOv3ViTModel(config).save_pretrained(path)
+    return path
+
+
+def run_script(script: str, *args: str, check: bool = False, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def preprocess_args(output_dir: Path, index: int, model_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--volume-index", str(index), "--output-dir", str(output_dir), "--source", "synthetic",
+        "--model-id", str(model_dir), *TINY_GEOMETRY_ARGS, *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, tiny_model_dir) -> Path:
+    """A committed cache of volumes 0-2 (tiny geometry), built by the real CLI; read-only for tests."""
+    out = tmp_path_factory.mktemp("cache")
+    for index in range(3):
+        run_script("preprocess_volume.py", *preprocess_args(out, index, tiny_model_dir), check=True)
+    return out

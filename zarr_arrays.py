@@ -1,0 +1,261 @@
+"""Zarr arrays through TensorStore: specs, codecs, attributes and chunk checksums.
+
+One place decides how an array is laid out on disk (zarr v2 or v3, chunks, shards,
+codecs) and how it is opened again, so the writer, the audit and the loader agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+COMPRESSIONS = ("none", "lz4", "zstd")
+ZARR_FORMATS = (2, 3)
+# (channels, z, y, x). 2 MB float16 chunks: a random 64^3 crop reads < 2x its bytes,
+# a volume is ~2,000 files, and writes run near disk speed (benchmarks/bench_write_path.py).
+DEFAULT_FEATURE_CHUNKS = (256, 16, 16, 16)
+DEFAULT_LABEL_CHUNKS = (32, 32, 32)
+DEFAULT_RAW_CHUNKS = (64, 64, 64)
+SHARD_CHUNKS_PER_AXIS = 4  # zarr v3: a shard holds 4^3 chunks spatially
+CHECKSUM_ALGORITHM = "crc32 (zlib) of each chunk's decoded C-order bytes, edge chunks cropped"
+
+
+class StorageError(ValueError):
+    """Bad storage options; one actionable line."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    zarr_format: int = 2
+    compression: str = "none"
+    feature_chunks: tuple[int, ...] = DEFAULT_FEATURE_CHUNKS
+    num_threads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.zarr_format not in ZARR_FORMATS:
+            raise StorageError(f"--zarr-format must be 2 or 3, got {self.zarr_format}")
+        if self.compression not in COMPRESSIONS:
+            raise StorageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if len(self.feature_chunks) != 4 or any(int(c) <= 0 for c in self.feature_chunks):
+            raise StorageError(
+                f"--chunks needs 4 positive integers (channels z y x), got {list(self.feature_chunks)}"
+            )
+        if self.num_threads <= 0:
+            raise StorageError(f"--num-threads must be positive, got {self.num_threads}")
+
+
+def parse_chunks(text: str) -> tuple[int, ...]:
+    """'256,16,16,16' or '256 16 16 16' -> (256, 16, 16, 16)."""
+    try:
+        chunks = tuple(int(p) for p in text.replace(",", " ").split())
+    except ValueError:
+        raise StorageError(f"--chunks needs 4 positive integers (channels z y x), got {text!r}") from None
+    StorageOptions(feature_chunks=chunks)
+    return chunks
+
+
+def clamp_chunks(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    return tuple(min(int(c), int(s)) for c, s in zip(chunks, shape))
+
+
+def shard_shape(shape: Sequence[int], chunks: Sequence[int], spatial_axes: int = 3) -> tuple[int, ...]:
+    """Zarr v3 shard: the channel chunk, SHARD_CHUNKS_PER_AXIS chunks along each spatial axis."""
+    lead = len(shape) - spatial_axes
+    return tuple(
+        c if i < lead else min(s, c * SHARD_CHUNKS_PER_AXIS) for i, (s, c) in enumerate(zip(shape, chunks))
+    )
+
+
+def write_unit(shape: Sequence[int], chunks: Sequence[int], zarr_format: int) -> tuple[int, ...]:
+    """The block size a writer should fill whole, so no chunk or shard is written twice."""
+    return shard_shape(shape, chunks) if zarr_format == 3 else tuple(chunks)
+
+
+def ts_context(num_threads: int) -> ts.Context:
+    return ts.Context(
+        {
+            "data_copy_concurrency": {"limit": num_threads},
+            "file_io_concurrency": {"limit": num_threads},
+        }
+    )
+
+
+def _v2_compressor(compression: str) -> dict | None:
+    if compression == "none":
+        return None
+    if compression == "lz4":
+        return {"id": "blosc", "cname": "lz4", "clevel": 3, "shuffle": 2, "blocksize": 0}
+    return {"id": "zstd", "level": 3}
+
+
+def _v3_codecs(compression: str, chunks: Sequence[int], shard: Sequence[int]) -> list[dict]:
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "lz4":
+        inner.append(
+            {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 3, "shuffle": "shuffle", "typesize": 2}}
+        )
+    elif compression == "zstd":
+        inner.append({"name": "zstd", "configuration": {"level": 3}})
+    inner.append({"name": "crc32c"})
+    if tuple(chunks) == tuple(shard):
+        return inner
+    return [
+        {
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": list(chunks),
+                "codecs": inner,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            },
+        }
+    ]
+
+
+def codec_description(storage: StorageOptions) -> dict:
+    """Recorded in metadata: how the bytes on disk are encoded."""
+    if storage.zarr_format == 2:
+        return {"zarr_format": 2, "compressor": _v2_compressor(storage.compression)}
+    return {"zarr_format": 3, "codecs": _v3_codecs(storage.compression, (1,), (2,))}
+
+
+def create_spec(
+    path: Path,
+    shape: Sequence[int],
+    dtype: str,
+    chunks: Sequence[int],
+    storage: StorageOptions,
+    attributes: dict,
+    dimension_names: Sequence[str],
+) -> dict:
+    chunks = clamp_chunks(shape, chunks)
+    kvstore = {"driver": "file", "path": str(path)}
+    if storage.zarr_format == 2:
+        metadata = {
+            "shape": list(shape),
+            "chunks": list(chunks),
+            "dtype": numpy_zarr2_dtype(dtype),
+            "compressor": _v2_compressor(storage.compression),
+            "fill_value": 0,
+            "order": "C",
+            "dimension_separator": ".",
+        }
+        return {"driver": "zarr", "kvstore": kvstore, "metadata": metadata, "create": True, "delete_existing": True}
+    shard = shard_shape(shape, chunks)
+    metadata = {
+        "shape": list(shape),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
+        "data_type": dtype,
+        "fill_value": 0,
+        "codecs": _v3_codecs(storage.compression, chunks, shard),
+        "dimension_names": list(dimension_names),
+        "attributes": attributes,
+    }
+    return {"driver": "zarr3", "kvstore": kvstore, "metadata": metadata, "create": True, "delete_existing": True}
+
+
+def numpy_zarr2_dtype(dtype: str) -> str:
+    """zarr v2 dtype string; bfloat16 is TensorStore's extension (zarr-python cannot read it)."""
+    return "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).newbyteorder("<").str
+
+
+def create_array(
+    path: Path,
+    shape: Sequence[int],
+    dtype: str,
+    chunks: Sequence[int],
+    storage: StorageOptions,
+    context: ts.Context,
+    attributes: dict,
+    dimension_names: Sequence[str],
+) -> ts.TensorStore:
+    spec = create_spec(path, shape, dtype, chunks, storage, attributes, dimension_names)
+    store = ts.open(spec, context=context).result()
+    if storage.zarr_format == 2:
+        write_zattrs(path, attributes)
+    return store
+
+
+def write_zattrs(path: Path, attributes: dict) -> None:
+    with open(path / ".zattrs", "w") as f:
+        json.dump(attributes, f, indent=2)
+
+
+def zarr_format_of(path: Path) -> int:
+    if (path / "zarr.json").is_file():
+        return 3
+    if (path / ".zarray").is_file():
+        return 2
+    raise FileNotFoundError(f"{path} is not a zarr array (no .zarray or zarr.json)")
+
+
+def open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore:
+    """Open an existing array read-only, v2 or v3, with caching off (reads go to the files)."""
+    driver = "zarr3" if zarr_format_of(path) == 3 else "zarr"
+    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}, "open": True}
+    return ts.open(spec, context=context or ts.Context(), read=True, write=False).result()
+
+
+def read_attributes(path: Path) -> dict:
+    if zarr_format_of(path) == 3:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    zattrs = path / ".zattrs"
+    return json.loads(zattrs.read_text()) if zattrs.is_file() else {}
+
+
+def storage_chunks(path: Path) -> tuple[int, ...]:
+    """The read/write chunk shape of an array (the inner chunk of a v3 shard)."""
+    if zarr_format_of(path) == 2:
+        return tuple(json.loads((path / ".zarray").read_text())["chunks"])
+    meta = json.loads((path / "zarr.json").read_text())
+    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    for codec in meta.get("codecs", []):
+        if codec["name"] == "sharding_indexed":
+            return tuple(codec["configuration"]["chunk_shape"])
+    return tuple(outer)
+
+
+def funlib_attributes(voxel_size_nm: Sequence[float], offset_nm: Sequence[float], channel_axis: bool) -> dict:
+    """funlib.persistence-style attributes so napari / funlib / neuroglancer place arrays in world space."""
+    spatial = ["z", "y", "x"]
+    return {
+        "voxel_size": [float(v) for v in voxel_size_nm],
+        "offset": [float(o) for o in offset_nm],
+        "axis_names": (["c^"] if channel_axis else []) + spatial,
+        "units": ["nm"] * 3,
+    }
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def chunk_slices(
+    shape: Sequence[int], chunks: Sequence[int]
+) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(chunk grid index, slices) for every chunk of an array, in C order."""
+    grid = [range((s + c - 1) // c) for s, c in zip(shape, chunks)]
+    for index in itertools.product(*grid):
+        yield index, tuple(slice(i * c, min(s, (i + 1) * c)) for i, c, s in zip(index, chunks, shape))
+
+
+def chunk_key(index: Sequence[int]) -> str:
+    return ".".join(str(i) for i in index)
+
+
+def crc32_of(block: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8))
+
+
+def block_checksums(block: np.ndarray, block_origin: Sequence[int], chunks: Sequence[int]) -> dict[str, int]:
+    """crc32 of every chunk inside a chunk-aligned block, keyed by the chunk's grid index."""
+    sums = {}
+    for local_index, slices in chunk_slices(block.shape, chunks):
+        grid_index = tuple(o // c + i for o, c, i in zip(block_origin, chunks, local_index))
+        sums[chunk_key(grid_index)] = crc32_of(block[slices])
+    return sums
