@@ -281,3 +281,29 @@ def iter_files(root: Path) -> Iterator[os.DirEntry]:
 def bytes_on_disk(root: Path) -> int:
     """Bytes allocated on disk below root (like du), which is what storage planning needs."""
     return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in iter_files(root))
+
+
+# ----------------------------------------------------------------------------- submissions
+
+
+SUBMISSIONS_DIR = "submissions"  # under logs/: one JSON record per submission
+
+
+def submissions_dir(output_dir: Path | str) -> Path:
+    return Path(output_dir) / LOGS_DIR / SUBMISSIONS_DIR
+
+
+def write_submission_record(output_dir: Path | str, record: dict) -> Path:
+    """Record one submission: {"submitted", "indices", "scheduler", "job_ids", "options", "command", ...}."""
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}"
+    path = submissions_dir(output_dir) / f"submission_{stamp}.json"
+    write_json_atomic(path, record)
+    return path
+
+
+def read_submission_records(output_dir: Path | str) -> list[dict]:
+    """Every recorded submission, oldest first."""
+    directory = submissions_dir(output_dir)
+    if not directory.is_dir():
+        return []
+    return [read_json(p) for p in sorted(directory.glob("submission_*.json"))]
