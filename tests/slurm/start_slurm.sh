@@ -22,10 +22,13 @@ for tool in munged slurmctld slurmd sinfo; do
 done
 
 node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1; }
+# a live (not zombie) daemon from its pid file; asking sinfo first would retry for ~30 s when none runs
+running() { [ -s "$1" ] && ps -o stat= -p "$(cat "$1")" 2>/dev/null | grep -qv '^Z'; }
 
-if [ "$(node_state)" = idle ] || [ "$(node_state)" = mixed ] || [ "$(node_state)" = allocated ]; then
-    echo "start_slurm: cluster already up (node $NODE $(node_state))"
-    exit 0
+if running "$STATE/slurmctld.pid" && running "$STATE/slurmd.pid"; then
+    case "$(node_state)" in
+        idle|mixed|allocated) echo "start_slurm: cluster already up (node $NODE $(node_state))"; exit 0 ;;
+    esac
 fi
 
 if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
@@ -76,8 +79,9 @@ fi
 for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.2; done
 munge -n >/dev/null 2>&1 || fail "munged did not start (see /var/log/munge/munged.log)"
 
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd -N "$NODE"
+# -c: a clean start, no jobs or node states recovered from an earlier run
+running "$STATE/slurmctld.pid" || slurmctld -c
+running "$STATE/slurmd.pid" || slurmd -c -N "$NODE"
 
 for _ in $(seq 120); do
     case "$(node_state)" in
