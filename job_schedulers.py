@@ -242,6 +242,8 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--queue", default=None, help="LSF queue (-q) or SLURM partition (--partition)")
     group.add_argument("--project", default=None, help="LSF project (-P) or SLURM account (--account)")
     group.add_argument("--no-gpu", action="store_true", help="request no GPU (a GPU per volume by default)")
+    group.add_argument("--gpu", type=_true_or_false, default=None, metavar="{true,false}",
+                       help="'--gpu false' is --no-gpu (the spelling of the original README)")
     group.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory per volume (LSF -gpu gmem)")
     group.add_argument("--max-concurrent", type=int, default=None,
                        help="most volumes running at once (array throttle; local default: one per GPU, or one on CPU)")
@@ -250,6 +252,14 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-array-size", type=int, default=DEFAULT_MAX_ARRAY_SIZE,
                        help="split longer index lists into several arrays (default %(default)s, the usual cluster limit)")
     group.add_argument("--job-name", default=DEFAULT_JOB_NAME, help="job (array) name (default %(default)s)")
+
+
+def _true_or_false(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def resources_from_args(args: argparse.Namespace) -> Resources:
@@ -265,7 +275,7 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
         num_processors=DEFAULT_NUM_PROCESSORS if args.num_processors is None else args.num_processors,
         memory_gb=parse_memory_gb(args.memory_gb if args.memory_gb is not None else str(DEFAULT_MEMORY_GB)),
         walltime_minutes=parse_walltime(args.walltime or DEFAULT_WALLTIME),
-        gpu=not args.no_gpu,
+        gpu=not args.no_gpu and args.gpu is not False,
         gpu_memory_gb=args.gpu_memory_gb,
         queue=args.queue,
         project=args.project,
@@ -445,12 +455,14 @@ class LocalScheduler(Scheduler):
     name = "local"
     executable = None
     element_variable = "LOCAL_ARRAY_ELEMENT"
-    job_id_expression = "local-${LOCAL_JOB_ID:-}"
+    job_id_expression = "${LOCAL_JOB_ID:-}"
     max_array_size = None  # no scheduler limit: one array
     CLUSTER_ONLY = ("queue", "project", "scheduler_args", "gpu_memory_gb")
 
     def __init__(self) -> None:
         self.queued: list[RenderedArray] = []
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
 
     def check_resources(self, resources: Resources) -> None:
         flags = [f"--{name.replace('_', '-')}" for name in self.CLUSTER_ONLY if name in resources.explicit]
@@ -502,10 +514,14 @@ class LocalScheduler(Scheduler):
                 if result.returncode != 0:
                     bar.set_postfix_str(f"{len(summary.failed)} failed")
 
+        pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run_one, elements))
+            list(pool.map(run_one, elements))
+        except KeyboardInterrupt:
+            self._stop_running()  # elements run in their own sessions: Ctrl-C does not reach them
+            raise
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         summary.results.sort(key=lambda r: r.volume_index)
         return summary
@@ -521,7 +537,10 @@ class LocalScheduler(Scheduler):
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(resources.num_processors)
         timeout = resources.walltime_minutes * 60 if "walltime" in resources.explicit else None
         started = time.monotonic()
+        if self._stopping:
+            return ElementResult(volume_index, -signal.SIGTERM, 0.0, "not started: interrupted")
         process = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
+        self._running.add(process)
         try:
             process.communicate(rendered.script, timeout=timeout)
             returncode: int | None = process.returncode
@@ -529,7 +548,18 @@ class LocalScheduler(Scheduler):
             os.killpg(process.pid, signal.SIGKILL)  # the whole element: sh and its python
             process.wait()
             returncode = None
+        finally:
+            self._running.discard(process)
         return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(VolumePaths(rendered.array.spec.output_dir, volume_index).log_err))
+
+
+    def _stop_running(self) -> None:
+        self._stopping = True
+        for process in list(self._running):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def last_line(path: Path) -> str:

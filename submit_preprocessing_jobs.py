@@ -111,9 +111,12 @@ def submit(args, scheduler, rendered, resources, indices) -> int:
     try:
         scheduler.check_installed()
         scheduler.prepare_directories(Path(args.output_dir))
-    except (SchedulerError, OSError) as e:
+    except SchedulerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(e, SchedulerError) else EXIT_FAILED
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: cannot create the log directories under {args.output_dir} ({e.strerror}); choose a writable --output-dir", file=sys.stderr)
+        return EXIT_FAILED
     submitted, error = [], None
     for r in rendered:
         try:
@@ -150,7 +153,13 @@ def run_locally(args, scheduler: LocalScheduler, resources) -> int:
     workers, gpus = scheduler.concurrency(resources)
     print(f"running {sum(r.array.size for r in scheduler.queued)} volumes here, {workers} at a time"
           + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
-    summary = scheduler.run_queued(resources, progress=sys.stderr.isatty())
+    if "memory_gb" in resources.explicit:
+        print("note: the local backend does not limit memory; --memory-gb is only recorded")
+    try:
+        summary = scheduler.run_queued(resources, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
+        return 130
     for failure in summary.failed:
         why = "killed at the walltime" if failure.returncode is None else f"exit {failure.returncode}"
         print(f"failed: volume {failure.volume_index} ({why}): {failure.last_error_line}")

@@ -199,7 +199,11 @@ def test_dry_run_prints_and_creates_nothing(tmp_path):
         assert "nothing submitted or created" in result.stdout
         assert "preprocess_volume.py" in result.stdout and "--source synthetic" in result.stdout
     assert not out.exists()
-    assert "bsub -J 'dinov3_preprocess[1-4]'" in run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out).stdout
+    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out).stdout
+    assert "bsub -J 'dinov3_preprocess[1-4]'" in lsf and "-gpu num=1" in lsf  # a GPU by default
+    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--gpu", "False").stdout
+    assert "bsub -J" in seed_spelling and "-gpu" not in seed_spelling
+    assert not out.exists()
 
 
 def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
