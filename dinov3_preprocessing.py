@@ -79,6 +79,7 @@ IMAGENET_NORMALIZATION = {"family": "LVD-1689M (ImageNet)", "mean": [0.485, 0.45
 RANDOM_MODEL_PRESETS = {
     "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, num_register_tokens=4),
     "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_register_tokens=4),
+    "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
     "vitl16-1layer": dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
 }
 RANDOM_MODEL_SEED = 0
@@ -322,6 +323,25 @@ def plane_contribution(grids: torch.Tensor, plane: str, out_dim: int, ranges: li
 # ----------------------------------------------------------------------------- writing
 
 
+COMPUTE_CHANNELS = 64  # channels upsampled at once: bounds the float32 temporaries
+
+
+def assemble_block(
+    shape: tuple[int, ...],
+    compute_channels: Callable[[int, int], torch.Tensor],
+    dtype: str,
+    stats: "FeatureStatistics",
+) -> np.ndarray:
+    """One write unit of features in the stored dtype, computed COMPUTE_CHANNELS at a time."""
+    block = torch.empty(shape, dtype=getattr(torch, dtype))
+    for lo in range(0, shape[0], COMPUTE_CHANNELS):
+        hi = min(shape[0], lo + COMPUTE_CHANNELS)
+        values = compute_channels(lo, hi)
+        stats.add(values)
+        block[lo:hi] = values.to(block.dtype)
+    return to_numpy(block, dtype)
+
+
 def to_numpy(block: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         import ml_dtypes
@@ -413,31 +433,33 @@ def write_label_arrays(crop: SourceCrop, staged: StagedArrays, writer: AsyncBloc
 # ----------------------------------------------------------------------------- extraction
 
 
-@dataclass
 class FeatureStatistics:
-    """Running statistics of the features, taken on the compute device before the cast."""
+    """Running statistics of the features, kept on the compute device (no sync per block)."""
 
-    count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    minimum: float = float("inf")
-    maximum: float = float("-inf")
-    non_finite: int = 0
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: torch.Tensor | None = None  # sum, sum of squares, non-finite count
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
 
     def add(self, block: torch.Tensor) -> None:
-        finite = torch.isfinite(block)
-        self.non_finite += int((~finite).sum())
         values = block.double()
+        sums = torch.stack([values.sum(), (values * values).sum(), (~torch.isfinite(block)).sum().double()])
+        low, high = block.min(), block.max()
         self.count += block.numel()
-        self.total += float(values.sum())
-        self.total_sq += float((values * values).sum())
-        self.minimum = min(self.minimum, float(block.min()))
-        self.maximum = max(self.maximum, float(block.max()))
+        if self.sums is None:
+            self.sums, self.low, self.high = sums, low, high
+        else:
+            self.sums += sums
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
 
     def summary(self) -> dict:
-        mean = self.total / max(self.count, 1)
-        var = max(self.total_sq / max(self.count, 1) - mean * mean, 0.0)
-        return {"mean": mean, "std": var ** 0.5, "min": self.minimum, "max": self.maximum, "non_finite": self.non_finite}
+        if self.sums is None:
+            return {}
+        total, total_sq, non_finite = self.sums.tolist()
+        mean = total / self.count
+        var = max(total_sq / self.count - mean * mean, 0.0)
+        return {"mean": mean, "std": var**0.5, "min": float(self.low), "max": float(self.high), "non_finite": int(non_finite)}
 
 
 class Progress:
@@ -489,10 +511,11 @@ def extract_features(
     loaded: LoadedModel,
     crop: SourceCrop,
     config: ExtractionConfig,
-    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
+    emit_block: Callable[[tuple[int, ...], tuple[int, ...], Callable[[int, int], torch.Tensor]], None],
 ) -> float:
-    """Compute the features and hand them out as write-unit-aligned blocks
-    (channels, z, y, x origin; float32 tensor). Returns the seconds spent computing."""
+    """Compute the features and hand them out as write-unit-aligned blocks: origin and
+    shape (channels, z, y, x) and a function giving the block's channels lo:hi as float32.
+    Returns the seconds spent computing."""
     d = config.geometry.output_image_dim
     held_planes, streaming = plane_order(config.planes)
     n_channels = loaded.hidden_size
@@ -540,21 +563,26 @@ def emit_slab(
     d: int,
     channel_unit: int,
     n_channels: int,
-    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
+    emit_block: Callable[[tuple[int, ...], tuple[int, ...], Callable[[int, int], torch.Tensor]], None],
 ) -> None:
-    """Average every plane over the slab start:stop along slab_axis, in channel blocks."""
+    """Hand out the slab start:stop along slab_axis, one write unit of channels at a time,
+    as a function that averages every plane over a channel range (computed on demand, in
+    small channel groups, so temporaries stay small)."""
     ranges = [(0, d)] * 3
     ranges[slab_axis] = (start, stop)
     n_planes = 1 + len(held)
-    for c0 in range(0, n_channels, channel_unit):
-        c1 = min(n_channels, c0 + channel_unit)
+
+    def averaged(c0: int, c1: int) -> torch.Tensor:
         block = plane_contribution(streaming_grids[:, c0:c1], streaming, d, ranges)
         for plane, grids in held.items():
-            normal = PLANE_AXES[plane][0]
-            block = block + plane_contribution(grids[ranges[normal][0] : ranges[normal][1], c0:c1], plane, d, ranges)
-        origin = [c0, 0, 0, 0]
-        origin[1 + slab_axis] = start
-        emit_block(tuple(origin), block / n_planes)
+            lo, hi = ranges[PLANE_AXES[plane][0]]
+            block = block + plane_contribution(grids[lo:hi, c0:c1], plane, d, ranges)
+        return block / n_planes
+
+    for c0 in range(0, n_channels, channel_unit):
+        origin = (c0, *(lo for lo, _ in ranges))
+        shape = (min(channel_unit, n_channels - c0), *(hi - lo for lo, hi in ranges))
+        emit_block(origin, shape, lambda lo, hi, c0=c0: averaged(c0 + lo, c0 + hi))
 
 
 # ----------------------------------------------------------------------------- one volume, end to end
@@ -654,9 +682,9 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, loaded: Loa
     writer = AsyncBlockWriter()
     stats = FeatureStatistics()
 
-    def emit(origin: tuple[int, ...], block: torch.Tensor) -> None:
-        stats.add(block)
-        writer.write("features", staged.stores["features"], origin, to_numpy(block, config.features_dtype), staged.chunks["features"])
+    def emit(origin: tuple[int, ...], shape: tuple[int, ...], compute_channels: Callable[[int, int], torch.Tensor]) -> None:
+        block = assemble_block(shape, compute_channels, config.features_dtype, stats)
+        writer.write("features", staged.stores["features"], origin, block, staged.chunks["features"])
 
     try:
         write_label_arrays(crop, staged, writer)
