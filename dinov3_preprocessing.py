@@ -443,8 +443,11 @@ class FeatureStatistics:
         self.high: torch.Tensor | None = None
 
     def add(self, block: torch.Tensor) -> None:
-        values = block.double()
-        sums = torch.stack([values.sum(), (values * values).sum(), (~torch.isfinite(block)).sum().double()])
+        sums = torch.stack([
+            block.sum(dtype=torch.float64),
+            block.square().sum(dtype=torch.float64),
+            (~torch.isfinite(block)).sum(dtype=torch.float64),
+        ])
         low, high = block.min(), block.max()
         self.count += block.numel()
         if self.sums is None:
