@@ -72,6 +72,38 @@ def forward_rate(model, batch: int, size: int, autocast: bool) -> float:
     return batch / cuda_time(step, repeats=5)
 
 
+def profile_forward(model, batch: int) -> None:
+    """Where the forward's GPU time goes: the top kernels of one bf16 batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 3, 512, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model(pixel_values=x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(pixel_values=x)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
+    started = time.perf_counter()
+    compiled = torch.compile(model)
+    x = torch.randn(batch, 3, 512, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        compiled(pixel_values=x)
+    torch.cuda.synchronize()
+    compile_seconds = time.perf_counter() - started
+
+    @torch.inference_mode()
+    def step():
+        compiled(pixel_values=x)
+
+    rate = batch / cuda_time(step, repeats=5)
+    print(f"  torch.compile bf16 batch {batch}: {rate:7.1f} slices/s, {rate * flops / 1e12 / peak:5.1%} of matmul rate, "
+          f"first call (compilation) {compile_seconds:.0f} s")
+
+
 def bench_volume(batch_size: int) -> None:
     from dinov3_preprocessing import ExtractionConfig, load_model, preprocess_volume
     from volume_sources import SyntheticSource, CropGeometry, SamplingOptions
@@ -110,6 +142,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--volume", action="store_true", help="also time one seed-sized volume end to end")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
+    parser.add_argument("--compile", action="store_true", help="also time the forward under torch.compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
@@ -130,6 +164,10 @@ def main() -> int:
             rate = forward_rate(m, batch, 512, autocast=mode == "autocast")
             print(f"  {mode:12s} batch {batch:3d}: {rate:7.1f} slices/s, {rate * flops / 1e12:6.0f} TFLOP/s, "
                   f"{rate * flops / 1e12 / peak:5.1%} of matmul rate")
+    if args.profile:
+        profile_forward(model, 32)
+    if args.compile:
+        compiled_rate(model, max(args.batch_sizes), flops, peak)
     del model
     torch.cuda.empty_cache()
     if args.volume:
