@@ -286,6 +286,7 @@ def file(tmp_path: Path) -> Path:
         (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model"),
         (lambda a, t, m: a.extend(["--base-resolution", "100"]), "must be a whole multiple"),
         (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source"),
+        (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none"),
         (lambda a, t, m: a.extend(["--min-label-fraction", "1.1"]), "none of 100 candidate crops passed the filters"),
         (lambda a, t, m: a.extend(["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"]), "--device"),
     ],
