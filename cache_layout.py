@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -297,7 +298,7 @@ def submissions_dir(output_dir: Path | str) -> Path:
 
 def write_submission_record(output_dir: Path | str, record: dict) -> Path:
     """Record one submission: {"submitted", "indices", "scheduler", "job_ids", "options", "command", ...}."""
-    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}"
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}_{uuid.uuid4().hex[:6]}"  # unique per call
     path = submissions_dir(output_dir) / f"submission_{stamp}.json"
     write_json_atomic(path, record)
     return path
