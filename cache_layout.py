@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
+VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
 LOGS_DIR = "logs"
 METADATA_DIGEST_KEY = "metadata_digest"
@@ -105,6 +106,12 @@ def committed_volume_indices(output_dir: Path | str) -> list[int]:
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(VOLUME_NAME_RE.match, names) if m)
+
+
+def volume_index_of(entry_name: str) -> int | None:
+    """The index of the volume an entry of the output or logs directory belongs to, if any."""
+    match = VOLUME_ENTRY_RE.match(entry_name)
+    return int(match.group(1)) if match else None
 
 
 # ----------------------------------------------------------------------------- json
@@ -279,8 +286,15 @@ def iter_files(root: Path) -> Iterator[os.DirEntry]:
 
 
 def bytes_on_disk(root: Path) -> int:
-    """Bytes allocated on disk below root (like du), which is what storage planning needs."""
-    return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in iter_files(root))
+    """Bytes allocated on disk below root (like du), which is what storage planning needs.
+    Files that vanish while running jobs commit or clean up are skipped."""
+    total = 0
+    for entry in iter_files(root):
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 # ----------------------------------------------------------------------------- submissions
