@@ -182,8 +182,15 @@ class StorageMeasure:
         sizes = self._du_sizes()
         if sizes is None:
             self.method = "measured by walking the files"
-            sizes = {name: bytes_on_disk(self.output_dir / name) for name in entry_names}
+            sizes = {name: self._walk(self.output_dir / name) for name in entry_names}
         return sizes
+
+    @staticmethod
+    def _walk(path: Path) -> int:
+        try:
+            return bytes_on_disk(path)
+        except NotADirectoryError:
+            return 0  # a file (metadata): du -d 1 leaves files out as well
 
     def _du_sizes(self) -> dict[str, int] | None:
         if self._proc is None:
@@ -993,7 +1000,7 @@ def format_report(report: Report) -> str:
     add(f"  complete      {c['complete']:>6} / {c['expected']}")
     add(f"  missing       {c['missing']:>6}" + (f"   {_index_list(report.missing)}" if report.missing else ""))
     for state, label in (("running", "running"), ("failed", "failed"), ("partial", "partial"), ("not_started", "not started")):
-        indices = report.not_started if state == "not_started" else [p["index"] for p in getattr(report, state) if p["index"] in set(report.missing)]
+        indices = report.not_started if state == "not_started" else [p["index"] for p in getattr(report, state) if p["state"] == state]
         if indices:
             add(f"    {label:<11} {len(indices):>6}   {_index_list(indices)}")
     if report.outside_expected:
