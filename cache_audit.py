@@ -27,13 +27,14 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cache_layout import (
     ARRAY_NAMES,
+    VOLUME_ENTRY_RE,
     VolumePaths,
     bytes_on_disk,
     iter_files,
@@ -42,7 +43,6 @@ from cache_layout import (
     read_json,
     read_status,
     read_submission_records,
-    volume_index_of,
     volume_name,
 )
 
@@ -122,31 +122,38 @@ def expected_volumes(
 
 @dataclass
 class DirectoryScan:
-    """Names found by one listing of OUT and one of OUT/logs, grouped by volume index."""
+    """Names found by one listing of OUT and one of OUT/logs, per volume index, keyed by
+    role: 'metadata', 'staging', an array name, or 'status', 'log_out', 'log_err', 'lock'."""
 
     output_dir: Path
-    entries: dict[int, set[str]]
-    log_entries: dict[int, set[str]]
-
-    def in_output(self, index: int, path: Path) -> bool:
-        return path.name in self.entries.get(index, ())
-
-    def in_logs(self, index: int, path: Path) -> bool:
-        return path.name in self.log_entries.get(index, ())
+    entries: dict[int, dict[str, str]]
+    log_entries: dict[int, dict[str, str]]
 
     def complete(self) -> list[int]:
-        return sorted(i for i in self.entries if self.in_output(i, VolumePaths(self.output_dir, i).metadata))
+        return sorted(i for i, roles in self.entries.items() if "metadata" in roles)
 
     def known_indices(self) -> set[int]:
         return set(self.entries) | set(self.log_entries)
 
 
-def group_by_volume(names: Iterable[str]) -> dict[int, set[str]]:
-    grouped: dict[int, set[str]] = {}
+def entry_roles() -> dict[str, str]:
+    """Suffix after the volume name -> role, derived from VolumePaths (the one place
+    that spells file names)."""
+    paths = VolumePaths(Path("."), 0)
+    named = {"metadata": paths.metadata, "staging": paths.staging, "status": paths.status,
+             "log_out": paths.log_out, "log_err": paths.log_err, "lock": paths.lock}
+    named.update({a: paths.array(a) for a in ARRAY_NAMES})
+    return {path.name[len(paths.name):]: role for role, path in named.items()}
+
+
+def group_by_volume(names: Iterable[str], roles: dict[str, str]) -> dict[int, dict[str, str]]:
+    grouped: dict[int, dict[str, str]] = {}
+    match_volume = VOLUME_ENTRY_RE.match
     for name in names:
-        index = volume_index_of(name)
-        if index is not None:
-            grouped.setdefault(index, set()).add(name)
+        match = match_volume(name)
+        role = roles.get(name[match.end():]) if match else None
+        if role is not None:
+            grouped.setdefault(int(match.group(1)), {})[role] = name
     return grouped
 
 
@@ -156,7 +163,8 @@ def scan_directory(output_dir: Path) -> DirectoryScan:
         log_names = os.listdir(logs)
     except FileNotFoundError:
         log_names = []
-    return DirectoryScan(output_dir, group_by_volume(os.listdir(output_dir)), group_by_volume(log_names))
+    roles = entry_roles()
+    return DirectoryScan(output_dir, group_by_volume(os.listdir(output_dir), roles), group_by_volume(log_names, roles))
 
 
 # ----------------------------------------------------------------------------- storage
@@ -289,7 +297,8 @@ class LogInfo:
 
 
 def inspect_logs(paths: VolumePaths, scan: DirectoryScan, tail_lines: int) -> LogInfo:
-    texts = {p: read_log_end(p) for p in (paths.log_err, paths.log_out) if scan.in_logs(paths.volume_index, p)}
+    roles = scan.log_entries.get(paths.volume_index, {})
+    texts = {p: read_log_end(p) for role, p in (("log_err", paths.log_err), ("log_out", paths.log_out)) if role in roles}
     joined = "\n".join(texts.values())
     tail_source = next((t for t in texts.values() if t.strip()), "")
     tail = [line.rstrip() for line in tail_source.splitlines() if line.strip()][-tail_lines:] if tail_lines else []
@@ -328,8 +337,9 @@ class PendingVolume:
 
 def classify_pending(paths: VolumePaths, scan: DirectoryScan, tail_lines: int) -> PendingVolume:
     index = paths.volume_index
-    status = read_status(paths) if scan.in_logs(index, paths.status) else None
-    has_logs = scan.in_logs(index, paths.log_err) or scan.in_logs(index, paths.log_out)
+    logged = scan.log_entries.get(index, {})
+    status = read_status(paths) if "status" in logged else None
+    has_logs = "log_err" in logged or "log_out" in logged
     logs = inspect_logs(paths, scan, tail_lines) if has_logs else LogInfo([], [], None, None)
     status = status or {}
     entry = PendingVolume(
@@ -350,7 +360,7 @@ def classify_pending(paths: VolumePaths, scan: DirectoryScan, tail_lines: int) -
         entry.state = "running"  # a job that has not written its status record yet
     if entry.state == "failed":
         entry.log_tail = logs.tail
-    if entry.state != "running" and any(n.startswith(paths.name) for n in scan.entries.get(index, ())):
+    if entry.state != "running" and scan.entries.get(index):
         entry.debris = [str(p) for p in partial_debris(paths)]
         if entry.debris and entry.state == "not_started":
             entry.state = "partial"
@@ -432,7 +442,8 @@ class Report:
     verdict: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        """One line (the C encoder; indenting would switch to the slow pure-Python one)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, default=str)
 
 
 def gather_report(
@@ -452,7 +463,9 @@ def gather_report(
     expectation = expected_volumes(explicit_indices, submissions, scan.known_indices())
     complete_set = set(complete)
 
-    summaries, metadata_problems, configs = read_complete_volumes(output_dir, complete)
+    summaries, metadata_problems, configs = read_complete_volumes(
+        output_dir, complete, [scan.entries[i]["metadata"] for i in complete]
+    )
     pending = [
         classify_pending(VolumePaths(output_dir, i), scan, log_lines) for i in expectation.indices if i not in complete_set
     ]
@@ -463,13 +476,11 @@ def gather_report(
     ]
     pending_all = pending + [p for p in debris_elsewhere if p.debris]
 
-    sizes = measure.result(n for names in scan.entries.values() for n in names) if measure else {}
+    sizes = measure.result(n for roles in scan.entries.values() for n in roles.values()) if measure else {}
     for summary in summaries:
-        paths = VolumePaths(output_dir, summary.index)
         if measure:
-            summary.array_bytes = {
-                a: sizes.get(paths.array(a).name, 0) for a in ARRAY_NAMES if paths.array(a).name in scan.entries[summary.index]
-            }
+            found = scan.entries[summary.index]
+            summary.array_bytes = {a: sizes.get(found[a], 0) for a in ARRAY_NAMES if a in found}
         else:
             summary.array_bytes = dict(summary.recorded_bytes)
     for entry in pending_all:
@@ -506,18 +517,23 @@ def gather_report(
     return report
 
 
-def read_complete_volumes(output_dir: Path, indices: list[int]) -> tuple[list[VolumeSummary], list[dict], dict]:
+def read_complete_volumes(
+    output_dir: Path, indices: list[int], names: list[str] | None = None
+) -> tuple[list[VolumeSummary], list[dict], dict]:
     """Summaries of every complete volume (one small JSON each), the unreadable ones, and
-    one configuration per fingerprint."""
+    one configuration per fingerprint. `names`: the metadata file names, as listed."""
     summaries, problems, configs = [], [], {}
-    for index in indices:
-        path = VolumePaths(output_dir, index).metadata
+    names = names or [VolumePaths(output_dir, i).metadata.name for i in indices]
+    directory = str(output_dir)
+    for index, name in zip(indices, names):
+        path = os.path.join(directory, name)
         try:
-            metadata = read_json(path)
+            with open(path, "rb") as f:
+                metadata = json.loads(f.read())
         except FileNotFoundError:
             continue  # replaced by an --overwrite run between listing and reading
         except (OSError, ValueError) as e:
-            problems.append({"index": index, "problem": f"metadata file {path.name} is unreadable ({e})"})
+            problems.append({"index": index, "problem": f"metadata file {name} is unreadable ({e})"})
             continue
         summary = summarise_volume(index, metadata)
         summaries.append(summary)

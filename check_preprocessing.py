@@ -16,6 +16,7 @@ metadata file is unreadable.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     report.previews.append({"index": check.index, "skipped": "verification failed; no preview"})
     finish_report(report, checks)
-    print(report.to_json() if args.json else format_report(report))
+    try:
+        print(report.to_json() if args.json else format_report(report), flush=True)
+    except BrokenPipeError:  # piped into head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return report.exit_status
 
 
