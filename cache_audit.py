@@ -461,7 +461,7 @@ def gather_report(
     submissions = read_submission_records(output_dir)
     complete = scan.complete()
     expectation = expected_volumes(explicit_indices, submissions, scan.known_indices())
-    complete_set = set(complete)
+    complete_set, expected_set = set(complete), set(expectation.indices)
 
     summaries, metadata_problems, configs = read_complete_volumes(
         output_dir, complete, [scan.entries[i]["metadata"] for i in complete]
@@ -472,7 +472,7 @@ def gather_report(
     debris_elsewhere = [
         classify_pending(VolumePaths(output_dir, i), scan, log_lines)
         for i in sorted(scan.entries)
-        if i not in complete_set and i not in set(expectation.indices)
+        if i not in complete_set and i not in expected_set
     ]
     pending_all = pending + [p for p in debris_elsewhere if p.debris]
 
@@ -487,7 +487,6 @@ def gather_report(
         entry.debris_bytes = sum(sizes.get(Path(d).name, 0) for d in entry.debris)
 
     by_state = {s: [p for p in pending if p.state == s] for s in ("running", "failed", "partial", "not_started")}
-    expected_set = set(expectation.indices)
     report = Report(
         output_dir=str(output_dir.resolve()),
         generated=datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -751,7 +750,7 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
 
 
 def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tuple[list[str], dict]:
-    from zarr_arrays import chunk_key, chunk_slices, open_array, read_attributes, storage_chunks
+    from zarr_arrays import chunk_slices, open_array, read_attributes, storage_chunks
 
     path = paths.array(name)
     where = f"{paths.name} {name}"
@@ -772,16 +771,17 @@ def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tupl
         return problems + [f"{where}: cannot open {path} ({first_line(e)})"], info
     shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)
     info.update(shape=shape, dtype=dtype)
-    if shape != list((metadata.get("shapes") or {}).get(name, [])):
-        problems.append(f"{where}: shape {shape} differs from the metadata's {metadata.get('shapes', {}).get(name)}")
-    if dtype != (metadata.get("dtypes") or {}).get(name):
-        problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata['dtypes'].get(name)}")
     chunks = storage_chunks(path)
+    layout_problems = []
+    if shape != list((metadata.get("shapes") or {}).get(name, [])):
+        layout_problems.append(f"{where}: shape {shape} differs from the metadata's {metadata.get('shapes', {}).get(name)}")
+    if dtype != (metadata.get("dtypes") or {}).get(name):
+        layout_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata['dtypes'].get(name)}")
     recorded_chunks = (integrity.get("chunks") or {}).get(name)
     if recorded_chunks is not None and list(chunks) != list(recorded_chunks):
-        problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {recorded_chunks}")
-    if problems and any("shape" in p or "dtype" in p for p in problems):
-        return problems, info
+        layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {recorded_chunks}")
+    if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
+        return problems + layout_problems, info
 
     layout = stored_layout(path, store.dtype.numpy_dtype.itemsize)
     files = present_files(path, layout)
