@@ -43,6 +43,7 @@ from cache_layout import (
     read_json,
     read_status,
     read_submission_records,
+    submissions_dir,
     volume_name,
 )
 
@@ -163,8 +164,14 @@ def scan_directory(output_dir: Path) -> DirectoryScan:
         log_names = os.listdir(logs)
     except FileNotFoundError:
         log_names = []
+    except PermissionError as e:
+        raise AuditError(f"cannot list {logs} ({e.strerror}); run the audit as a user who can read the cache") from None
+    try:
+        names = os.listdir(output_dir)
+    except OSError as e:
+        raise AuditError(f"cannot list --output-dir {output_dir} ({e.strerror}); run the audit as a user who can read it") from None
     roles = entry_roles()
-    return DirectoryScan(output_dir, group_by_volume(os.listdir(output_dir), roles), group_by_volume(log_names, roles))
+    return DirectoryScan(output_dir, group_by_volume(names, roles), group_by_volume(log_names, roles))
 
 
 # ----------------------------------------------------------------------------- storage
@@ -436,6 +443,7 @@ class Report:
     sources: dict
     configuration: dict
     submissions: list[dict]
+    warnings: list[str] = field(default_factory=list)
     verification: dict | None = None
     previews: list[dict] = field(default_factory=list)
     exit_status: int = EXIT_OK
@@ -458,7 +466,12 @@ def gather_report(
         raise AuditError(f"--output-dir {output_dir} is not a directory; pass the cache directory given to the jobs")
     measure = StorageMeasure(output_dir) if storage == "measured" else None
     scan = scan_directory(output_dir)
-    submissions = read_submission_records(output_dir)
+    warnings: list[str] = []
+    try:
+        submissions = read_submission_records(output_dir)
+    except (OSError, ValueError) as e:
+        submissions = []
+        warnings.append(f"submission records under {submissions_dir(output_dir)} are unreadable ({e}); ignoring them")
     complete = scan.complete()
     expectation = expected_volumes(explicit_indices, submissions, scan.known_indices())
     complete_set, expected_set = set(complete), set(expectation.indices)
@@ -512,6 +525,7 @@ def gather_report(
         sources=dict(Counter(s.source for s in summaries).most_common()),
         configuration=configuration_summary(summaries, configs),
         submissions=[submission_summary(r) for r in submissions],
+        warnings=warnings,
     )
     return report
 
@@ -1011,6 +1025,8 @@ def format_report(report: Report) -> str:
     c = report.counts
     add(f"Cache {report.output_dir}  (report of {report.generated})")
     add(f"Expected {c['expected']} volume(s): {report.expected['ranges'] or '-'}  ({report.expected['source']})")
+    for warning in report.warnings:
+        add(f"WARNING: {warning}")
     add("")
     add("Volumes")
     add(f"  complete      {c['complete']:>6} / {c['expected']}")

@@ -475,3 +475,12 @@ def test_missing_output_dir_gives_one_line(tmp_path):
     result = audit(tmp_path / "nowhere")
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip() == f"error: --output-dir {tmp_path / 'nowhere'} is not a directory; pass the cache directory given to the jobs"
+
+
+def test_unreadable_submission_record_is_a_warning_not_a_crash(cache):
+    write_submission_record(cache, {"indices": [0, 1, 2]})
+    record = next((cache / "logs" / "submissions").iterdir())
+    record.write_text('{"indices": [0, 1')
+    result = audit(cache)
+    assert result.returncode == EXIT_OK and "Traceback" not in result.stderr
+    assert f"WARNING: submission records under {cache / 'logs' / 'submissions'} are unreadable" in result.stdout
