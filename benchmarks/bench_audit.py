@@ -127,6 +127,7 @@ def main() -> int:
             "report (text)": audit,
             "report (--json)": audit + ["--json"],
             "report (--storage recorded)": audit + ["--storage", "recorded"],
+            "python -c pass (start only)": [sys.executable, "-c", "pass"],
         }
         for cmd in commands.values():  # warm the page cache and the interpreter's files
             timed(cmd)
