@@ -43,6 +43,7 @@ from cache_layout import (
     read_json,
     read_status,
     read_submission_records,
+    scheduler_logs_dir,
     submissions_dir,
     volume_name,
 )
@@ -295,6 +296,52 @@ def last_error_line(text: str) -> str | None:
 # ----------------------------------------------------------------------------- per-volume states
 
 
+# Scheduler -o/-e files under logs/scheduler/ are named NAME_JOBID_ELEMENT.out|.err (LSF
+# %J_%I, SLURM %A_%a; see job_schedulers); submission records map elements to volumes.
+SCHEDULER_LOG_RE = re.compile(r"^.+_(?P<job>\d+)_(?P<element>\d+)\.(?:out|err)$")
+STATUS_JOB_ID_RE = re.compile(r"^(?P<job>\d+)(?:\[(?P<lsf>\d+)\]|_(?P<slurm>\d+))$")
+
+
+@dataclass
+class SchedulerLogs:
+    """The scheduler's own files per (job id, array element), and which (job, element)
+    ran each volume, in submission order."""
+
+    directory: Path
+    files: dict[tuple[str, int], list[str]]
+    attempts: dict[int, list[tuple[str, int]]]
+
+    @classmethod
+    def scan(cls, output_dir: Path, submissions: list[dict]) -> "SchedulerLogs":
+        directory = scheduler_logs_dir(output_dir)
+        try:
+            names = sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        files: dict[tuple[str, int], list[str]] = {}
+        for name in names:
+            match = SCHEDULER_LOG_RE.match(name)
+            if match:
+                files.setdefault((match.group("job"), int(match.group("element"))), []).append(name)
+        attempts: dict[int, list[tuple[str, int]]] = {}
+        for record in submissions:
+            for array in record.get("arrays") or []:
+                for element, index in enumerate(array.get("indices") or [], start=1):
+                    attempts.setdefault(int(index), []).append((str(array.get("job_id")), element))
+        return cls(directory, files, attempts)
+
+    def current_attempt(self, index: int, status_job_id: str | None) -> tuple[str, int] | None:
+        """The job element that ran the volume last: the one its status record names, else
+        the latest submission's. Older attempts' kill notices are history, not the state."""
+        match = STATUS_JOB_ID_RE.match(status_job_id or "")
+        if match:
+            return match.group("job"), int(match.group("lsf") or match.group("slurm"))
+        return self.attempts[index][-1] if self.attempts.get(index) else None
+
+    def paths_for(self, attempt: tuple[str, int] | None) -> list[Path]:
+        return [self.directory / name for name in self.files.get(attempt, [])] if attempt else []
+
+
 @dataclass
 class LogInfo:
     paths: list[str]
@@ -303,13 +350,17 @@ class LogInfo:
     kill: KillReason | None
 
 
-def inspect_logs(paths: VolumePaths, scan: DirectoryScan, tail_lines: int) -> LogInfo:
-    roles = scan.log_entries.get(paths.volume_index, {})
-    texts = {p: read_log_end(p) for role, p in (("log_err", paths.log_err), ("log_out", paths.log_out)) if role in roles}
-    joined = "\n".join(texts.values())
-    tail_source = next((t for t in texts.values() if t.strip()), "")
+def inspect_logs(volume_logs: list[Path], scheduler_logs: list[Path], tail_lines: int, status: dict) -> LogInfo:
+    """The volume's own logs (appended by every attempt) give the tail and the last error
+    line; kills are read from the current attempt's scheduler files and the status error,
+    and from the volume's logs only when no status record says which attempt is current."""
+    own = {p: read_log_end(p) for p in volume_logs}
+    scheduler = {p: read_log_end(p) for p in scheduler_logs}
+    tail_source = next((t for t in own.values() if t.strip()), "") or next((t for t in scheduler.values() if t.strip()), "")
     tail = [line.rstrip() for line in tail_source.splitlines() if line.strip()][-tail_lines:] if tail_lines else []
-    return LogInfo([str(p) for p in texts], tail, last_error_line(joined), recognise_kill(joined))
+    kill_text = "\n".join([*scheduler.values(), status.get("error") or ""] + ([] if status else list(own.values())))
+    error = last_error_line("\n".join(own.values()))
+    return LogInfo([str(p) for p in [*own, *scheduler]], tail, error, recognise_kill(kill_text))
 
 
 def process_is_gone(status: dict) -> bool:
@@ -342,13 +393,16 @@ class PendingVolume:
     debris_bytes: int = 0
 
 
-def classify_pending(paths: VolumePaths, scan: DirectoryScan, tail_lines: int) -> PendingVolume:
+def classify_pending(
+    paths: VolumePaths, scan: DirectoryScan, scheduler: SchedulerLogs, tail_lines: int
+) -> PendingVolume:
     index = paths.volume_index
     logged = scan.log_entries.get(index, {})
-    status = read_status(paths) if "status" in logged else None
-    has_logs = "log_err" in logged or "log_out" in logged
-    logs = inspect_logs(paths, scan, tail_lines) if has_logs else LogInfo([], [], None, None)
-    status = status or {}
+    status = (read_status(paths) if "status" in logged else None) or {}
+    volume_logs = [p for role, p in (("log_err", paths.log_err), ("log_out", paths.log_out)) if role in logged]
+    scheduler_logs = scheduler.paths_for(scheduler.current_attempt(index, status.get("job_id")))
+    has_logs = bool(volume_logs or scheduler_logs)
+    logs = inspect_logs(volume_logs, scheduler_logs, tail_lines, status) if has_logs or status.get("error") else LogInfo([], [], None, None)
     entry = PendingVolume(
         index, "not_started", job_id=status.get("job_id"), host=status.get("host"), started=status.get("started"),
         kill=logs.kill, logs=logs.paths,
@@ -479,11 +533,14 @@ def gather_report(
     summaries, metadata_problems, configs = read_complete_volumes(
         output_dir, complete, [scan.entries[i]["metadata"] for i in complete]
     )
+    scheduler = SchedulerLogs.scan(output_dir, submissions)
     pending = [
-        classify_pending(VolumePaths(output_dir, i), scan, log_lines) for i in expectation.indices if i not in complete_set
+        classify_pending(VolumePaths(output_dir, i), scan, scheduler, log_lines)
+        for i in expectation.indices
+        if i not in complete_set
     ]
     debris_elsewhere = [
-        classify_pending(VolumePaths(output_dir, i), scan, log_lines)
+        classify_pending(VolumePaths(output_dir, i), scan, scheduler, log_lines)
         for i in sorted(scan.entries)
         if i not in complete_set and i not in expected_set
     ]

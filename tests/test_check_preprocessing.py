@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from cache_layout import (
     VolumePaths,
     bytes_on_disk,
     read_json,
+    scheduler_logs_dir,
     write_json_atomic,
     write_status,
     write_submission_record,
@@ -218,7 +220,18 @@ def test_gaps_at_both_ends_from_submissions_and_arguments(cache):
 
 
 def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
-    logs = VolumePaths(cache, 0).logs
+    """Each state as the jobs of job_schedulers leave it: per-volume logs from the job script,
+    the scheduler's own files (where kill notices land) under logs/scheduler/, named
+    NAME_JOB_ELEMENT, and submission records that map array elements to volumes."""
+    logs, sched = VolumePaths(cache, 0).logs, scheduler_logs_dir(cache)
+    sched.mkdir(parents=True)
+    slurm = {"job_id": "5001", "indices": list(range(12))}  # element k runs volume k - 1
+    lsf = {"job_id": "7001", "indices": [5, 7]}
+    write_submission_record(cache, {"submitted": "2026-11-26T09:00:00+0000", "indices": slurm["indices"],
+                                    "scheduler": "slurm", "job_ids": ["5001"], "options": {}, "arrays": [slurm]})
+    time.sleep(1.1)  # record names carry the second and the pid: a second record in the same second would replace the first
+    write_submission_record(cache, {"submitted": "2026-11-26T09:30:00+0000", "indices": lsf["indices"],
+                                    "scheduler": "lsf", "job_ids": ["7001"], "options": {}, "arrays": [lsf]})
     # 3: a real failure of the real CLI (slice size not a multiple of the patch), its stderr in the job log
     failing = run_script("preprocess_volume.py", *preprocess_args(cache, 3, tiny_model_dir, "--output-image-dim", "15"))
     assert failing.returncode == 1
@@ -226,21 +239,25 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
     # 4: killed by SLURM's OOM handler mid-write: status still 'running', staging debris left behind
     paths4 = VolumePaths(cache, 4)
     write_json_atomic(paths4.status, {"volume_index": 4, "state": "running", "host": "node17", "pid": 4242,
-                                      "job_id": "5001_4", "started": "2026-11-26T09:01:00+0000"})
+                                      "job_id": "5001_5", "started": "2026-11-26T09:01:00+0000"})
     shutil.copytree(VolumePaths(cache, 1).array("features"), paths4.staged_array("features"))
-    (logs / "volume_000004.err").write_text(f"INFO volume 4: 8/48 slices\n{SLURM_OOM}\n")
-    # 5, 6, 7: LSF walltime, SLURM walltime and LSF memory kills recognised from the log alone
-    (logs / "volume_000005.out").write_text(LSF_REPORT.format(term=LSF_RUNLIMIT, code=140))
-    (logs / "volume_000006.err").write_text(SLURM_TIME + "\n")
-    (logs / "volume_000007.out").write_text(LSF_REPORT.format(term=LSF_MEMLIMIT, code=137))
-    # 8: running right now (this live process holds the record)
+    (logs / "volume_000004.err").write_text("INFO volume 4: 8/48 slices\n")
+    (sched / "dinov3_preprocess_5001_5.err").write_text(SLURM_OOM + "\n")
+    # 5, 7: LSF walltime and memory kills (latest submission), 6: SLURM walltime, no status records
+    (sched / "dinov3_preprocess_7001_1.out").write_text(LSF_REPORT.format(term=LSF_RUNLIMIT, code=140))
+    (sched / "dinov3_preprocess_7001_2.out").write_text(LSF_REPORT.format(term=LSF_MEMLIMIT, code=137))
+    (sched / "dinov3_preprocess_5001_6.out").write_text("")  # volume 5's older attempt, no notice
+    (sched / "dinov3_preprocess_5001_7.err").write_text(SLURM_TIME + "\n")
+    # 8: running right now as job 5002_1, although its previous attempt (5001_9) ran out of memory
     write_status(VolumePaths(cache, 8), "running", started="2026-11-26T09:02:00+0000")
+    record = read_json(VolumePaths(cache, 8).status)
+    write_json_atomic(VolumePaths(cache, 8).status, {**record, "job_id": "5002_1"})
+    (sched / "dinov3_preprocess_5001_9.err").write_text(SLURM_OOM + "\n")
     # 9: 'running' on this host, but its process is gone
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     write_status(VolumePaths(cache, 9), "running")
     record = read_json(VolumePaths(cache, 9).status)
-    record["pid"] = int(gone.stdout)
-    write_json_atomic(VolumePaths(cache, 9).status, record)
+    write_json_atomic(VolumePaths(cache, 9).status, {**record, "pid": int(gone.stdout)})
     # 10: arrays without metadata, no record at all (killed before anything was logged)
     shutil.copytree(VolumePaths(cache, 1).array("gt"), VolumePaths(cache, 10).array("gt"))
 
@@ -254,7 +271,8 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
     failed = {p["index"]: p for p in report["failed"]}
     assert "not a multiple of the model's patch size" in failed[3]["error"]
     assert failed[3]["kill"] is None and failed[3]["log_tail"]
-    assert (failed[4]["kill"]["kind"], failed[4]["kill"]["scheduler"], failed[4]["job_id"]) == ("out_of_memory", "SLURM", "5001_4")
+    assert (failed[4]["kill"]["kind"], failed[4]["kill"]["scheduler"], failed[4]["job_id"]) == ("out_of_memory", "SLURM", "5001_5")
+    assert str(sched / "dinov3_preprocess_5001_5.err") in failed[4]["logs"]
     assert failed[4]["debris"] == [str(paths4.staging)] and failed[4]["debris_bytes"] > 0
     assert (failed[5]["kill"]["kind"], failed[5]["kill"]["scheduler"]) == ("walltime", "LSF")
     assert (failed[6]["kill"]["kind"], failed[6]["kill"]["scheduler"]) == ("walltime", "SLURM")
@@ -265,10 +283,18 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
     text = audit(cache, "--indices", "0-11").stdout
     assert "failed           6   3-7, 9" in text and "running          1   8" in text
     assert "partial          1   10" in text and "not started      1   11" in text
-    assert "volume 4 [job 5001_4 on node17]: killed: out of memory (SLURM): slurmstepd: error: Detected 1 oom-kill" in text
+    assert "volume 4 [job 5001_5 on node17]: killed: out of memory (SLURM): slurmstepd: error: Detected 1 oom-kill" in text
     assert "-> raise --memory-gb" in text and "-> raise --walltime" in text
-    assert "volume 3" in text and "error: " in text and "| error:" in text  # the log tail
+    assert "volume 3" in text and "| error:" in text  # the log tail
     assert "volume_000004.partial" in text and "volume_000010_gt.zarr" in text
+
+
+def test_gpu_out_of_memory_from_the_status_record(cache):
+    write_status(VolumePaths(cache, 3), "failed", error="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    report, rc = audit_json(cache, "--num-volumes", "4")
+    assert rc == EXIT_INCOMPLETE
+    assert report["failed"][0]["kill"]["kind"] == "gpu_out_of_memory"
+    assert "-> lower --batch-size or use a larger GPU" in audit(cache, "--num-volumes", "4").stdout
 
 
 def test_throughput_and_estimated_finish(cache):
