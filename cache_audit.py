@@ -280,16 +280,18 @@ def read_log_end(path: Path) -> str:
         return ""
 
 
+EXCEPTION_LINE_RE = re.compile(r"^\w+(\.\w+)*(Error|Exception|Interrupt)\b")
+
+
 def last_error_line(text: str) -> str | None:
-    """The CLI's 'error: ...' line, else the last line of a traceback, else None."""
+    """The CLI's last 'error: ...' line, else the last exception line of a traceback."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error:"):
             return line[:300]
-    for i in range(len(lines) - 1, 0, -1):
-        if lines[i - 1].startswith(("File ", "Traceback")) or re.match(r"^\w+(\.\w+)*(Error|Exception)\b", lines[i]):
-            if re.match(r"^\w+(\.\w+)*(Error|Exception|Interrupt)\b", lines[i]):
-                return lines[i][:300]
+    for line in reversed(lines):
+        if EXCEPTION_LINE_RE.match(line):
+            return line[:300]
     return None
 
 

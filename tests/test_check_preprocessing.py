@@ -23,6 +23,7 @@ from cache_audit import (
     EXIT_USAGE,
     StorageMeasure,
     compress_ranges,
+    last_error_line,
     parse_index_list,
     read_complete_volumes,
     recognise_kill,
@@ -138,6 +139,13 @@ def test_index_lists_parse_and_compress():
 def test_kill_messages_are_recognised(text, kind, scheduler):
     reason = recognise_kill("INFO loading model\n" + text + "\n")
     assert reason is not None and (reason.kind, reason.scheduler) == (kind, scheduler)
+
+
+def test_last_error_line_of_a_log():
+    traceback = 'INFO start\nTraceback (most recent call last):\n  File "x.py", line 3\nValueError: bad crop\n'
+    assert last_error_line(traceback) == "ValueError: bad crop"
+    assert last_error_line("error: volume 3 failed\nINFO after\n") == "error: volume 3 failed"
+    assert last_error_line("INFO volume 3: 48/48 slices\n") is None
 
 
 def test_ordinary_errors_are_not_kills():
