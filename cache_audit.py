@@ -69,20 +69,20 @@ class AuditError(ValueError):
 # ----------------------------------------------------------------------------- index lists
 
 
-def parse_index_list(tokens: Sequence[str]) -> list[int]:
-    """'10 15 23-40' or '10,15,23-40' -> sorted unique indices."""
-    indices: set[int] = set()
-    for token in " ".join(tokens).replace(",", " ").split():
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", token)
-        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise AuditError(f"--indices takes non-negative integers and ranges like 23-40, got {token!r}")
-        first = int(match.group(1))
-        indices.update(range(first, int(match.group(2) or first) + 1))
-    return sorted(indices)
+def parse_index_list(tokens: Sequence[str], option: str = "--indices") -> list[int]:
+    """'10 15 23-40' or '10,15,23-40' -> sorted unique indices: the syntax the submission
+    script accepts (job_schedulers.parse_indices, imported here only when needed)."""
+    from job_schedulers import SchedulerError, parse_indices
+
+    try:
+        return parse_indices(tokens)
+    except SchedulerError as e:
+        raise AuditError(str(e).replace("--indices", option)) from None
 
 
 def compress_ranges(indices: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8', for people (job_schedulers.compress_ranges
+    writes the scheduler's array syntax)."""
     ordered = sorted(set(indices))
     parts, i = [], 0
     while i < len(ordered):

@@ -110,12 +110,6 @@ def committed_volume_indices(output_dir: Path | str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(VOLUME_NAME_RE.match, names) if m)
 
 
-def volume_index_of(entry_name: str) -> int | None:
-    """The index of the volume an entry of the output or logs directory belongs to, if any."""
-    match = VOLUME_ENTRY_RE.match(entry_name)
-    return int(match.group(1)) if match else None
-
-
 # ----------------------------------------------------------------------------- json
 
 

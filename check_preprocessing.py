@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        verify_indices = parse_index_list(args.verify_indices) if args.verify_indices else None
+        verify_indices = parse_index_list(args.verify_indices, "--verify-indices") if args.verify_indices else None
         report = gather_report(Path(args.output_dir), expected_from_args(args), args.log_lines, args.storage)
     except AuditError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,8 +118,8 @@ def test_index_lists_parse_and_compress():
     assert parse_index_list(["10", "15", "23-25"]) == [10, 15, 23, 24, 25]
     assert parse_index_list(["3,1", "1-2"]) == [1, 2, 3]
     assert compress_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
-    with pytest.raises(ValueError, match="ranges like"):
-        parse_index_list(["5-2"])
+    with pytest.raises(ValueError, match="--verify-indices: range '5-2' runs backwards"):
+        parse_index_list(["5-2"], "--verify-indices")
 
 
 @pytest.mark.parametrize(
@@ -492,7 +492,8 @@ def test_preview_alone_verifies_a_sample_and_skips_damaged(varied, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--indices", "5-2"], "ranges like 23-40"),
+        (["--indices", "5-2"], "--indices: range '5-2' runs backwards"),
+        (["--verify-indices", "x"], "--verify-indices: 'x' is not an index or a range"),
         (["--start-index", "3"], "--start-index needs --num-volumes"),
         (["--indices", "1", "--num-volumes", "3"], "either --indices or"),
         (["--num-threads", "0"], "--num-threads > 0"),
