@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
+VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
 LOGS_DIR = "logs"
 METADATA_DIGEST_KEY = "metadata_digest"
@@ -282,8 +283,15 @@ def iter_files(root: Path) -> Iterator[os.DirEntry]:
 
 
 def bytes_on_disk(root: Path) -> int:
-    """Bytes allocated on disk below root (like du), which is what storage planning needs."""
-    return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in iter_files(root))
+    """Bytes allocated on disk below root (like du), which is what storage planning needs.
+    Files that vanish while running jobs commit or clean up are skipped."""
+    total = 0
+    for entry in iter_files(root):
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 # ----------------------------------------------------------------------------- submissions
