@@ -227,6 +227,8 @@ class Storage:
         except bex.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "error")
             raise SourceError(f"cannot list {url} on {self.s3.where()} ({code}); check the bucket name and credentials") from None
+        except bex.BotoCoreError as e:
+            raise SourceError(f"cannot list {url} on {self.s3.where()} ({e}); check the AWS_* variables and --s3-endpoint") from None
 
     def _s3_client(self):
         try:
@@ -239,7 +241,10 @@ class Storage:
             connect_timeout=5, read_timeout=30, retries={"max_attempts": self.s3.retries},
             signature_version=UNSIGNED if self.s3.anonymous else None,
         )
-        return boto3.client("s3", endpoint_url=self.s3.endpoint, region_name=self.s3.region, config=config)
+        try:
+            return boto3.client("s3", endpoint_url=self.s3.endpoint, region_name=self.s3.region, config=config)
+        except Exception as e:  # botocore raises many kinds here (bad profile, bad endpoint URL)
+            raise SourceError(f"cannot set up an S3 client for {self.s3.where()} ({e}); check the AWS_* variables and --s3-endpoint") from None
 
 
 # ----------------------------------------------------------------------------- multiscale metadata
@@ -500,11 +505,11 @@ def catalog_from_json(document: Any, where: str, base: str | None) -> Catalog:
     def resolve(url: Any, what: str) -> str:
         if not isinstance(url, str) or not url:
             raise SourceError(f"catalog {where}: {what} is not a path or URL")
-        if is_absolute(url):
-            return url
-        if root is None:
-            raise SourceError(f"catalog {where}: relative path {url!r} needs a 'root'")
-        return join_url(root, url)
+        if not is_absolute(url):
+            if root is None:
+                raise SourceError(f"catalog {where}: relative path {url!r} needs a 'root'")
+            url = join_url(root, url)
+        return url if "://" in url else os.path.normpath(url)
 
     datasets = []
     for d in document["datasets"]:
