@@ -672,6 +672,9 @@ def eligible_units(catalog: Catalog, options: SamplingOptions) -> list[CropUnit]
             f"(known: {', '.join(catalog.organelles()[:40]) or 'none'}); check --organelles"
         )
     crops = {crop_name(c) for c in options.crop_filter}
+    unknown_crops = sorted(crops - {l.crop for d in catalog.datasets for l in d.labels})
+    if unknown_crops:
+        raise SourceError(f"crop(s) {', '.join(unknown_crops)} named by --crop-filter are in no dataset of the catalog; check the names")
     units = []
     for d in catalog.datasets:
         use_inference = d.name in options.inference_filter
@@ -682,6 +685,12 @@ def eligible_units(catalog: Catalog, options: SamplingOptions) -> list[CropUnit]
         for crop, arrays in sorted(by_crop.items()):
             if all(o in arrays for o in options.organelles):
                 units.append(CropUnit(d.name, crop, d.raw, tuple((o, arrays[o]) for o in options.organelles)))
+    without = [d for d in options.inference_filter if not any(u.dataset == d for u in units)]
+    if without:
+        raise SourceError(
+            f"dataset(s) {', '.join(without)} named by --inference-filter have no inference labels for all of "
+            f"{', '.join(options.organelles)}; check --organelles or drop them from --inference-filter"
+        )
     if not units:
         raise SourceError(
             f"no dataset has {'inference labels' if options.inference_filter else 'a ground-truth crop'} holding all of "

@@ -284,12 +284,16 @@ def test_inference_filter_uses_inference_labels_for_those_datasets(catalog):
             assert "inference/segmentations/mito" in crop.description["paths"]["mito"]
             assert crop.mask.all()  # inference labels cover the whole raw
     assert kinds == {"inference", "groundtruth"}
+    with pytest.raises(SourceError, match="jrc_beta named by --inference-filter have no inference labels"):
+        sample(catalog, 0, inference_filter=("jrc_beta",))
 
 
 def test_crop_filter_limits_to_given_crops(catalog):
     assert {sample(catalog, i, crop_filter=("1",)).description["crop"] for i in INDICES} == {"crop1"}
-    with pytest.raises(SourceError, match="among crops crop9"):
+    with pytest.raises(SourceError, match="crop9 named by --crop-filter are in no dataset"):
         sample(catalog, 0, crop_filter=("crop9",))
+    with pytest.raises(SourceError, match="no dataset has a ground-truth crop holding all of mito, nuc among crops crop2"):
+        sample(catalog, 0, organelles=("mito", "nuc"), crop_filter=("crop2",))
 
 
 # ----------------------------------------------------------------------------- GT extension and filters
