@@ -516,3 +516,25 @@ def test_bad_inputs_give_one_clear_line(case, extra, expected, cellmap_root, cor
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and len(errors) == 1 and expected in errors[0], result.stderr
     assert not list(out.glob("volume_*_metadata.json")) if out.exists() else True
+
+
+def test_cli_reads_s3_through_the_endpoint_option(moto_s3, cellmap_root, tiny_model_dir, tmp_path, monkeypatch):
+    for name in ("DINOV3_DATA_ROOT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "cache"
+    run_script(
+        "preprocess_volume.py",
+        *cli_args(out, tiny_model_dir, 2, "--data-root", "s3://cellmap-test/data", "--s3-endpoint", moto_s3, "--organelles", "mito"),
+        check=True,
+    )
+    source = read_json(VolumePaths(out, 2).metadata)["source_dataset"]
+    assert source["paths"]["raw"].startswith("s3://cellmap-test/data/jrc_alpha/jrc_alpha.zarr/")
+    assert read_json(out / CATALOG_FILE_NAME)["root"] == "s3://cellmap-test/data"
+
+
+def test_catalog_command_builds_and_reports(cellmap_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("DINOV3_DATA_ROOT", raising=False)
+    result = run_script("cellmap_source.py", "--data-root", str(cellmap_root[0]), "--output-dir", str(tmp_path), check=True)
+    assert "3 dataset(s)" in result.stdout and (tmp_path / CATALOG_FILE_NAME).is_file()
+    failed = run_script("cellmap_source.py", "--output-dir", str(tmp_path))
+    assert failed.returncode == 1 and failed.stderr.startswith("error: the CellMap source needs --data-root")
