@@ -68,6 +68,7 @@ INFERENCE_CROP = "inference"  # the crop name of a dataset's inference labels
 AUGMENT_STREAM = 1  # draw_passing_crop uses stream 0 of the index's generator
 S3_DEFAULT_REGION = "us-east-1"
 TOLERANCE = 1e-6
+MAX_RAW_READ_BYTES = 8 * 2**30  # a finer level read for resampling must fit in memory
 UNIT_TO_NM = {"nanometer": 1.0, "nm": 1.0, "micrometer": 1000.0, "um": 1000.0, "angstrom": 0.1}
 AXES = ("z", "y", "x")
 
@@ -745,22 +746,29 @@ def window_start(resolved: ResolvedUnit, geometry: CropGeometry, gt_extension: b
     return start
 
 
+def regular_step(edges: np.ndarray) -> int | None:
+    """The whole number of input voxels per output voxel, if the edges fall on voxel borders."""
+    rounded = np.round(edges)
+    if not np.all(np.abs(edges - rounded) < TOLERANCE):
+        return None
+    steps = np.diff(rounded).astype(int)
+    return int(steps[0]) if steps[0] > 0 and np.all(steps == steps[0]) else None
+
+
 def area_mean_axis(block: np.ndarray, axis: int, edges: np.ndarray) -> np.ndarray:
     """Mean of a piecewise-constant signal over [edges[j], edges[j+1]) along axis
     (edges in input-voxel units from the block's start): exact area weights."""
     n_in = block.shape[axis]
-    rounded = np.round(edges)
-    if np.all(np.abs(edges - rounded) < TOLERANCE):
-        steps = np.diff(rounded).astype(int)
-        if np.all(steps == steps[0]):
-            span = [slice(None)] * block.ndim
-            span[axis] = slice(int(rounded[0]), int(rounded[-1]))
-            taken = block[tuple(span)]
-            if steps[0] == 1:
-                return taken
-            shape = list(taken.shape)
-            shape[axis : axis + 1] = [len(steps), int(steps[0])]
-            return taken.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
+    step = regular_step(edges)
+    if step is not None:  # whole input voxels per output voxel: a slice or a block mean
+        span = [slice(None)] * block.ndim
+        span[axis] = slice(int(round(edges[0])), int(round(edges[-1])))
+        taken = block[tuple(span)]
+        if step == 1:
+            return taken
+        shape = list(taken.shape)
+        shape[axis : axis + 1] = [len(edges) - 1, step]
+        return taken.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
     values = np.moveaxis(block, axis, 0).astype(np.float32)
     cumulative = np.concatenate([np.zeros((1, *values.shape[1:]), np.float32), np.cumsum(values, axis=0, dtype=np.float32)])
     e = np.clip(edges, 0, n_in)
@@ -778,8 +786,15 @@ def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) 
     edges = [(start_nm[a] + np.arange(n + 1) * target_nm - array.lo[a]) / scale[a] for a in range(3)]
     first = [max(0, int(math.floor(e[0] + TOLERANCE))) for e in edges]
     last = [min(int(array.shape[a]), int(math.ceil(e[-1] - TOLERANCE))) for a, e in enumerate(edges)]
+    nbytes = int(np.prod([l - f for f, l in zip(first, last)])) * array.store.dtype.numpy_dtype.itemsize
+    if nbytes > MAX_RAW_READ_BYTES:
+        raise SourceError(
+            f"raw level {array.url} ({format_voxel(array.level.scale)} nm) is much finer than {target_nm:g} nm: one crop would read "
+            f"{nbytes / 2**30:.1f} GiB; add coarser levels to the pyramid or raise --min-resolution-for-raw"
+        )
     block = array.store[tuple(slice(f, l) for f, l in zip(first, last))].read().result()
-    for axis in range(3):
+    # whole-voxel axes first: they shrink the block before any fractional axis needs float copies
+    for axis in sorted(range(3), key=lambda a: regular_step(edges[a] - first[a]) is None):
         block = area_mean_axis(block, axis, edges[axis] - first[axis])
     dtype = array.store.dtype.numpy_dtype
     if block.dtype != dtype:
