@@ -538,3 +538,12 @@ def test_catalog_command_builds_and_reports(cellmap_root, tmp_path, monkeypatch)
     assert "3 dataset(s)" in result.stdout and (tmp_path / CATALOG_FILE_NAME).is_file()
     failed = run_script("cellmap_source.py", "--output-dir", str(tmp_path))
     assert failed.returncode == 1 and failed.stderr.startswith("error: the CellMap source needs --data-root")
+
+
+def test_a_read_too_large_for_memory_is_refused(catalog, monkeypatch):
+    import cellmap_source
+
+    monkeypatch.setattr(cellmap_source, "MAX_RAW_READ_BYTES", 64**3)  # beta's resampled raw needs more
+    with pytest.raises(SourceError, match=r"is much finer than 32 nm: one crop would read .* GiB"):
+        sample(catalog, 0, crop_filter=("crop3",))
+    sample(catalog, 0, crop_filter=("crop2",))  # an exact level reads exactly 64^3
