@@ -25,10 +25,10 @@ from cellmap_source import (
     CellMapSource,
     S3Options,
     Storage,
-    catalog_from_csv,
     catalog_from_json,
     draw_augmentation,
     eligible_units,
+    load_catalog_file,
     parse_multiscale,
     prepare_catalog,
     transform_geometry,
@@ -144,7 +144,6 @@ def test_csv_and_json_catalogs_list_the_same_arrays(catalog, tmp_path):
     beta = next(d for d in catalog.datasets if d.name == "jrc_beta")
     label = beta.labels[0]
     (tmp_path / "cat.csv").write_text(f"dataset,raw,organelle,labels,crop\njrc_beta,{beta.raw},mito,{label.url},crop3\n")
-    from cellmap_source import load_catalog_file
 
     assert load_catalog_file(str(tmp_path / "cat.csv")).datasets == (beta,)
     # relative paths resolve against the catalog file's directory
