@@ -104,10 +104,6 @@ def reference_area_mean(array: np.ndarray, corner, scale, offset, n=S, target=32
     return np.einsum("az,by,cx,zyx->abc", wz, wy, wx, array.astype(np.float64), optimize=True)
 
 
-def level_corner(info_corner, scale):
-    return np.asarray(info_corner, float)  # every level shares its first voxel corner
-
-
 # ----------------------------------------------------------------------------- catalog
 
 
@@ -144,7 +140,6 @@ def test_csv_and_json_catalogs_list_the_same_arrays(catalog, tmp_path):
     beta = next(d for d in catalog.datasets if d.name == "jrc_beta")
     label = beta.labels[0]
     (tmp_path / "cat.csv").write_text(f"dataset,raw,organelle,labels,crop\njrc_beta,{beta.raw},mito,{label.url},crop3\n")
-
     assert load_catalog_file(str(tmp_path / "cat.csv")).datasets == (beta,)
     # relative paths resolve against the catalog file's directory
     relative = {"datasets": [{"name": "jrc_beta", "raw": os.path.relpath(beta.raw, tmp_path), "labels": [{"organelle": "mito", "crop": "crop3", "url": os.path.relpath(label.url, tmp_path)}]}]}
