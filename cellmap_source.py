@@ -301,10 +301,13 @@ def parse_multiscale(url: str, driver: str, attributes: dict) -> Multiscale:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise corrupt("a level without 'path'")
         if "transform" in entry:  # CellMap's N5 convention
-            names, factors = axis_names_and_units(entry["transform"].get("axes"), corrupt, entry["transform"].get("units"))
+            transform = entry["transform"] if isinstance(entry["transform"], dict) else {}
+            listed = {k: transform.get(k) for k in ("axes", "units", "scale", "translate")}
+            if transform.get("ordering") == "F":  # listed fastest-first: back to C order
+                listed = {k: v[::-1] if isinstance(v, list) else v for k, v in listed.items()}
+            names, factors = axis_names_and_units(listed["axes"], corrupt, listed["units"])
             scale, translation = transforms_of(
-                [{"type": "scale", "scale": entry["transform"].get("scale")},
-                 {"type": "translation", "translation": entry["transform"].get("translate", [0] * 3)}],
+                [{"type": "scale", "scale": listed["scale"]}, {"type": "translation", "translation": listed["translate"] or [0] * 3}],
                 len(names), corrupt,
             )
         else:

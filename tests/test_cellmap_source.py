@@ -370,6 +370,14 @@ def test_corrupt_multiscale_metadata_is_named(attributes, why):
         parse_multiscale("grp", "zarr", attributes)
 
 
+def test_n5_transform_listed_fastest_first_is_read_in_c_order():
+    attributes = {"multiscales": [{"datasets": [{"path": "s0", "transform": {
+        "axes": ["x", "y", "z"], "ordering": "F", "scale": [4, 4, 8], "translate": [1, 2, 3], "units": ["nm"] * 3}}]}]}
+    multiscale = parse_multiscale("grp", "n5", attributes)
+    assert multiscale.levels[0].scale == (8.0, 4.0, 4.0) and multiscale.levels[0].translation == (3.0, 2.0, 1.0)
+    assert multiscale.axis_order == (0, 1, 2)
+
+
 def test_axes_in_another_order_and_micrometres_are_converted():
     attributes = {"multiscales": [{
         "axes": [{"name": "x", "unit": "micrometer"}, {"name": "y", "unit": "micrometer"}, {"name": "z", "unit": "micrometer"}],
@@ -541,3 +549,20 @@ def test_a_read_too_large_for_memory_is_refused(catalog, monkeypatch):
     with pytest.raises(SourceError, match=r"is much finer than 32 nm: one crop would read .* GiB"):
         sample(catalog, 0, crop_filter=("crop3",))
     sample(catalog, 0, crop_filter=("crop2",))  # an exact level reads exactly 64^3
+
+
+def test_arrays_stored_x_y_z_are_read_as_z_y_x(tmp_path):
+    """OME-NGFF axes listed x, y, z: the stored array is transposed back, scales follow."""
+    rng = np.random.default_rng(4)
+    zyx_raw = rng.integers(0, 256, (70, 80, 90), dtype=np.uint8)  # 32 nm voxels
+    zyx_labels = rng.integers(0, 5, (18, 20, 23), dtype=np.uint32)  # 128 nm voxels
+    root = tmp_path / "data"
+    for group, array, scale in ((data.raw_group(root, "jrc_xyz"), zyx_raw, 32.0), (data.crop_group(root, "jrc_xyz", "crop1", "mito"), zyx_labels, 128.0)):
+        data.write_array(group / "s0", np.ascontiguousarray(array.transpose(2, 1, 0)), "zarr", (32, 32, 32))
+        attributes = data.ome_multiscales([("s0", [scale] * 3, [scale / 2] * 3)])
+        attributes["multiscales"][0]["axes"] = attributes["multiscales"][0]["axes"][::-1]
+        data.write_group_attributes(group, "zarr", attributes)
+    crop = sample(prepare_catalog(str(root), None, None, Storage()), 0, gt_extension=False)
+    k = (np.asarray(crop.offset_nm) / 128).astype(int)
+    np.testing.assert_array_equal(crop.raw, zyx_raw[4 * k[0] : 4 * k[0] + S, 4 * k[1] : 4 * k[1] + S, 4 * k[2] : 4 * k[2] + S])
+    np.testing.assert_array_equal(crop.gt, zyx_labels[k[0] : k[0] + N, k[1] : k[1] + N, k[2] : k[2] + N])
