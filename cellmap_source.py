@@ -818,15 +818,18 @@ def read_labels(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: in
         i = np.floor((centres - array.lo[a]) / scale[a] + TOLERANCE).astype(np.int64)
         index.append(i)
         valid.append((i >= 0) & (i < array.shape[a]))
-    labels = np.zeros((n, n, n), array.store.dtype.numpy_dtype)
     mask = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-    if all(v.any() for v in valid):
-        inside = [i[v] for i, v in zip(index, valid)]
-        if all(np.array_equal(i, np.arange(i[0], i[0] + len(i))) for i in inside):
-            values = array.store[tuple(slice(int(i[0]), int(i[-1]) + 1) for i in inside)].read().result()
-        else:
-            values = array.store.oindex[tuple(inside)].read().result()
-        labels[np.ix_(*valid)] = values
+    if not all(v.any() for v in valid):
+        return np.zeros((n, n, n), array.store.dtype.numpy_dtype), mask
+    inside = [i[v] for i, v in zip(index, valid)]
+    if all(np.array_equal(i, np.arange(i[0], i[0] + len(i))) for i in inside):
+        values = array.store[tuple(slice(int(i[0]), int(i[-1]) + 1) for i in inside)].read().result()
+    else:
+        values = array.store.oindex[tuple(inside)].read().result()
+    if all(v.all() for v in valid):
+        return values, mask
+    labels = np.zeros((n, n, n), values.dtype)
+    labels[np.ix_(*valid)] = values
     return labels, mask
 
 
@@ -968,7 +971,8 @@ class CellMapSource(VolumeSource):
             per_organelle[organelle] = as_instance_ids(labels, array.url)
             mask &= valid
         gt = combine_organelle_labels(per_organelle, options.organelles)
-        gt = np.where(mask, gt, 0).astype(gt.dtype)
+        if not mask.all():
+            gt = np.where(mask, gt, 0).astype(gt.dtype)
         box_lo, box_hi = resolved.box
         return SourceCrop(
             raw=raw,
