@@ -339,17 +339,21 @@ def make_source(name: str, **options: Any) -> VolumeSource:
     return SOURCES[name](**options)
 
 
+def source_name_from_args(args: Any) -> str:
+    """--source, else 'cellmap' when --data-root, --catalog or $DINOV3_DATA_ROOT gives data."""
+    if args.source is not None:
+        return args.source
+    if getattr(args, "data_root", None) or getattr(args, "catalog", None) or os.environ.get(DATA_ROOT_ENV):
+        return "cellmap"
+    raise SourceError(
+        f"no data source given: pass --data-root ROOT (or set {DATA_ROOT_ENV}) or --catalog FILE for CellMap data, "
+        "or --source synthetic for the built-in demo data"
+    )
+
+
 def source_from_args(args: Any) -> VolumeSource:
-    """The source that preprocess_volume.py options ask for: --source, else CellMap data
-    when --data-root, --catalog or $DINOV3_DATA_ROOT gives some."""
-    name = args.source
-    if name is None and (getattr(args, "data_root", None) or getattr(args, "catalog", None) or os.environ.get(DATA_ROOT_ENV)):
-        name = "cellmap"
-    if name is None:
-        raise SourceError(
-            f"no data source given: pass --data-root ROOT (or set {DATA_ROOT_ENV}) or --catalog FILE for CellMap data, "
-            "or --source synthetic for the built-in demo data"
-        )
+    """The source that preprocess_volume.py options ask for."""
+    name = source_name_from_args(args)
     if name == "cellmap":
         from cellmap_source import source_from_args as cellmap_source_from_args
 
