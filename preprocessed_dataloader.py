@@ -208,7 +208,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         items = []
         for s in samples:
             one = read_samples([s], self.resources, False, self.return_metadata)
-            features, gt, mask, _ = self.finish(one)
+            features, gt, mask = self.finish(one)[:3]
             result = self.transform(features[0], gt[0], mask[0] if s.volume.has_mask else None)
             items.append(tuple(result) + ((one.metadata[0],) if self.return_metadata else ()))
         features, gt, mask, *meta = collate_samples(items)
