@@ -36,11 +36,17 @@ from typing import Sequence
 
 import numpy as np
 import tensorstore as ts
+import torch
 
 from cache_layout import VolumePaths, committed_volume_indices, read_metadata
 from zarr_arrays import chunk_key, open_array, ts_context, zarr_format_of
 
 READER_CHOICES = ("auto", "tensorstore")
+TORCH_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+    "uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
+    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+}
 SPATIAL_ARRAYS = ("gt", "mask")
 
 
@@ -49,15 +55,16 @@ class CacheError(Exception):
 
 
 class VolumeReadError(CacheError):
-    """Reading one array of one volume failed."""
+    """Reading one array of one volume failed (one message argument, so that torch can
+    re-raise it unchanged in the main process when a worker process hits it)."""
 
-    def __init__(self, volume_index: int, array: str, path: Path, cause: str):
-        self.volume_index, self.array, self.path = volume_index, array, path
-        super().__init__(
-            f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; the volume is damaged: "
-            f"check it with 'check_preprocessing.py --verify' and recompute it with "
-            f"'preprocess_volume.py --volume-index {volume_index} --overwrite'"
-        )
+
+def volume_read_error(volume_index: int, array: str, path: Path, cause: str) -> VolumeReadError:
+    return VolumeReadError(
+        f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; "
+        f"check the volume with 'check_preprocessing.py --verify' and recompute it with "
+        f"'preprocess_volume.py --volume-index {volume_index} --overwrite'"
+    )
 
 
 # ----------------------------------------------------------------------------- visible volumes
@@ -163,33 +170,33 @@ def format_indices(indices: Sequence[int], limit: int = 12) -> str:
 
 class RawChunkReader:
     """Uncompressed zarr v2: each chunk file is read into a reused per-thread buffer and
-    copied once into the destination (one file read + one copy per chunk)."""
+    copied once into the destination (one file read + one copy per chunk). The copy is
+    torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
 
     def __init__(self, path: Path, zarray: dict, executor: ThreadPoolExecutor):
         self.path = path
         self.shape = tuple(zarray["shape"])
         self.chunks = tuple(zarray["chunks"])
-        self.itemsize = zarray_itemsize(zarray["dtype"])
+        self.dtype = stored_torch_dtype(zarray["dtype"])
         self.separator = zarray.get("dimension_separator") or "."
         self.fill_value = zarray.get("fill_value") or 0
-        self.chunk_nbytes = int(np.prod(self.chunks)) * self.itemsize
+        self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self.executor = executor
         self.local = threading.local()
 
-    def read_into(self, region: tuple[slice, ...], out: np.ndarray) -> list[Future]:
-        """Start reading `region` into `out` (same shape, any dtype of this itemsize)."""
-        raw_out = out.view(uint_of_size(self.itemsize))
+    def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
+        """Start reading `region` into `out` (a tensor of the region's shape, any dtype)."""
         return [
-            self.executor.submit(self._copy_chunk, grid_index, src, dst, raw_out)
+            self.executor.submit(self._copy_chunk, grid_index, src, dst, out)
             for grid_index, src, dst in chunk_overlaps(region, self.chunks)
         ]
 
-    def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: np.ndarray) -> None:
+    def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
         key = chunk_key(grid_index) if self.separator == "." else "/".join(map(str, grid_index))
         try:
             fd = os.open(self.path / key, os.O_RDONLY)
         except FileNotFoundError:
-            out[dst] = self.fill_value  # never-written chunk: zarr's fill value, as TensorStore gives
+            out[dst].fill_(self.fill_value)  # never-written chunk: zarr's fill value, as TensorStore gives
             return
         buffer = self._buffer()
         try:
@@ -201,7 +208,7 @@ class RawChunkReader:
             os.close(fd)
         if read != self.chunk_nbytes:
             raise OSError(f"chunk {key}: read {read} of {self.chunk_nbytes} bytes")
-        out[dst] = buffer.view(out.dtype).reshape(self.chunks)[src]
+        out[dst].copy_(torch.from_numpy(buffer).view(self.dtype).view(self.chunks)[src])
 
     def _buffer(self) -> np.ndarray:
         buffer = getattr(self.local, "buffer", None)
@@ -212,15 +219,39 @@ class RawChunkReader:
 
 class TensorStoreReader:
     """Any zarr v2/v3 array, compressed or sharded: TensorStore writes the region straight
-    into the destination array (no intermediate result array)."""
+    into the destination array (no intermediate result array), converting the dtype."""
 
     def __init__(self, path: Path, context: ts.Context):
         self.store = open_array(path, context)
         self.shape = tuple(self.store.shape)
 
-    def read_into(self, region: tuple[slice, ...], out: np.ndarray) -> list[Future]:
-        destination = ts.array(out.view(self.store.dtype.numpy_dtype), copy=False, write=True)
+    def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
+        array = numpy_view(out)
+        if array.dtype == np.bool_ and self.store.dtype.numpy_dtype == np.uint8:
+            array = array.view(np.uint8)  # masks: 0/1 bytes on disk, bool in torch
+        destination = ts.array(array, copy=False, write=True)
         return [destination.write(self.store[region])]
+
+
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing the tensor's memory (bfloat16 through ml_dtypes, as TensorStore uses)."""
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def stored_torch_dtype(zarr_dtype: str) -> torch.dtype:
+    name = "bfloat16" if zarr_dtype == "bfloat16" else np.dtype(zarr_dtype).name
+    return torch_dtype(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
 
 
 def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
@@ -239,28 +270,17 @@ def raw_readable_zarray(path: Path) -> dict | None:
         zarray.get("compressor") is None
         and not zarray.get("filters")
         and zarray.get("order", "C") == "C"
-        and zarr_itemsize_or_none(zarray["dtype"]) is not None
+        and plain_dtype(zarray["dtype"])
         and isinstance(zarray.get("fill_value", 0), (int, float, type(None)))
     )
     return zarray if plain else None
 
 
-def zarr_itemsize_or_none(dtype: str) -> int | None:
-    if dtype == "bfloat16":  # TensorStore's extension, stored little-endian
-        return 2
-    if not isinstance(dtype, str) or dtype[:1] not in "<|" or dtype[1:2] not in "fiub":
-        return None
-    return np.dtype(dtype).itemsize
-
-
-def zarray_itemsize(dtype: str) -> int:
-    size = zarr_itemsize_or_none(dtype)
-    assert size is not None
-    return size
-
-
-def uint_of_size(itemsize: int) -> np.dtype:
-    return np.dtype(f"u{itemsize}")
+def plain_dtype(dtype) -> bool:
+    """Little-endian (or single-byte) numbers torch can hold; bfloat16 is TensorStore's extension."""
+    if dtype == "bfloat16":
+        return True
+    return isinstance(dtype, str) and dtype[:1] in "<|" and dtype[1:2] in "fiub" and np.dtype(dtype).name in TORCH_DTYPES
 
 
 def chunk_overlaps(region: Sequence[slice], chunks: Sequence[int]):
@@ -293,14 +313,14 @@ class VolumeReader:
             try:
                 self.readers[array] = open_reader(path, mode, context, executor)
             except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
-                raise VolumeReadError(volume.index, array, path, first_line(e)) from None
+                raise volume_read_error(volume.index, array, path, first_line(e)) from None
             expected = tuple(volume.metadata["shapes"][array])
             if self.readers[array].shape != expected:
-                raise VolumeReadError(
+                raise volume_read_error(
                     volume.index, array, path, f"shape {list(self.readers[array].shape)} on disk, metadata says {list(expected)}"
                 )
 
-    def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, np.ndarray]) -> list[tuple[str, Future]]:
+    def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[tuple[str, Future]]:
         """Start reading the region into outputs[array] (features get all channels)."""
         pending = []
         for array, out in outputs.items():
@@ -308,7 +328,7 @@ class VolumeReader:
             try:
                 pending += [(array, f) for f in self.readers[array].read_into(region, out)]
             except Exception as e:  # noqa: BLE001
-                raise VolumeReadError(self.volume.index, array, self.volume.array_path(array), first_line(e)) from None
+                raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e)) from None
         return pending
 
     def finish(self, pending: list[tuple[str, Future]]) -> None:
@@ -321,7 +341,7 @@ class VolumeReader:
                 failure = failure or (array, e)
         if failure is not None:
             array, e = failure
-            raise VolumeReadError(self.volume.index, array, self.volume.array_path(array), first_line(e))
+            raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e))
 
 
 def first_line(error: BaseException) -> str:

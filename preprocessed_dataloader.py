@@ -34,18 +34,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache_reader import (
     READER_CHOICES,
+    TORCH_DTYPES,
     CacheError,
     CachedVolume,
     ReadResources,
     VolumeReadError,
     find_volumes,
+    torch_dtype,
 )
 
-TORCH_DTYPES = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-    "uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
-    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
-}
 
 __all__ = [
     "PreprocessedDINOv3Dataset",
@@ -148,12 +145,14 @@ class PreprocessedDINOv3Dataset(Dataset):
         self.reader = reader
         self._resources: ReadResources | None = None
         self._resources_lock = threading.Lock()
+        self._buffers: BatchBuffers | None = None
 
     # pickled into spawned workers: without TensorStore objects or threads (each worker opens its own)
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_resources"] = None
         state["_resources_lock"] = None
+        state["_buffers"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -196,18 +195,31 @@ class PreprocessedDINOv3Dataset(Dataset):
 
     # ------------------------------------------------------------------ reading
 
-    def read_batch(self, items: Sequence[int | tuple[int, int]], pin_memory: bool = False) -> RawBatch:
-        """Read a batch; items are indices or (epoch, index) pairs."""
+    def read_batch(
+        self, items: Sequence[int | tuple[int, int]], pin_memory: bool = False, convert_on_host: bool = True
+    ) -> RawBatch:
+        """Read a batch; items are indices or (epoch, index) pairs. With convert_on_host the
+        tensors come in features_dtype / gt_dtype, else in the stored dtypes (for a GPU to convert)."""
         samples = [self.sample(i) if isinstance(i, (int, np.integer)) else self.sample(i[1], i[0]) for i in items]
         if self.transform is not None:
             return self._read_transformed(samples)
-        return read_samples(samples, self.resources, pin_memory, self.return_metadata)
+        dtypes = (self.features_dtype, self.gt_dtype) if convert_on_host else (None, None)
+        return read_samples(samples, self.resources, self.buffers_for(pin_memory), pin_memory, self.return_metadata, *dtypes)
+
+    def buffers_for(self, pin_memory: bool):
+        # pinned memory is recycled by torch's caching host allocator, which knows when the
+        # asynchronous copies from it have finished; worker results travel through shared memory
+        if pin_memory or torch.utils.data.get_worker_info() is not None:
+            return FreshBuffers
+        if self._buffers is None:
+            self._buffers = BatchBuffers()
+        return self._buffers
 
     def _read_transformed(self, samples: list[Sample]) -> RawBatch:
         """With a transform: read, convert, transform each item, then collate."""
         items = []
         for s in samples:
-            one = read_samples([s], self.resources, False, self.return_metadata)
+            one = read_samples([s], self.resources, FreshBuffers, False, self.return_metadata, None, None)
             features, gt, mask = self.finish(one)[:3]
             result = self.transform(features[0], gt[0], mask[0] if s.volume.has_mask else None)
             items.append(tuple(result) + ((one.metadata[0],) if self.return_metadata else ()))
@@ -245,26 +257,56 @@ def check_crop_size(crop_size, volumes: Sequence[CachedVolume]) -> tuple[int, in
     return crop
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
-
-
 def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
 
 
-def numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy array sharing the tensor's memory (bfloat16 as 16-bit integers: numpy has no bfloat16)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
-    return tensor.numpy()
+class BatchBuffers:
+    """Batch tensors handed out earlier are reused once nothing else references them
+    (not the tensor, no view of it, no numpy array on it). A fresh multi-GB tensor costs a
+    page fault per 4 KiB on first touch, about as long as reading the data (measured in
+    benchmarks/bench_loader_read.py); reuse makes warm reads pay only for the copy."""
+
+    def __init__(self, keep: int = 12):
+        self.keep = keep
+        self.tensors: list[torch.Tensor] = []
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        shape = tuple(shape)
+        pinned = pin_memory and torch.cuda.is_available()
+        for tensor in self.tensors:
+            # references to an unused tensor: self.tensors, `tensor`, getrefcount's argument; to its
+            # storage: the tensor and the temporary storage object. More means someone still uses it.
+            unused = sys.getrefcount(tensor) <= 3 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+            if unused and tensor.shape == shape and tensor.dtype == dtype and tensor.is_pinned() == pinned:
+                return tensor
+        tensor = empty_tensor(shape, dtype, pinned)
+        self.tensors.append(tensor)
+        if len(self.tensors) > self.keep:
+            self.tensors.pop(0)  # forgetting a tensor is always safe: whoever holds it keeps it
+        return tensor
 
 
-def read_samples(samples: list[Sample], resources: ReadResources, pin_memory: bool, with_metadata: bool) -> RawBatch:
-    """Read every sample straight into one batch array per kind, all reads in flight together."""
+class FreshBuffers:
+    """Worker processes hand batches over through shared memory: never reuse there."""
+
+    @staticmethod
+    def empty(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        return empty_tensor(shape, dtype, pin_memory)
+
+
+def read_samples(
+    samples: list[Sample],
+    resources: ReadResources,
+    buffers,
+    pin_memory: bool,
+    with_metadata: bool,
+    features_dtype: torch.dtype | None,
+    gt_dtype: torch.dtype | None,
+) -> RawBatch:
+    """Read every sample straight into one batch tensor per kind, all reads in flight together.
+    Features and gt land in features_dtype / gt_dtype (None: the stored dtype); the cast happens
+    in the same copy."""
     shapes = {s.volume.features_shape[:1] + s.shape for s in samples}
     if len(shapes) > 1:
         listed = ", ".join(f"volume {s.volume.index}: {list(s.volume.features_shape[:1] + s.shape)}" for s in samples)
@@ -272,21 +314,20 @@ def read_samples(samples: list[Sample], resources: ReadResources, pin_memory: bo
             f"a batch needs equal shapes, got {listed}; pass crop_size, or batch_size=1, or choose volumes with volume_indices"
         )
     n, feature_shape = len(samples), shapes.pop()
-    features = empty_tensor((n, *feature_shape), common_dtype(samples, "features"), pin_memory)
-    gt = empty_tensor((n, *feature_shape[1:]), common_dtype(samples, "gt"), pin_memory)
+    features = buffers.empty((n, *feature_shape), features_dtype or common_dtype(samples, "features"), pin_memory)
+    gt = buffers.empty((n, *feature_shape[1:]), gt_dtype or common_dtype(samples, "gt"), pin_memory)
     has_mask = [s.volume.has_mask for s in samples]
-    mask = empty_tensor((n, *feature_shape[1:]), torch.uint8, pin_memory) if any(has_mask) else None
-    f_np, g_np, m_np = numpy_view(features), numpy_view(gt), None if mask is None else numpy_view(mask)
+    mask = buffers.empty((n, *feature_shape[1:]), torch.bool, pin_memory) if any(has_mask) else None
 
     started: list[tuple[Any, list]] = []
     try:
         for b, s in enumerate(samples):
             reader = resources.reader(s.volume)
-            outputs = {"features": f_np[b], "gt": g_np[b]}
+            outputs = {"features": features[b], "gt": gt[b]}
             if s.volume.has_mask:
-                outputs["mask"] = m_np[b]
-            elif m_np is not None:
-                m_np[b] = 1  # no mask written: every label voxel of this volume is valid
+                outputs["mask"] = mask[b]
+            elif mask is not None:
+                mask[b].fill_(True)  # no mask written: every label voxel of this volume is valid
             started.append((reader, reader.start_read(s.spatial, outputs)))
     finally:
         # every started read is awaited (the buffers must outlive them), then the first failure is raised
@@ -299,7 +340,7 @@ def read_samples(samples: list[Sample], resources: ReadResources, pin_memory: bo
         if failures and sys.exc_info()[0] is None:
             raise failures[0]
     metadata = [dict(s.volume.metadata, sample=s.describe()) for s in samples] if with_metadata else None
-    return RawBatch(features, gt, None if mask is None else mask.view(torch.bool), metadata, has_mask)
+    return RawBatch(features, gt, mask, metadata, has_mask)
 
 
 def common_dtype(samples: list[Sample], array: str) -> torch.dtype:
@@ -307,7 +348,7 @@ def common_dtype(samples: list[Sample], array: str) -> torch.dtype:
     if len(names) > 1:
         raise CacheError(
             f"a batch mixes {array} stored as {', '.join(sorted(names))} (volumes "
-            f"{', '.join(str(s.volume.index) for s in samples)}); use batch_size=1 or volumes of one configuration"
+            f"{', '.join(str(s.volume.index) for s in samples)}); pass features_dtype / gt_dtype, or use batch_size=1"
         )
     return torch_dtype(names.pop())
 
@@ -361,11 +402,11 @@ class EpochBatchSampler(Sampler):
 class _BatchReading(Dataset):
     """What the torch DataLoader indexes: one index is a whole batch."""
 
-    def __init__(self, dataset: PreprocessedDINOv3Dataset, pin_memory: bool):
-        self.dataset, self.pin_memory = dataset, pin_memory
+    def __init__(self, dataset: PreprocessedDINOv3Dataset, pin_memory: bool, convert_on_host: bool):
+        self.dataset, self.pin_memory, self.convert_on_host = dataset, pin_memory, convert_on_host
 
     def __getitem__(self, items) -> RawBatch:
-        return self.dataset.read_batch(items, pin_memory=self.pin_memory)
+        return self.dataset.read_batch(items, pin_memory=self.pin_memory, convert_on_host=self.convert_on_host)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -408,7 +449,11 @@ class PreprocessedDataLoader(DataLoader):
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = default_worker_context()
         super().__init__(
-            _BatchReading(dataset, pin_memory=self.pin_batches and num_workers == 0),
+            _BatchReading(
+                dataset,
+                pin_memory=self.pin_batches and num_workers == 0,
+                convert_on_host=self.device is None or self.device.type != "cuda",
+            ),
             batch_size=None,
             sampler=EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed),
             num_workers=num_workers,
@@ -467,6 +512,7 @@ class PrefetchIterator:
             batch = self.finish(raw)
             ready = torch.cuda.Event()
             ready.record(self.stream)
+        ready.synchronize()  # on this background thread: a queued batch is entirely on the GPU
         return batch, ready
 
     def _run(self) -> None:

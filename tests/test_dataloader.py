@@ -320,3 +320,20 @@ def test_benchmark_cli_bad_directory_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: preprocessed directory") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batch_memory_is_reused_only_when_nothing_holds_it(built_cache):
+    dataset = PreprocessedDINOv3Dataset(built_cache, features_dtype=None)
+    first = dataset.read_batch([0]).features
+    address, view = first.data_ptr(), first[0]
+    del first
+    second = dataset.read_batch([1]).features
+    assert second.data_ptr() != address  # a view of the first batch is alive
+    as_numpy = second.numpy()
+    del second
+    third = dataset.read_batch([2]).features
+    assert third.data_ptr() not in (address, as_numpy.ctypes.data)
+    assert np.array_equal(view.numpy(), stored(built_cache, 0, "features"))
+    assert np.array_equal(as_numpy[0], stored(built_cache, 1, "features"))
+    del view, third
+    assert dataset.read_batch([2]).features.data_ptr() == address  # released: reused, no new page faults
