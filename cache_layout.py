@@ -15,6 +15,8 @@ Layout of an output directory::
     logs/volume_000000.status.json  running / complete / failed, host, times, error
     logs/volume_000000.lock       held by the run that owns the index
     logs/volume_000000.out|.err   scheduler job output
+    logs/scheduler/               the batch scheduler's own files per array element (kill notices)
+    logs/submissions/             one record per submission
 
 A volume exists for readers exactly when its metadata file exists.
 """
@@ -299,6 +301,13 @@ def write_submission_record(output_dir: Path | str, record: dict) -> Path:
     path = submissions_dir(output_dir) / f"submission_{stamp}.json"
     write_json_atomic(path, record)
     return path
+
+
+SCHEDULER_LOGS_DIR = "scheduler"  # under logs/: LSF/SLURM -o/-e files, where kill notices land
+
+
+def scheduler_logs_dir(output_dir: Path | str) -> Path:
+    return Path(output_dir) / LOGS_DIR / SCHEDULER_LOGS_DIR
 
 
 def read_submission_records(output_dir: Path | str) -> list[dict]:

@@ -79,6 +79,7 @@ IMAGENET_NORMALIZATION = {"family": "LVD-1689M (ImageNet)", "mean": [0.485, 0.45
 RANDOM_MODEL_PRESETS = {
     "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, num_register_tokens=4),
     "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_register_tokens=4),
+    "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
     "vitl16-1layer": dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
 }
 RANDOM_MODEL_SEED = 0
@@ -157,8 +158,9 @@ class LoadedModel:
     identity: dict  # model id, revision, pretrained flag: recorded and fingerprinted
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" else None
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 weights and activations on a GPU (faster than autocast: no per-call weight casts)."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,7 +182,7 @@ def load_model(model_id: str, revision: str | None = None, device: str = "auto")
         model, identity = build_random_model(model_id)
     else:
         model, identity = load_pretrained_model(model_id, revision)
-    model.eval().to(torch_device)
+    model.eval().to(torch_device, torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
     config = model.config
     return LoadedModel(
         model=model,
@@ -277,8 +279,7 @@ def normalise(slices: torch.Tensor, raw_range: tuple[float, float], normalizatio
 @torch.inference_mode()
 def token_grids(loaded: LoadedModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) -> patch-token grids (B, C, S/p, S/p), float32."""
-    with torch.autocast(loaded.device.type, dtype=loaded.autocast_dtype, enabled=loaded.autocast_dtype is not None):
-        hidden = loaded.model(pixel_values=pixel_values).last_hidden_state
+    hidden = loaded.model(pixel_values=pixel_values.to(loaded.compute_dtype)).last_hidden_state
     patches = hidden[:, loaded.prefix_tokens :].float()
     grid = pixel_values.shape[-1] // loaded.patch_size
     return patches.reshape(len(patches), grid, grid, -1).permute(0, 3, 1, 2).contiguous()
@@ -322,12 +323,52 @@ def plane_contribution(grids: torch.Tensor, plane: str, out_dim: int, ranges: li
 # ----------------------------------------------------------------------------- writing
 
 
+COMPUTE_CHANNELS = 64  # channels upsampled at once: bounds the float32 temporaries
+
+
+class BlockBuffers:
+    """Reusable host buffers for feature blocks, pinned when a GPU computes them: no page
+    faults on fresh memory per block, and fast device-to-host copies."""
+
+    def __init__(self, dtype: str, pinned: bool):
+        self.dtype = getattr(torch, dtype)
+        self.pinned = pinned
+        self.free: dict[tuple[int, ...], list[torch.Tensor]] = collections.defaultdict(list)
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.free[shape]:
+            return self.free[shape].pop()
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pinned)
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self.free[tuple(buffer.shape)].append(buffer)
+
+
+def assemble_block(
+    shape: tuple[int, ...],
+    compute_channels: Callable[[int, int], torch.Tensor],
+    buffers: BlockBuffers,
+    stats: "FeatureStatistics",
+) -> torch.Tensor:
+    """One write unit of features in the stored dtype, computed COMPUTE_CHANNELS at a time."""
+    block = buffers.take(shape)
+    for lo in range(0, shape[0], COMPUTE_CHANNELS):
+        hi = min(shape[0], lo + COMPUTE_CHANNELS)
+        values = compute_channels(lo, hi)
+        stats.add(values)
+        block[lo:hi].copy_(values.to(block.dtype), non_blocking=buffers.pinned)
+    if buffers.pinned:
+        torch.cuda.current_stream().synchronize()
+    return block
+
+
 def to_numpy(block: torch.Tensor, dtype: str) -> np.ndarray:
+    """A view of a host tensor already in the stored dtype (numpy has no bfloat16: ml_dtypes)."""
     if dtype == "bfloat16":
         import ml_dtypes
 
-        return block.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    return block.to(getattr(torch, dtype)).cpu().numpy()
+        return block.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return block.numpy()
 
 
 class AsyncBlockWriter:
@@ -341,20 +382,25 @@ class AsyncBlockWriter:
         self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.wait_seconds = 0.0
 
-    def write(self, name: str, store: ts.TensorStore, origin: tuple[int, ...], block: np.ndarray, chunks) -> None:
+    def write(
+        self, name: str, store: ts.TensorStore, origin: tuple[int, ...], block: np.ndarray, chunks,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Start writing `block` at `origin`; `release` runs once the block is no longer read."""
         region = tuple(slice(o, o + n) for o, n in zip(origin, block.shape))
         future = store[region].write(block)
         checksum = self.hasher.submit(block_checksums, block, origin, chunks)
-        self.pending.append((name, future, checksum))
+        self.pending.append((name, future, checksum, release))
         while len(self.pending) > self.max_in_flight:
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        name, future, checksum = self.pending.popleft()
+        name, future, checksum, release = self.pending.popleft()
         started = time.perf_counter()
         future.result()
         self.checksums[name].update(checksum.result())
         self.wait_seconds += time.perf_counter() - started
+        release()
 
     def flush(self) -> None:
         while self.pending:
@@ -362,7 +408,7 @@ class AsyncBlockWriter:
         self.hasher.shutdown()
 
     def abandon(self) -> None:
-        for _, future, _ in self.pending:
+        for _, future, _, _ in self.pending:
             try:
                 future.result()
             except Exception:
@@ -413,31 +459,36 @@ def write_label_arrays(crop: SourceCrop, staged: StagedArrays, writer: AsyncBloc
 # ----------------------------------------------------------------------------- extraction
 
 
-@dataclass
 class FeatureStatistics:
-    """Running statistics of the features, taken on the compute device before the cast."""
+    """Running statistics of the features, kept on the compute device (no sync per block)."""
 
-    count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    minimum: float = float("inf")
-    maximum: float = float("-inf")
-    non_finite: int = 0
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: torch.Tensor | None = None  # sum, sum of squares, non-finite count
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
 
     def add(self, block: torch.Tensor) -> None:
-        finite = torch.isfinite(block)
-        self.non_finite += int((~finite).sum())
-        values = block.double()
+        sums = torch.stack([
+            block.sum(dtype=torch.float64),
+            block.square().sum(dtype=torch.float64),
+            (~torch.isfinite(block)).sum(dtype=torch.float64),
+        ])
+        low, high = block.min(), block.max()
         self.count += block.numel()
-        self.total += float(values.sum())
-        self.total_sq += float((values * values).sum())
-        self.minimum = min(self.minimum, float(block.min()))
-        self.maximum = max(self.maximum, float(block.max()))
+        if self.sums is None:
+            self.sums, self.low, self.high = sums, low, high
+        else:
+            self.sums += sums
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
 
     def summary(self) -> dict:
-        mean = self.total / max(self.count, 1)
-        var = max(self.total_sq / max(self.count, 1) - mean * mean, 0.0)
-        return {"mean": mean, "std": var ** 0.5, "min": self.minimum, "max": self.maximum, "non_finite": self.non_finite}
+        if self.sums is None:
+            return {}
+        total, total_sq, non_finite = self.sums.tolist()
+        mean = total / self.count
+        var = max(total_sq / self.count - mean * mean, 0.0)
+        return {"mean": mean, "std": var**0.5, "min": float(self.low), "max": float(self.high), "non_finite": int(non_finite)}
 
 
 class Progress:
@@ -489,30 +540,24 @@ def extract_features(
     loaded: LoadedModel,
     crop: SourceCrop,
     config: ExtractionConfig,
-    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
-) -> float:
-    """Compute the features and hand them out as write-unit-aligned blocks
-    (channels, z, y, x origin; float32 tensor). Returns the seconds spent computing."""
+    emit_block: Callable[[tuple[int, ...], tuple[int, ...], Callable[[int, int], torch.Tensor]], None],
+) -> None:
+    """Compute the features and hand them out as write-unit-aligned blocks: origin and
+    shape (channels, z, y, x) and a function giving the block's channels lo:hi as float32."""
     d = config.geometry.output_image_dim
     held_planes, streaming = plane_order(config.planes)
     n_channels = loaded.hidden_size
-    unit = write_unit((n_channels, d, d, d), clamp_chunks((n_channels, d, d, d), config.storage.feature_chunks), config.storage.zarr_format)
+    shape = (n_channels, d, d, d)
+    unit = write_unit(shape, clamp_chunks(shape, config.storage.feature_chunks), config.storage.zarr_format)
     slab_axis = PLANE_AXES[streaming][0]
     slab = unit[1 + slab_axis]
     progress = Progress(d * len(config.planes), f"volume {config.volume_index}")
-    compute = 0.0
-    held: dict[str, torch.Tensor] = {}
-    for plane in held_planes:
-        grids = []
-        started = time.perf_counter()
-        for _, batch in iter_plane_grids(loaded, crop, plane, d, config.batch_size, progress):
-            grids.append(batch)
-        held[plane] = torch.cat(grids)
-        compute += time.perf_counter() - started
-
+    held = {
+        plane: torch.cat([grids for _, grids in iter_plane_grids(loaded, crop, plane, d, config.batch_size, progress)])
+        for plane in held_planes
+    }
     pending: list[torch.Tensor] = []
     done = 0
-    started = time.perf_counter()
     for start, batch in iter_plane_grids(loaded, crop, streaming, d, config.batch_size, progress):
         pending.append(batch)
         available = start + len(batch)
@@ -521,13 +566,9 @@ def extract_features(
             grids = torch.cat(pending)
             ready, rest = grids[: stop - done], grids[stop - done :]
             pending = [rest] if len(rest) else []
-            compute += time.perf_counter() - started
             emit_slab(ready, streaming, held, done, stop, slab_axis, d, unit[0], n_channels, emit_block)
-            started = time.perf_counter()
             done = stop
-    compute += time.perf_counter() - started
     progress.close()
-    return compute
 
 
 def emit_slab(
@@ -540,21 +581,26 @@ def emit_slab(
     d: int,
     channel_unit: int,
     n_channels: int,
-    emit_block: Callable[[tuple[int, ...], torch.Tensor], None],
+    emit_block: Callable[[tuple[int, ...], tuple[int, ...], Callable[[int, int], torch.Tensor]], None],
 ) -> None:
-    """Average every plane over the slab start:stop along slab_axis, in channel blocks."""
+    """Hand out the slab start:stop along slab_axis, one write unit of channels at a time,
+    as a function that averages every plane over a channel range (computed on demand, in
+    small channel groups, so temporaries stay small)."""
     ranges = [(0, d)] * 3
     ranges[slab_axis] = (start, stop)
     n_planes = 1 + len(held)
-    for c0 in range(0, n_channels, channel_unit):
-        c1 = min(n_channels, c0 + channel_unit)
+
+    def averaged(c0: int, c1: int) -> torch.Tensor:
         block = plane_contribution(streaming_grids[:, c0:c1], streaming, d, ranges)
         for plane, grids in held.items():
-            normal = PLANE_AXES[plane][0]
-            block = block + plane_contribution(grids[ranges[normal][0] : ranges[normal][1], c0:c1], plane, d, ranges)
-        origin = [c0, 0, 0, 0]
-        origin[1 + slab_axis] = start
-        emit_block(tuple(origin), block / n_planes)
+            lo, hi = ranges[PLANE_AXES[plane][0]]
+            block = block + plane_contribution(grids[lo:hi, c0:c1], plane, d, ranges)
+        return block / n_planes
+
+    for c0 in range(0, n_channels, channel_unit):
+        origin = (c0, *(lo for lo, _ in ranges))
+        shape = (min(channel_unit, n_channels - c0), *(hi - lo for lo, hi in ranges))
+        emit_block(origin, shape, lambda lo, hi, c0=c0: averaged(c0 + lo, c0 + hi))
 
 
 # ----------------------------------------------------------------------------- one volume, end to end
@@ -654,20 +700,24 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, loaded: Loa
     writer = AsyncBlockWriter()
     stats = FeatureStatistics()
 
-    def emit(origin: tuple[int, ...], block: torch.Tensor) -> None:
-        stats.add(block)
-        writer.write("features", staged.stores["features"], origin, to_numpy(block, config.features_dtype), staged.chunks["features"])
+    buffers = BlockBuffers(config.features_dtype, pinned=loaded.device.type == "cuda")
+
+    def emit(origin: tuple[int, ...], shape: tuple[int, ...], compute_channels: Callable[[int, int], torch.Tensor]) -> None:
+        block = assemble_block(shape, compute_channels, buffers, stats)
+        writer.write("features", staged.stores["features"], origin, to_numpy(block, config.features_dtype),
+                     staged.chunks["features"], release=lambda: buffers.give_back(block))
 
     try:
         write_label_arrays(crop, staged, writer)
-        timing["feature_extraction_seconds"] = extract_features(loaded, crop, config, emit)
         t = time.perf_counter()
+        extract_features(loaded, crop, config, emit)
+        # the writes overlap the computation; only the time spent waiting on them is not extraction
+        timing["feature_extraction_seconds"] = time.perf_counter() - t - writer.wait_seconds
         writer.flush()
     except BaseException:
         writer.abandon()
         raise
     timing["tensorstore_write_seconds"] = writer.wait_seconds
-    timing["write_flush_seconds"] = time.perf_counter() - t
     storage = {name: bytes_on_disk(paths.staged_array(name)) for name in staged.stores}
     fingerprint_values = config.fingerprint_values(source)
     metadata = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
@@ -742,6 +792,7 @@ def volume_metadata(
             "codecs": codec_description(config.storage),
             "batch_size": config.batch_size,
             "device": str(loaded.device),
+            "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
             "voxel_size_nm": {"features": [config.geometry.base_resolution] * 3, "raw": [config.geometry.min_resolution_for_raw] * 3},
             "offset_nm": list(crop.offset_nm),
             "fingerprint": config_fingerprint(fingerprint_values),

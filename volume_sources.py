@@ -193,6 +193,8 @@ class SyntheticSource(VolumeSource):
                 f"unknown organelle(s) {', '.join(unknown)} for --source synthetic; "
                 f"choose from {', '.join(self.ORGANELLES)}"
             )
+        if options.crop_filter or options.inference_filter:
+            raise SourceError("--crop-filter and --inference-filter name real datasets; --source synthetic has none")
         return draw_passing_crop(
             volume_index, options, lambda rng: self._draw(volume_index, rng, geometry, options)
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -45,6 +48,18 @@ def run_script(script: str, *args: str, check: bool = False, timeout: float = 30
     return result
 
 
+def call_main(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a script's main() in this process (no interpreter start-up): same code path as
+    the command line, with its exit status and printed output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = importlib.import_module(module).main([str(a) for a in args])
+    result = subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{module} exited {code}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def preprocess_args(output_dir: Path, index: int, model_dir: Path, *extra: str) -> list[str]:
     return [
         "--volume-index", str(index), "--output-dir", str(output_dir), "--source", "synthetic",
@@ -57,5 +72,5 @@ def built_cache(tmp_path_factory, tiny_model_dir) -> Path:
     """A committed cache of volumes 0-2 (tiny geometry), built by the real CLI; read-only for tests."""
     out = tmp_path_factory.mktemp("cache")
     for index in range(3):
-        run_script("preprocess_volume.py", *preprocess_args(out, index, tiny_model_dir), check=True)
+        call_main("preprocess_volume", *preprocess_args(out, index, tiny_model_dir), check=True)
     return out

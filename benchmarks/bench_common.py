@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Callable
+
+from volume_sources import CropGeometry, SamplingOptions, SourceCrop, VolumeSource
+
+
+class FixedSource(VolumeSource):
+    """Hands out one pre-made crop, so a benchmark times the pipeline and not the source."""
+
+    name = "fixed"
+
+    def __init__(self, crop: SourceCrop):
+        self.crop = crop
+
+    def sample(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
+        return self.crop
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def peak_rss_gb_of_children() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Extract many volumes as job arrays on LSF or SLURM, or as processes on this machine.
+
+    python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 [--start-index 0] [options]
+    python submit_preprocessing_jobs.py --output-dir OUT --indices 10 15 23-40 [options]
+    python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 --missing-only [options]
+
+Every option of preprocess_volume.py is accepted and passed to each job unchanged.
+Exit status: 0 submitted (local: all complete), 1 a submission or a local volume failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cache_layout import committed_volume_indices, now_iso, write_submission_record
+from job_schedulers import (
+    JobSpec,
+    LocalScheduler,
+    SchedulerError,
+    add_scheduler_arguments,
+    choose_scheduler,
+    compress_ranges,
+    parse_indices,
+    resources_from_args,
+    split_arrays,
+)
+from preprocess_options import add_extraction_arguments, extraction_argv
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options: one line saying what is wrong (the full usage would bury it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_argument_group("which volumes")
+    choice = which.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--num-volumes", type=int, help="this many consecutive volume indices from --start-index")
+    choice.add_argument("--indices", nargs="+", help="volume indices and inclusive ranges, e.g. 10 15 23-40")
+    which.add_argument("--start-index", type=int, default=0, help="first index with --num-volumes (default 0)")
+    which.add_argument("--missing-only", action="store_true", help="only the indices that have no complete volume")
+    which.add_argument("--dry-run", action="store_true", help="print the commands and job scripts; submit and create nothing")
+    add_scheduler_arguments(parser)
+    add_extraction_arguments(parser)
+    return parser
+
+
+def requested_indices(args: argparse.Namespace) -> list[int]:
+    if args.indices is not None:
+        return parse_indices(args.indices)
+    if args.num_volumes < 1 or args.start_index < 0:
+        raise SchedulerError("--num-volumes must be at least 1 and --start-index at least 0")
+    return list(range(args.start_index, args.start_index + args.num_volumes))
+
+
+def missing_indices(output_dir: str, indices: list[int]) -> list[int]:
+    complete = set(committed_volume_indices(output_dir))  # one listing, whatever the count
+    return [i for i in indices if i not in complete]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.output_dir = str(Path(args.output_dir).absolute())  # jobs may start in another directory
+    try:
+        requested = requested_indices(args)
+        scheduler, reason = choose_scheduler(args.scheduler)
+        print(f"scheduler: {scheduler.name} ({reason})")
+        resources = resources_from_args(args)
+        scheduler.check_resources(resources)
+    except SchedulerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    indices = missing_indices(args.output_dir, requested) if args.missing_only else requested
+    if args.missing_only:
+        print(f"missing-only: {len(indices)} of {len(requested)} volumes have no complete volume"
+              + (f": {compress_ranges(indices)}" if indices else ""))
+    if not indices:
+        print("nothing to submit")
+        return 0
+
+    spec = JobSpec.preprocess_volume(Path(args.output_dir), extraction_argv(args, parser), args.job_name)
+    try:
+        arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None)
+    except SchedulerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if len(arrays) > 1:
+        print(f"{len(indices)} volumes exceed the array size limit of {args.max_array_size}: split into {len(arrays)} arrays")
+    rendered = [scheduler.render(array, resources) for array in arrays]
+
+    if args.dry_run:
+        for r in rendered:
+            print(r.printable())
+        print(f"dry run: {len(indices)} volumes in {len(rendered)} array(s); nothing submitted or created")
+        return 0
+    return submit(args, scheduler, rendered, resources, indices)
+
+
+def submit(args, scheduler, rendered, resources, indices) -> int:
+    try:
+        scheduler.check_installed()
+        scheduler.prepare_directories(Path(args.output_dir))
+    except SchedulerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: cannot create the log directories under {args.output_dir} ({e.strerror}); choose a writable --output-dir", file=sys.stderr)
+        return EXIT_FAILED
+    submitted, error = [], None
+    for r in rendered:
+        try:
+            scheduler.submit(r)
+        except SchedulerError as e:
+            error = e
+            break
+        submitted.append(r)
+        print(f"submitted {r.job_id}: {r.array.size} volumes ({compress_ranges(r.array.volume_indices)})")
+    if submitted:
+        record = write_submission_record(args.output_dir, {
+            "submitted": now_iso(),
+            "indices": [i for r in submitted for i in r.array.volume_indices],
+            "scheduler": scheduler.name,
+            "job_ids": [r.job_id for r in submitted],
+            "options": vars(args),
+            "command": [sys.executable, *sys.argv],
+            "job_command": list(rendered[0].array.spec.volume_argv("{volume_index}")),
+            "resources": resources.to_record(),
+            "arrays": [r.to_record() for r in submitted],
+        })
+        print(f"recorded in {record}")
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if isinstance(scheduler, LocalScheduler):
+        return run_locally(args, scheduler, resources)
+    print(f"watch: {scheduler.watch_command([r.job_id for r in submitted])}")
+    print(f"progress: python check_preprocessing.py --output-dir {args.output_dir}")
+    return 0
+
+
+def run_locally(args, scheduler: LocalScheduler, resources) -> int:
+    workers, gpus = scheduler.concurrency(resources)
+    print(f"running {sum(r.array.size for r in scheduler.queued)} volumes here, {workers} at a time"
+          + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
+    if "memory_gb" in resources.explicit:
+        print("note: the local backend does not limit memory; --memory-gb is only recorded")
+    try:
+        summary = scheduler.run_queued(resources, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
+        return 130
+    for failure in summary.failed:
+        why = "killed at the walltime" if failure.returncode is None else f"exit {failure.returncode}"
+        print(f"failed: volume {failure.volume_index} ({why}): {failure.last_error_line}")
+    print(f"summary: {len(summary.results) - len(summary.failed)} succeeded, {len(summary.failed)} failed"
+          + (f"; rerun them with --missing-only" if summary.failed else ""))
+    return EXIT_FAILED if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""submit_preprocessing_jobs.py: a real SLURM cluster, LSF's documented syntax, local processes, bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cache_layout import (
+    VolumeLock,
+    VolumePaths,
+    is_volume_complete,
+    read_status,
+    read_submission_records,
+    scheduler_logs_dir,
+)
+from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
+from job_schedulers import (
+    JobSpec,
+    LsfScheduler,
+    Resources,
+    SlurmScheduler,
+    parse_walltime,
+    split_arrays,
+)
+
+SUBMIT = "submit_preprocessing_jobs.py"
+START_SLURM = REPO / "tests" / "slurm" / "start_slurm.sh"
+STOP_SLURM = REPO / "tests" / "slurm" / "stop_slurm.sh"
+# small requests that fit the 2-core test node; no GPU there
+SMALL_JOB = ["--no-gpu", "--num-processors", "1", "--memory-gb", "2", "--walltime", "10"]
+
+
+def extraction_args(output_dir: Path, model_dir: Path) -> list[str]:
+    return ["--output-dir", str(output_dir), "--source", "synthetic", "--model-id", str(model_dir), *TINY_GEOMETRY_ARGS]
+
+
+def only_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- SLURM, for real
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The single-node cluster of tests/slurm/start_slurm.sh; stopped again if this fixture started it."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("SLURM is not installed (sbatch not on PATH); .ci/run installs slurm-wlm and munge")
+    started = subprocess.run([str(START_SLURM)], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, f"start_slurm.sh failed:\n{started.stdout}\n{started.stderr}"
+    yield
+    if "already up" not in started.stdout:
+        subprocess.run([str(STOP_SLURM)], capture_output=True, timeout=60)
+
+
+def submitted_job_ids(stdout: str) -> list[str]:
+    return re.findall(r"^submitted (\S+):", stdout, re.MULTILINE)
+
+
+def wait_for_slurm_jobs(job_ids: list[str], timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout
+        if not queued.strip():
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", *job_ids])
+    raise AssertionError(f"SLURM jobs {job_ids} still queued after {timeout} s:\n{queued}")
+
+
+def test_slurm_array_runs_every_volume_and_missing_only_resubmits_the_failed_one(slurm_cluster, tmp_path, tiny_model_dir):
+    out = tmp_path / "cache"
+    args = [*extraction_args(out, tiny_model_dir), "--scheduler", "slurm", *SMALL_JOB]
+    # Volume 1 fails honestly: this test holds its lock, as a second run of the same index would,
+    # so its job exits 3 ("being processed by another run") and writes nothing.
+    with VolumeLock(VolumePaths(out, 1)):
+        first = run_script(SUBMIT, "--num-volumes", "3", *args, check=True)
+        (job,) = submitted_job_ids(first.stdout)
+        assert f"watch: squeue -j {job}" in first.stdout
+        wait_for_slurm_jobs([job])
+
+    assert [is_volume_complete(out, i) for i in range(3)] == [True, False, True]
+    for element, index in ((1, 0), (3, 2)):  # array element k ran volume index k - 1
+        assert read_status(VolumePaths(out, index))["job_id"] == f"{job}_{element}"
+        assert f"job {job}_{element} on" in VolumePaths(out, index).log_out.read_text()
+        assert (scheduler_logs_dir(out) / f"dinov3_preprocess_{job}_{element}.out").exists()
+    failed = VolumePaths(out, 1)
+    assert "=== exit status 3" in failed.log_out.read_text()
+    assert "being processed by another run" in failed.log_err.read_text()
+
+    (record,) = read_submission_records(out)
+    assert record["indices"] == [0, 1, 2] and record["scheduler"] == "slurm" and record["job_ids"] == [job]
+    assert record["options"]["model_id"] == str(tiny_model_dir) and record["options"]["no_gpu"] is True
+    assert "--array=1-3" in record["arrays"][0]["submit_command"]
+
+    second = run_script(SUBMIT, "--num-volumes", "3", "--missing-only", *args, check=True)
+    assert "missing-only: 1 of 3 volumes have no complete volume: 1" in second.stdout
+    (job2,) = submitted_job_ids(second.stdout)
+    wait_for_slurm_jobs([job2])
+    assert all(is_volume_complete(out, i) for i in range(3))
+    assert read_status(failed)["job_id"] == f"{job2}_1"
+    assert failed.log_out.read_text().count("=== exit status") == 2  # both attempts kept, appended
+    records = read_submission_records(out)
+    assert len(records) == 2 and records[1]["indices"] == [1]
+    assert "--array=1-1" in records[1]["arrays"][0]["submit_command"]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def lsf_render(tmp_path: Path, indices, **resources) -> list:
+    spec = JobSpec("dinov3_preprocess", tmp_path / "out", ("python", "preprocess_volume.py", "--output-dir", str(tmp_path / "out")), tmp_path)
+    return [LsfScheduler().render(a, Resources(**resources)) for a in split_arrays(spec, indices, 1000)]
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    """bsub's options as flag -> value (every bsub option used here takes one value)."""
+    assert argv[0] == "bsub" and len(argv) % 2 == 1
+    return dict(zip(argv[1::2], argv[2::2]))
+
+
+def test_lsf_bsub_line_follows_lsf_syntax_flag_by_flag(tmp_path):
+    (rendered,) = lsf_render(
+        tmp_path, [5, 7, 8], num_processors=4, memory_gb=0.5, walltime_minutes=90, gpu=True, gpu_memory_gb=12,
+        queue="gpu_h100", project="cellmap", max_concurrent=2, scheduler_args=("-app", "dinov3"),
+    )
+    f = flags(rendered.argv)
+    # -J "name[indexList]%job_slot_limit": indices start at 1, one element per volume
+    assert f["-J"] == "dinov3_preprocess[1-3]%2"
+    assert f["-n"] == "4"
+    # one host for every slot; memory reserved and limited with explicit units (not LSF_UNIT_FOR_LIMITS')
+    assert f["-R"] == "span[hosts=1] rusage[mem=512MB]"
+    assert f["-M"] == "512MB"
+    assert f["-W"] == "1:30"  # [hour:]minute
+    assert f["-gpu"] == "num=1:gmem=12288M"
+    assert f["-q"] == "gpu_h100" and f["-P"] == "cellmap"
+    logs = scheduler_logs_dir(tmp_path / "out")
+    assert f["-o"] == str(logs / "dinov3_preprocess_%J_%I.out") and f["-e"] == str(logs / "dinov3_preprocess_%J_%I.err")
+    assert f["-app"] == "dinov3"  # --scheduler-args, verbatim, last
+    assert set(f) == {"-J", "-n", "-R", "-M", "-W", "-gpu", "-q", "-P", "-o", "-e", "-app"}
+
+    (no_gpu,) = lsf_render(tmp_path, [0], gpu=False)
+    g = flags(no_gpu.argv)
+    assert "-gpu" not in g and "-q" not in g and "-P" not in g
+    assert g["-J"] == "dinov3_preprocess[1-1]" and g["-W"] == "2:00" and g["-M"] == "65536MB" and g["-n"] == "16"
+
+
+def test_slurm_sbatch_line_spells_hours_and_megabytes(tmp_path):
+    spec = JobSpec("dinov3_preprocess", tmp_path, ("python", "x.py"), tmp_path)
+    (array,) = split_arrays(spec, [3, 4], 1000)
+    argv = SlurmScheduler().render(array, Resources(walltime_minutes=parse_walltime("2:00"), memory_gb=1.5, num_processors=8,
+                                                    queue="gpu", project="lab", max_concurrent=1)).argv
+    assert argv[:2] == ["sbatch", "--parsable"]
+    for flag in ("--array=1-2%1", "--cpus-per-task=8", "--mem=1536M", "--time=2:00:00", "--gres=gpu:1",
+                 "--partition=gpu", "--account=lab", "--job-name=dinov3_preprocess"):
+        assert flag in argv
+    assert "--gres=gpu:1" not in SlurmScheduler().render(array, Resources(gpu=False)).argv
+
+
+def test_lsf_job_script_maps_lsb_jobindex_to_the_volume(tmp_path, tiny_model_dir):
+    """Run the rendered script as LSF would: LSB_JOBINDEX=2 of indices [5, 7, 8] is volume 7."""
+    out = tmp_path / "cache"
+    result = run_script(SUBMIT, "--indices", "5", "7-8", "--scheduler", "lsf", "--dry-run", *extraction_args(out, tiny_model_dir), *SMALL_JOB)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout.split("# job-script:\n", 1)[1].split("\ndry run:", 1)[0]
+    script_file = tmp_path / "job.sh"
+    script_file.write_text(script)
+    out.joinpath("logs").mkdir(parents=True)  # bsub's caller creates it at submission
+
+    env = {**os.environ, "LSB_JOBID": "777", "LSB_JOBINDEX": "2"}
+    ran = subprocess.run(["/bin/sh", str(script_file)], env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, VolumePaths(out, 7).log_err.read_text()
+    assert [is_volume_complete(out, i) for i in (5, 7, 8)] == [False, True, False]
+    assert read_status(VolumePaths(out, 7))["job_id"] == "777[2]"
+    assert "job 777[2] on" in VolumePaths(out, 7).log_out.read_text()
+
+    for bad in ("0", "4", ""):  # outside 1..3: refused, nothing run
+        env["LSB_JOBINDEX"] = bad
+        refused = subprocess.run(["/bin/sh", str(script_file)], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and f"array element '{bad}' is not one of 1..3" in refused.stderr
+    assert sorted(p.name for p in out.glob("volume_*_metadata.json")) == ["volume_000007_metadata.json"]
+
+
+def test_dry_run_prints_and_creates_nothing(tmp_path):
+    out = tmp_path / "never"
+    for scheduler in ("lsf", "slurm", "local"):
+        result = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", scheduler, "--dry-run", "--output-dir", out, "--source", "synthetic")
+        assert result.returncode == 0, result.stderr
+        assert "nothing submitted or created" in result.stdout
+        assert "preprocess_volume.py" in result.stdout and "--source synthetic" in result.stdout
+    assert not out.exists()
+    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out).stdout
+    assert "bsub -J 'dinov3_preprocess[1-4]'" in lsf and "-gpu num=1" in lsf  # a GPU by default
+    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--gpu", "False").stdout
+    assert "bsub -J" in seed_spelling and "-gpu" not in seed_spelling
+    assert not out.exists()
+
+
+def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
+    result = run_script(SUBMIT, "--indices", "0-2500", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "2501 volumes exceed the array size limit of 1000: split into 3 arrays" in result.stdout
+    assert re.findall(r"--array=(\S+)", result.stdout) == ["1-1000", "1-1000", "1-501"]
+    third_script = result.stdout.split("# job-script:\n")[3]
+    assert re.search(r"^\s+1\) VOLUME_INDEX=2000 ", third_script, re.MULTILINE)
+    assert re.search(r"^\s+501\) VOLUME_INDEX=2500 ", third_script, re.MULTILINE)
+
+    lsf = run_script(SUBMIT, "--indices", "0-4", "--scheduler", "lsf", "--dry-run", "--max-array-size", "2", "--max-concurrent", "1", "--output-dir", tmp_path / "o")
+    assert re.findall(r"-J '(\S+)'", lsf.stdout) == ["dinov3_preprocess[1-2]%1"] * 2 + ["dinov3_preprocess[1-1]%1"]
+
+
+# ----------------------------------------------------------------------------- local processes
+
+
+def test_local_runs_volumes_concurrently_reports_a_failure_then_missing_only_finishes(tmp_path, tiny_model_dir):
+    out = tmp_path / "cache"
+    args = [*extraction_args(out, tiny_model_dir), "--scheduler", "local", "--max-concurrent", "2", "--no-gpu"]
+    with VolumeLock(VolumePaths(out, 1)):  # volume 1 is "being processed elsewhere": its run exits 3
+        result = run_script(SUBMIT, "--num-volumes", "3", *args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "running 3 volumes here, 2 at a time (no GPU)" in result.stdout
+    assert re.search(r"^failed: volume 1 \(exit 3\): error: volume 1 is being processed by another run", result.stdout, re.MULTILINE)
+    assert "summary: 2 succeeded, 1 failed; rerun them with --missing-only" in result.stdout
+    assert [is_volume_complete(out, i) for i in range(3)] == [True, False, True]
+    # volumes 0 and 2 ran at the same time: each one's run started before the other's finished
+    s0, s2 = read_status(VolumePaths(out, 0)), read_status(VolumePaths(out, 2))
+    assert s0["pid"] != s2["pid"]
+    assert s0["started"] <= s2["finished"] and s2["started"] <= s0["finished"]
+
+    again = run_script(SUBMIT, "--num-volumes", "3", "--missing-only", *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "missing-only: 1 of 3 volumes have no complete volume: 1" in again.stdout
+    assert "summary: 1 succeeded, 0 failed" in again.stdout
+    assert all(is_volume_complete(out, i) for i in range(3))
+    assert [r["indices"] for r in read_submission_records(out)] == [[0, 1, 2], [1]]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--walltime", "2h"], "--walltime '2h' is not [hours:]minutes"),
+        (["--walltime", "1:75"], "--walltime '1:75' is not [hours:]minutes"),
+        (["--indices", "5-x"], "--indices: '5-x' is not an index or a range A-B"),
+        (["--indices", "9-3"], "--indices: range '9-3' runs backwards"),
+        (["--memory-gb", "64X"], "--memory-gb '64X' is not a memory size"),
+        (["--memory-gb", "0"], "--memory-gb '0' must be positive"),
+        (["--scheduler", "slurm", "--gpu-memory-gb", "40"], "--gpu-memory-gb has no SLURM equivalent"),
+        (["--scheduler", "local", "--queue", "gpu"], "--queue only apply to LSF and SLURM"),
+        (["--scheduler", "lsf"], "bsub not found on PATH"),
+        (["--scheduler", "slurm", "--max-array-size", "0"], "--max-array-size must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, extra, expected):
+    if "--indices" not in extra:
+        extra = ["--num-volumes", "3", *extra]
+    if "bsub" in expected and shutil.which("bsub"):
+        pytest.skip("bsub is installed here")
+    out = tmp_path / "out"
+    result = run_script(SUBMIT, "--output-dir", out, "--source", "synthetic", *extra)
+    assert result.returncode == 2
+    assert expected in only_line(result.stderr)
+    assert not out.exists()
+
+
+def test_argparse_errors_are_one_line_too(tmp_path):
+    result = run_script(SUBMIT, "--output-dir", tmp_path, "--num-volumes", "3", "--indices", "4")
+    assert result.returncode == 2
+    assert "not allowed with argument" in only_line(result.stderr)
+
+
+def test_extraction_options_pass_through_unchanged(tmp_path):
+    options = ["--organelles", "cell", "nucleus", "--inference-filter", "jrc_a", "jrc_b", "--compression", "zstd",
+               "--zarr-format", "3", "--save-raw", "--planes", "xy", "--features-dtype", "float32", "--batch-size", "3"]
+    result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path, "--source", "synthetic", *options)
+    assert result.returncode == 0, result.stderr
+    job_line = next(line for line in result.stdout.splitlines() if "preprocess_volume.py" in line)
+    job_argv = shlex.split(job_line.split(" < /dev/null")[0])
+    for flag, *values in (o.split("|") for o in
+                          ["--organelles|cell|nucleus", "--inference-filter|jrc_a|jrc_b", "--compression|zstd",
+                           "--zarr-format|3", "--planes|xy", "--features-dtype|float32", "--batch-size|3"]):
+        position = job_argv.index(flag)
+        assert job_argv[position + 1 : position + 1 + len(values)] == values
+    assert "--save-raw" in job_argv and job_argv[-2:] == ["--volume-index", "$VOLUME_INDEX"]
