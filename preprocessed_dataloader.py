@@ -109,6 +109,9 @@ class PreprocessedDINOv3Dataset(Dataset):
         allow_mixed_configurations: accept volumes whose configuration fingerprints differ.
         reader: "auto" (uncompressed zarr v2 chunks are read directly, the rest through
             TensorStore) or "tensorstore" (everything through TensorStore).
+        reuse_memory: read into batch memory of earlier batches that nothing references any
+            more (no tensor, view or numpy array on it), instead of fresh memory whose first
+            touch costs page faults; False always allocates.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         seed: int | None = 0,
         allow_mixed_configurations: bool = False,
         reader: str = "auto",
+        reuse_memory: bool = True,
     ):
         self.preprocessed_dir = Path(preprocessed_dir)
         self.volumes = find_volumes(self.preprocessed_dir, volume_indices, allow_mixed_configurations)
@@ -143,6 +147,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         if self.num_threads <= 0:
             raise CacheError(f"num_threads must be positive, got {num_threads}")
         self.reader = reader
+        self.reuse_memory = reuse_memory
         self._resources: ReadResources | None = None
         self._resources_lock = threading.Lock()
         self._buffers: BatchBuffers | None = None
@@ -209,7 +214,7 @@ class PreprocessedDINOv3Dataset(Dataset):
     def buffers_for(self, pin_memory: bool):
         # pinned memory is recycled by torch's caching host allocator, which knows when the
         # asynchronous copies from it have finished; worker results travel through shared memory
-        if pin_memory or torch.utils.data.get_worker_info() is not None:
+        if pin_memory or not self.reuse_memory or torch.utils.data.get_worker_info() is not None:
             return FreshBuffers
         if self._buffers is None:
             self._buffers = BatchBuffers()
@@ -264,8 +269,8 @@ def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> 
 class BatchBuffers:
     """Batch tensors handed out earlier are reused once nothing else references them
     (not the tensor, no view of it, no numpy array on it). A fresh multi-GB tensor costs a
-    page fault per 4 KiB on first touch, about as long as reading the data (measured in
-    benchmarks/bench_loader_read.py); reuse makes warm reads pay only for the copy."""
+    page fault per 4 KiB on first touch: on the 2-core test VM about as much CPU as the read
+    itself (benchmarks/bench_loader_read.py, 'fresh memory' row)."""
 
     def __init__(self, keep: int = 12):
         self.keep = keep
@@ -589,7 +594,7 @@ class PrefetchIterator:
 
 DATASET_OPTIONS = (
     "transform", "return_metadata", "features_dtype", "gt_dtype", "crop_size", "samples_per_volume", "seed",
-    "allow_mixed_configurations", "reader",
+    "allow_mixed_configurations", "reader", "reuse_memory",
 )
 
 
