@@ -61,9 +61,9 @@ class VolumeReadError(CacheError):
 
 def volume_read_error(volume_index: int, array: str, path: Path, cause: str) -> VolumeReadError:
     return VolumeReadError(
-        f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; "
-        f"check the volume with 'check_preprocessing.py --verify' and recompute it with "
-        f"'preprocess_volume.py --volume-index {volume_index} --overwrite'"
+        f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; check the volume with "
+        f"'check_preprocessing.py --output-dir {path.parent} --verify-indices {volume_index}' and recompute it "
+        f"with 'preprocess_volume.py --volume-index {volume_index} --overwrite'"
     )
 
 

@@ -142,6 +142,8 @@ class PreprocessedDINOv3Dataset(Dataset):
             raise CacheError(f"samples_per_volume must be at least 1, got {samples_per_volume}")
         self.samples_per_volume = int(samples_per_volume)
         self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+        if self.seed < 0:
+            raise CacheError(f"seed must be >= 0 (or None), got {seed}")
         if reader not in READER_CHOICES:
             raise CacheError(f"reader must be one of {', '.join(READER_CHOICES)}, got {reader!r}")
         if self.num_threads <= 0:
@@ -214,7 +216,8 @@ class PreprocessedDINOv3Dataset(Dataset):
     def buffers_for(self, pin_memory: bool):
         # pinned memory is recycled by torch's caching host allocator, which knows when the
         # asynchronous copies from it have finished; worker results travel through shared memory
-        if pin_memory or not self.reuse_memory or torch.utils.data.get_worker_info() is not None:
+        if (pin_memory or not self.reuse_memory or torch.utils.data.get_worker_info() is not None
+                or not hasattr(torch._C, "_storage_Use_Count")):  # the reuse test needs it
             return FreshBuffers
         if self._buffers is None:
             self._buffers = BatchBuffers()
@@ -275,10 +278,13 @@ class BatchBuffers:
     def __init__(self, keep: int = 12):
         self.keep = keep
         self.tensors: list[torch.Tensor] = []
+        self.lock = threading.Lock()  # the prefetch thread and the caller may both read
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
-        shape = tuple(shape)
-        pinned = pin_memory and torch.cuda.is_available()
+        with self.lock:
+            return self._take(tuple(shape), dtype, pin_memory and torch.cuda.is_available())
+
+    def _take(self, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         for tensor in self.tensors:
             # references to an unused tensor: self.tensors, `tensor`, getrefcount's argument; to its
             # storage: the tensor and the temporary storage object. More means someone still uses it.
