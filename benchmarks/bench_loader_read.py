@@ -14,12 +14,14 @@ Ratios (targets from the issue):
       (also against readinto() into one reused buffer: fromfile allocates an array per file,
       and fresh memory costs page faults, so that is the stricter baseline)
   (2) zarr-python 3 time / loader time on the same arrays        target >= 1.5
-The TensorStore rows show where a default TensorStore read loses time.
+The TensorStore rows show where a default TensorStore read loses time; the last table shows
+what the scatter of chunks into the (C, D, H, W) batch costs for other chunk shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -80,6 +82,33 @@ def variants(cache: Path, num_threads: int) -> dict:
     }, chunk_files
 
 
+def contiguous_run(shape: tuple[int, ...], chunk: tuple[int, ...]) -> int:
+    """Elements a chunk holds contiguously in the C-order array: trailing full axes, then one partial."""
+    run = 1
+    for s, c in zip(reversed(shape), reversed(chunk)):
+        run *= c
+        if c < s:
+            break
+    return run
+
+
+def copy_cost_by_chunk_shape(shape: tuple[int, ...], repeats: int = 3) -> None:
+    """What the scatter into (C, D, H, W) costs per chunk shape: the same bytes, copied in memory."""
+    out = torch.ones(shape, dtype=torch.float16)
+    print(f"\ncopy of {out.numel() * 2 / 1e6:.0f} MB of float16 chunks into a {list(shape)} array (torch copy_, in memory):")
+    for chunk in [(256, 16, 16, 16), (256, 16, 16, shape[3]), (256, 16, shape[2], shape[3])]:
+        src = torch.rand(chunk).half()
+        origins = itertools.product(*[range(0, s, c) for s, c in zip(shape, chunk)])
+        regions = [tuple(slice(o, o + c) for o, c in zip(origin, chunk)) for origin in origins]
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for region in regions:
+                out[region].copy_(src)
+            best = min(best, time.perf_counter() - started)
+        print(f"  chunks {str(list(chunk)):22s} contiguous runs of {contiguous_run(shape, chunk) * 2:5d} bytes: {best * 1e3:7.1f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cache", type=Path, default=None, help="a cache like the 'c1024' one (default: build it in /tmp)")
@@ -120,6 +149,7 @@ def main() -> int:
     default_ts = "TensorStore default: read()"
     print(f"    TensorStore default read() time / loader time: {min(wall[default_ts]) / min(wall[loader]):.2f}; "
           f"reader=tensorstore / reader=auto: {min(wall['loader reader=tensorstore (stored dtypes)']) / min(wall[loader]):.2f}")
+    copy_cost_by_chunk_shape(tuple(PreprocessedDINOv3Dataset(cache, volume_indices=[0]).volumes[0].features_shape))
     return 0
 
 
