@@ -459,6 +459,11 @@ class PreprocessedDataLoader(DataLoader):
         self.source_dataset = dataset
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = default_worker_context()
+        if num_workers > 0 and start_method(multiprocessing_context) == "fork":
+            raise CacheError(
+                "multiprocessing_context 'fork' cannot be used: TensorStore aborts in fork()ed children of a process "
+                "that used it; leave multiprocessing_context unset (forkserver) or pass 'spawn'"
+            )
         super().__init__(
             _BatchReading(
                 dataset,
@@ -482,6 +487,12 @@ class PreprocessedDataLoader(DataLoader):
                            None if raw.mask is None else raw.mask.pin_memory(), raw.metadata, raw.has_mask)
         device = self.device if self.device is not None and self.device.type != "cpu" else None
         return self.source_dataset.finish(raw, device)
+
+
+def start_method(context) -> str | None:
+    if context is None:
+        return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_context().get_start_method()
+    return context if isinstance(context, str) else context.get_start_method()
 
 
 def default_worker_context():

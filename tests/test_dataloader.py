@@ -218,6 +218,11 @@ def test_two_spawned_workers_give_the_same_batches_as_threads(mixed_cache):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_fork_is_refused_for_workers(built_cache):
+    with pytest.raises(CacheError, match="TensorStore aborts in fork"):
+        create_preprocessed_dataloader(built_cache, num_workers=1, multiprocessing_context="fork")
+
+
 def test_breaking_out_of_a_loop_stops_the_prefetch_thread(built_cache):
     loader = create_preprocessed_dataloader(built_cache, batch_size=1, prefetch_batches=2)
     iterator = iter(loader)
