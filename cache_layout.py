@@ -32,11 +32,13 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
+VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
 LOGS_DIR = "logs"
 METADATA_DIGEST_KEY = "metadata_digest"
@@ -281,8 +283,15 @@ def iter_files(root: Path) -> Iterator[os.DirEntry]:
 
 
 def bytes_on_disk(root: Path) -> int:
-    """Bytes allocated on disk below root (like du), which is what storage planning needs."""
-    return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in iter_files(root))
+    """Bytes allocated on disk below root (like du), which is what storage planning needs.
+    Files that vanish while running jobs commit or clean up are skipped."""
+    total = 0
+    for entry in iter_files(root):
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 # ----------------------------------------------------------------------------- submissions
@@ -297,7 +306,7 @@ def submissions_dir(output_dir: Path | str) -> Path:
 
 def write_submission_record(output_dir: Path | str, record: dict) -> Path:
     """Record one submission: {"submitted", "indices", "scheduler", "job_ids", "options", "command", ...}."""
-    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}"
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}_{uuid.uuid4().hex[:6]}"  # unique per call
     path = submissions_dir(output_dir) / f"submission_{stamp}.json"
     write_json_atomic(path, record)
     return path

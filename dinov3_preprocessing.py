@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -299,25 +300,46 @@ def linear_weights(in_size: int, out_size: int, start: int, stop: int, device: t
     return i0, i1, src - i0
 
 
-def upsample_axis(x: torch.Tensor, dim: int, in_size: int, out_size: int, start: int, stop: int) -> torch.Tensor:
-    i0, i1, lam = linear_weights(in_size, out_size, start, stop, x.device)
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    lam = lam.view(shape)
-    return x.index_select(dim, i0) * (1 - lam) + x.index_select(dim, i1) * lam
+def interpolation_matrix(in_size: int, out_size: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """(stop - start, in_size): row i holds the two weights of output start + i."""
+    i0, i1, lam = linear_weights(in_size, out_size, start, stop, device)
+    rows = torch.arange(stop - start, device=device)
+    matrix = torch.zeros(stop - start, in_size, device=device)
+    matrix.index_put_((rows, i0), 1 - lam, accumulate=True)
+    matrix.index_put_((rows, i1), lam, accumulate=True)
+    return matrix
+
+
+def interpolate_dim(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a contiguous tensor along one dim, as one matrix product
+    (a dense product beats gathering the two neighbours on CPUs and GPUs alike)."""
+    if dim == x.dim() - 1:
+        return x @ matrix.T
+    before, after = x.shape[:dim], x.shape[dim + 1 :]
+    out = torch.matmul(matrix, x.reshape(-1, x.shape[dim], math.prod(after)))
+    return out.reshape(*before, matrix.shape[0], *after)
+
+
+# permutation of a plane's grids (slice, c, image axis a, image axis b) to (c, z, y, x) order
+SPATIAL_LAYOUT = {"xy": (1, 0, 2, 3), "xz": (1, 2, 0, 3), "yz": (1, 2, 3, 0)}
+
+
+def spatial_layout(grids: torch.Tensor, plane: str) -> torch.Tensor:
+    """Token grids (m, c, g, g) of a plane as (c, z, y, x) with g-sized image axes."""
+    return grids.permute(*SPATIAL_LAYOUT[plane]).contiguous()
 
 
 def plane_contribution(grids: torch.Tensor, plane: str, out_dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    """A plane's upsampled features over a block. `grids` holds the plane's slices that
-    fall inside the block along its normal, (m, c, g, g); `ranges` are the block's (start,
-    stop) along z, y, x. Returns (c, dz, dy, dx)."""
-    _, (axis_a, axis_b) = PLANE_AXES[plane]
-    g = grids.shape[-1]
-    x = upsample_axis(grids, 2, g, out_dim, *ranges[axis_a])
-    x = upsample_axis(x, 3, g, out_dim, *ranges[axis_b])
-    # x is (normal, c, axis_a, axis_b); put c first and the spatial axes in z, y, x order
-    order = {"xy": (1, 0, 2, 3), "xz": (1, 2, 0, 3), "yz": (1, 2, 3, 0)}[plane]
-    return x.permute(*order)
+    """A plane's upsampled features over a block, (c, dz, dy, dx). `grids` is in spatial
+    layout and holds the plane's slices inside the block; `ranges` are the block's
+    (start, stop) along z, y, x. Bilinear upsampling is separable: one axis at a time,
+    the one with fewer outputs first."""
+    _, image_axes = PLANE_AXES[plane]
+    x = grids
+    for axis in sorted(image_axes, key=lambda a: ranges[a][1] - ranges[a][0]):
+        matrix = interpolation_matrix(x.shape[1 + axis], out_dim, *ranges[axis], x.device)
+        x = interpolate_dim(x, 1 + axis, matrix)
+    return x
 
 
 # ----------------------------------------------------------------------------- writing
@@ -553,7 +575,9 @@ def extract_features(
     slab = unit[1 + slab_axis]
     progress = Progress(d * len(config.planes), f"volume {config.volume_index}")
     held = {
-        plane: torch.cat([grids for _, grids in iter_plane_grids(loaded, crop, plane, d, config.batch_size, progress)])
+        plane: spatial_layout(
+            torch.cat([grids for _, grids in iter_plane_grids(loaded, crop, plane, d, config.batch_size, progress)]), plane
+        )
         for plane in held_planes
     }
     pending: list[torch.Tensor] = []
@@ -566,7 +590,7 @@ def extract_features(
             grids = torch.cat(pending)
             ready, rest = grids[: stop - done], grids[stop - done :]
             pending = [rest] if len(rest) else []
-            emit_slab(ready, streaming, held, done, stop, slab_axis, d, unit[0], n_channels, emit_block)
+            emit_slab(spatial_layout(ready, streaming), streaming, held, done, stop, slab_axis, d, unit[0], n_channels, emit_block)
             done = stop
     progress.close()
 
@@ -591,11 +615,10 @@ def emit_slab(
     n_planes = 1 + len(held)
 
     def averaged(c0: int, c1: int) -> torch.Tensor:
-        block = plane_contribution(streaming_grids[:, c0:c1], streaming, d, ranges)
-        for plane, grids in held.items():
-            lo, hi = ranges[PLANE_AXES[plane][0]]
-            block = block + plane_contribution(grids[lo:hi, c0:c1], plane, d, ranges)
-        return block / n_planes
+        block = plane_contribution(streaming_grids[c0:c1], streaming, d, ranges)
+        for plane, grids in held.items():  # held planes span the block along their normals
+            block += plane_contribution(grids[c0:c1], plane, d, ranges)
+        return block.div_(n_planes)
 
     for c0 in range(0, n_channels, channel_unit):
         origin = (c0, *(lo for lo, _ in ranges))

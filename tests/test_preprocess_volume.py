@@ -232,7 +232,7 @@ def test_concurrent_runs_of_one_index(tmp_path, tiny_model_dir):
     paths = VolumePaths(tmp_path, 0)
     first = start_slow_run(tmp_path, tiny_model_dir)
     wait_for(lambda: paths.staging.exists() or first.poll() is not None)
-    second = run_script("preprocess_volume.py", *preprocess_args(tmp_path, 0, tiny_model_dir))
+    second = call_main("preprocess_volume", *preprocess_args(tmp_path, 0, tiny_model_dir))  # in-process: starts at once
     assert second.returncode == 3
     assert "being processed by another run" in second.stderr and "Traceback" not in second.stderr
     _, err = first.communicate(timeout=300)
