@@ -87,6 +87,19 @@ def test_zarr_v3_sharded_lz4_volume_reads_the_same_values(tmp_path, tiny_model_d
     assert np.array_equal(gt.numpy(), stored(tmp_path, 0, "gt").astype(np.int64))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_stored_feature_dtypes(tmp_path, tiny_model_dir, dtype):
+    build(tmp_path, tiny_model_dir, 0, "--features-dtype", dtype, *SMALL_CHUNKS)
+    reference = torch.from_numpy(stored(tmp_path, 0, "features").astype(np.float32))
+    for reader in READERS:
+        as_float32 = PreprocessedDINOv3Dataset(tmp_path, reader=reader)[0][0]
+        assert torch.equal(as_float32, reference)
+        kept = PreprocessedDINOv3Dataset(tmp_path, reader=reader, features_dtype=None, crop_size=(5, 6, 7))
+        features = kept[0][0]
+        assert features.dtype == getattr(torch, dtype)
+        assert torch.equal(features.float(), reference[(slice(None), *kept.sample(0).spatial)])
+
+
 def test_loader_batches_and_metadata(built_cache):
     loader = create_preprocessed_dataloader(built_cache, batch_size=2, shuffle=False, num_threads=2, return_metadata=True)
     batches = list(loader)
