@@ -1,0 +1,374 @@
+"""Reading a feature cache: which volumes are visible, and fast reads of their arrays.
+
+`find_volumes` lists the committed volumes (metadata present, see cache_layout) and
+refuses volumes made with different configurations. `VolumeReader` reads any region of
+a volume's features / gt / mask into arrays the caller allocated (a batch slot, pinned
+memory), so no array is allocated or copied twice.
+
+Why reads go into preallocated arrays, and why uncompressed zarr v2 chunks are read
+without TensorStore's decode (measured in benchmarks/bench_loader_read.py):
+
+- `store.read()` allocates and fills a new result array, then copies each decoded chunk
+  into it: about 2x the CPU time of writing the same store into an existing array
+  (`ts.array(out).write(store)`), which skips the extra allocation pass.
+- For an uncompressed zarr v2 chunk the bytes on disk are the chunk in C order. TensorStore
+  reads the file into a buffer, decodes (copies) it into a chunk array, then copies that into
+  the output: three passes over the data. Reading the file straight into a reused per-thread
+  buffer and copying it once into the output (`RawChunkReader`) does two, and is what makes
+  the default format (uncompressed v2) read faster than zarr-python 3.
+- Whatever the reader, the copy into a (C, D, H, W) array is a scatter of runs as long as
+  the chunk's x extent (16 float16 = 32 bytes with the default chunks): that copy, not the
+  disk or the page cache, is what limits a warm whole-volume read.
+
+Compressed or zarr v3 (sharded) arrays go through TensorStore (`TensorStoreReader`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tensorstore as ts
+import torch
+
+from cache_layout import VolumePaths, committed_volume_indices, read_metadata
+from zarr_arrays import chunk_key, open_array, ts_context, zarr_format_of
+
+READER_CHOICES = ("auto", "tensorstore")
+TORCH_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+    "uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
+    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+}
+SPATIAL_ARRAYS = ("gt", "mask")
+
+
+class CacheError(Exception):
+    """A cache that cannot be loaded as asked; the message says what to do."""
+
+
+class VolumeReadError(CacheError):
+    """Reading one array of one volume failed (one message argument, so that torch can
+    re-raise it unchanged in the main process when a worker process hits it)."""
+
+
+def volume_read_error(volume_index: int, array: str, path: Path, cause: str) -> VolumeReadError:
+    return VolumeReadError(
+        f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; check the volume with "
+        f"'check_preprocessing.py --output-dir {path.parent} --verify-indices {volume_index}' and recompute it "
+        f"with 'preprocess_volume.py --volume-index {volume_index} --overwrite'"
+    )
+
+
+# ----------------------------------------------------------------------------- visible volumes
+
+
+@dataclass(frozen=True)
+class CachedVolume:
+    """One committed volume: where its arrays are and what its metadata says."""
+
+    paths: VolumePaths
+    metadata: dict
+
+    @property
+    def index(self) -> int:
+        return self.paths.volume_index
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.metadata.get("configuration", {}).get("fingerprint")
+
+    @property
+    def has_mask(self) -> bool:
+        return "mask" in self.metadata["paths"]
+
+    @property
+    def features_shape(self) -> tuple[int, ...]:
+        return tuple(self.metadata["shapes"]["features"])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.features_shape[1:]
+
+    def array_path(self, array: str) -> Path:
+        # the directory may have moved since the metadata was written: locate files by the layout
+        return self.paths.array(array)
+
+
+def find_volumes(
+    preprocessed_dir: Path | str,
+    volume_indices: Sequence[int] | None = None,
+    allow_mixed_configurations: bool = False,
+) -> list[CachedVolume]:
+    """The committed volumes to load, in the order asked (sorted when not given)."""
+    root = Path(preprocessed_dir)
+    if not root.is_dir():
+        raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
+    committed = committed_volume_indices(root)
+    if volume_indices is None:
+        indices = committed
+    else:
+        indices = [int(i) for i in volume_indices]
+        missing = sorted(set(indices) - set(committed))
+        if missing:
+            raise CacheError(
+                f"volumes {format_indices(missing)} are not committed in {root} (no metadata file: missing, "
+                "running or failed); run check_preprocessing.py to see gaps, or leave them out of volume_indices"
+            )
+    if not indices:
+        raise CacheError(
+            f"no preprocessed volumes found in {root} (no volume_XXXXXX_metadata.json); "
+            "run preprocess_volume.py or check progress with check_preprocessing.py"
+        )
+    volumes = [CachedVolume(VolumePaths(root, i), load_metadata(root, i)) for i in indices]
+    if not allow_mixed_configurations:
+        check_one_configuration(volumes)
+    return volumes
+
+
+def load_metadata(root: Path, index: int) -> dict:
+    try:
+        metadata = read_metadata(root, index)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheError(
+            f"volume {index}: metadata file {VolumePaths(root, index).metadata} is unreadable ({e}); "
+            f"recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
+        ) from None
+    for key in ("paths", "shapes"):
+        if key not in metadata:
+            raise CacheError(f"volume {index}: metadata has no '{key}' entry; the file is not a cache volume's metadata")
+    return metadata
+
+
+def check_one_configuration(volumes: Sequence[CachedVolume]) -> None:
+    """Volumes extracted with different settings (model, geometry, dtype...) must not be mixed silently."""
+    groups: dict[str | None, list[int]] = {}
+    for volume in volumes:
+        groups.setdefault(volume.fingerprint, []).append(volume.index)
+    if len(groups) > 1:
+        described = "; ".join(f"{fp}: volumes {format_indices(ix)}" for fp, ix in groups.items())
+        raise CacheError(
+            f"volumes were extracted with {len(groups)} different configurations (fingerprint {described}); "
+            "select one group with volume_indices, or pass allow_mixed_configurations=True"
+        )
+
+
+def format_indices(indices: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+# ----------------------------------------------------------------------------- array readers
+
+
+class RawChunkReader:
+    """Uncompressed zarr v2: each chunk file is read into a reused per-thread buffer and
+    copied once into the destination (one file read + one copy per chunk). The copy is
+    torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
+
+    def __init__(self, path: Path, zarray: dict, executor: ThreadPoolExecutor):
+        self.path = path
+        self.shape = tuple(zarray["shape"])
+        self.chunks = tuple(zarray["chunks"])
+        self.dtype = stored_torch_dtype(zarray["dtype"])
+        self.separator = zarray.get("dimension_separator") or "."
+        self.fill_value = zarray.get("fill_value") or 0
+        self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        self.executor = executor
+        self.local = threading.local()
+
+    def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
+        """Start reading `region` into `out` (a tensor of the region's shape, any dtype)."""
+        return [
+            self.executor.submit(self._copy_chunk, grid_index, src, dst, out)
+            for grid_index, src, dst in chunk_overlaps(region, self.chunks)
+        ]
+
+    def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
+        key = chunk_key(grid_index) if self.separator == "." else "/".join(map(str, grid_index))
+        try:
+            fd = os.open(self.path / key, os.O_RDONLY)
+        except FileNotFoundError:
+            out[dst].fill_(self.fill_value)  # never-written chunk: zarr's fill value, as TensorStore gives
+            return
+        buffer = self._buffer()
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.chunk_nbytes:
+                raise OSError(f"chunk {key} is {size} bytes, an uncompressed chunk must be {self.chunk_nbytes}")
+            read = os.readv(fd, [buffer])
+        finally:
+            os.close(fd)
+        if read != self.chunk_nbytes:
+            raise OSError(f"chunk {key}: read {read} of {self.chunk_nbytes} bytes")
+        out[dst].copy_(torch.from_numpy(buffer).view(self.dtype).view(self.chunks)[src])
+
+    def _buffer(self) -> np.ndarray:
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = np.empty(self.chunk_nbytes, np.uint8)
+        return buffer
+
+
+class TensorStoreReader:
+    """Any zarr v2/v3 array, compressed or sharded: TensorStore writes the region straight
+    into the destination array (no intermediate result array), converting the dtype."""
+
+    def __init__(self, path: Path, context: ts.Context):
+        self.store = open_array(path, context)
+        self.shape = tuple(self.store.shape)
+
+    def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
+        array = numpy_view(out)
+        if array.dtype == np.bool_ and self.store.dtype.numpy_dtype == np.uint8:
+            array = array.view(np.uint8)  # masks: 0/1 bytes on disk, bool in torch
+        destination = ts.array(array, copy=False, write=True)
+        return [destination.write(self.store[region])]
+
+
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing the tensor's memory (bfloat16 through ml_dtypes, as TensorStore uses)."""
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def stored_torch_dtype(zarr_dtype: str) -> torch.dtype:
+    name = "bfloat16" if zarr_dtype == "bfloat16" else np.dtype(zarr_dtype).name
+    return torch_dtype(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
+
+
+def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
+    zarray = raw_readable_zarray(path) if mode == "auto" else None
+    if zarray is not None:
+        return RawChunkReader(path, zarray, executor)
+    return TensorStoreReader(path, context)
+
+
+def raw_readable_zarray(path: Path) -> dict | None:
+    """The .zarray of an array whose chunk files are plain C-order bytes, else None."""
+    if zarr_format_of(path) != 2:
+        return None
+    zarray = json.loads((path / ".zarray").read_text())
+    plain = (
+        zarray.get("compressor") is None
+        and not zarray.get("filters")
+        and zarray.get("order", "C") == "C"
+        and plain_dtype(zarray["dtype"])
+        and isinstance(zarray.get("fill_value", 0), (int, float, type(None)))
+    )
+    return zarray if plain else None
+
+
+def plain_dtype(dtype) -> bool:
+    """Little-endian (or single-byte) numbers torch can hold; bfloat16 is TensorStore's extension."""
+    if dtype == "bfloat16":
+        return True
+    return isinstance(dtype, str) and dtype[:1] in "<|" and dtype[1:2] in "fiub" and np.dtype(dtype).name in TORCH_DTYPES
+
+
+def chunk_overlaps(region: Sequence[slice], chunks: Sequence[int]):
+    """(chunk grid index, slices within the chunk, slices within the region) for every
+    chunk the region touches."""
+    ranges = []
+    for r, c in zip(region, chunks):
+        first, last = r.start // c, (r.stop - 1) // c
+        ranges.append([(i, max(r.start, i * c), min(r.stop, (i + 1) * c)) for i in range(first, last + 1)])
+    for parts in itertools.product(*ranges):
+        grid_index = tuple(p[0] for p in parts)
+        src = tuple(slice(lo - i * c, hi - i * c) for (i, lo, hi), c in zip(parts, chunks))
+        dst = tuple(slice(lo - r.start, hi - r.start) for (_, lo, hi), r in zip(parts, region))
+        yield grid_index, src, dst
+
+
+# ----------------------------------------------------------------------------- one volume
+
+
+class VolumeReader:
+    """Reads regions of one volume's arrays; every failure names the volume and array."""
+
+    def __init__(self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
+        self.volume = volume
+        self.readers = {}
+        for array in ("features", *SPATIAL_ARRAYS):
+            if array == "mask" and not volume.has_mask:
+                continue
+            path = volume.array_path(array)
+            try:
+                self.readers[array] = open_reader(path, mode, context, executor)
+            except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
+                raise volume_read_error(volume.index, array, path, first_line(e)) from None
+            expected = tuple(volume.metadata["shapes"][array])
+            if self.readers[array].shape != expected:
+                raise volume_read_error(
+                    volume.index, array, path, f"shape {list(self.readers[array].shape)} on disk, metadata says {list(expected)}"
+                )
+
+    def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[tuple[str, Future]]:
+        """Start reading the region into outputs[array] (features get all channels)."""
+        pending = []
+        for array, out in outputs.items():
+            region = ((slice(0, self.readers[array].shape[0]),) if array == "features" else ()) + spatial
+            try:
+                pending += [(array, f) for f in self.readers[array].read_into(region, out)]
+            except Exception as e:  # noqa: BLE001
+                raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e)) from None
+        return pending
+
+    def finish(self, pending: list[tuple[str, Future]]) -> None:
+        """Wait for every read (all of them, even after a failure), then report the first failure."""
+        failure = None
+        for array, future in pending:
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001
+                failure = failure or (array, e)
+        if failure is not None:
+            array, e = failure
+            raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e))
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class ReadResources:
+    """Per-process TensorStore context and copy threads; created lazily so that nothing
+    TensorStore-related exists before a worker process starts."""
+
+    def __init__(self, num_threads: int, mode: str):
+        if mode not in READER_CHOICES:
+            raise CacheError(f"reader must be one of {', '.join(READER_CHOICES)}, got {mode!r}")
+        if num_threads <= 0:
+            raise CacheError(f"num_threads must be positive, got {num_threads}")
+        self.num_threads, self.mode = num_threads, mode
+        self.context = ts_context(num_threads)
+        self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read")
+        self.readers: dict[int, VolumeReader] = {}
+        self.lock = threading.Lock()
+
+    def reader(self, volume: CachedVolume) -> VolumeReader:
+        with self.lock:
+            if volume.index not in self.readers:
+                self.readers[volume.index] = VolumeReader(volume, self.mode, self.context, self.executor)
+            return self.readers[volume.index]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

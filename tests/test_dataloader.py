@@ -1,0 +1,365 @@
+"""The loader on real caches written by the extraction CLI: values, masks, crops, workers, errors, benchmark CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_layout import VolumePaths
+from conftest import preprocess_args, run_script
+from preprocessed_dataloader import (
+    CacheError,
+    PreprocessedDINOv3Dataset,
+    VolumeReadError,
+    collate_samples,
+    create_preprocessed_dataloader,
+)
+from zarr_arrays import open_array
+
+SMALL_CHUNKS = ["--chunks", "16,4,4,4"]  # many chunks per tiny volume, so crops cross chunk borders
+READERS = ["auto", "tensorstore"]
+
+
+def build(out: Path, model_dir: Path, index: int, *extra: str) -> None:
+    run_script("preprocess_volume.py", *preprocess_args(out, index, model_dir, *extra), check=True)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory, tiny_model_dir) -> Path:
+    """Volumes 0 and 1 with masks, volume 2 without (--no-gt-extension: another fingerprint), small chunks."""
+    out = tmp_path_factory.mktemp("mixed")
+    build(out, tiny_model_dir, 0, *SMALL_CHUNKS)
+    build(out, tiny_model_dir, 1, *SMALL_CHUNKS)
+    build(out, tiny_model_dir, 2, *SMALL_CHUNKS, "--no-gt-extension")
+    return out
+
+
+def stored(volume_dir: Path, index: int, array: str) -> np.ndarray:
+    """The array as TensorStore reads it directly (the reference for every value check)."""
+    return open_array(VolumePaths(volume_dir, index).array(array)).read().result()
+
+
+def copy_volume(source: Path, index: int, target: Path, new_index: int | None = None) -> None:
+    """Copy a committed volume's files (arrays, and metadata unless new_index is given)."""
+    target.mkdir(parents=True, exist_ok=True)
+    src = VolumePaths(source, index)
+    dst = VolumePaths(target, index if new_index is None else new_index)
+    for path in src.existing_arrays():
+        name = path.name.replace(src.name, dst.name)
+        shutil.copytree(path, target / name)
+    if new_index is None:
+        shutil.copy(src.metadata, dst.metadata)
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes, values
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_items_have_the_stored_values_shapes_and_dtypes(built_cache, reader):
+    dataset = PreprocessedDINOv3Dataset(built_cache, reader=reader)
+    assert len(dataset) == 3
+    for position, index in enumerate([0, 1, 2]):
+        features, gt, mask = dataset[position]
+        reference = stored(built_cache, index, "features")
+        assert features.dtype == torch.float32 and gt.dtype == torch.int64
+        assert tuple(features.shape) == reference.shape and tuple(gt.shape) == reference.shape[1:]
+        assert torch.equal(features, torch.from_numpy(reference.astype(np.float32)))
+        assert torch.equal(gt, torch.from_numpy(stored(built_cache, index, "gt").astype(np.int64)))
+        assert mask.dtype == torch.bool
+        assert torch.equal(mask, torch.from_numpy(stored(built_cache, index, "mask").astype(bool)))
+
+
+def test_stored_dtype_kept_when_features_dtype_is_none(built_cache):
+    features, gt, _ = PreprocessedDINOv3Dataset(built_cache, features_dtype=None, gt_dtype=None)[0]
+    assert features.dtype == torch.float16
+    assert gt.dtype == torch.from_numpy(stored(built_cache, 0, "gt")).dtype
+    assert np.array_equal(features.numpy(), stored(built_cache, 0, "features"))
+
+
+def test_zarr_v3_sharded_lz4_volume_reads_the_same_values(tmp_path, tiny_model_dir):
+    build(tmp_path, tiny_model_dir, 0, "--zarr-format", "3", "--compression", "lz4", *SMALL_CHUNKS)
+    features, gt, mask = PreprocessedDINOv3Dataset(tmp_path, features_dtype=None)[0]
+    assert np.array_equal(features.numpy(), stored(tmp_path, 0, "features"))
+    assert np.array_equal(gt.numpy(), stored(tmp_path, 0, "gt").astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_stored_feature_dtypes(tmp_path, tiny_model_dir, dtype):
+    build(tmp_path, tiny_model_dir, 0, "--features-dtype", dtype, *SMALL_CHUNKS)
+    reference = torch.from_numpy(stored(tmp_path, 0, "features").astype(np.float32))
+    for reader in READERS:
+        as_float32 = PreprocessedDINOv3Dataset(tmp_path, reader=reader)[0][0]
+        assert torch.equal(as_float32, reference)
+        kept = PreprocessedDINOv3Dataset(tmp_path, reader=reader, features_dtype=None, crop_size=(5, 6, 7))
+        features = kept[0][0]
+        assert features.dtype == getattr(torch, dtype)
+        assert torch.equal(features.float(), reference[(slice(None), *kept.sample(0).spatial)])
+
+
+def test_loader_batches_and_metadata(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=2, shuffle=False, num_threads=2, return_metadata=True)
+    batches = list(loader)
+    assert len(loader) == 2 and len(batches) == 2
+    features, gt, mask, metadata = batches[0]
+    c, d, h, w = stored(built_cache, 0, "features").shape
+    assert features.shape == (2, c, d, h, w) and gt.shape == (2, d, h, w) and mask.shape == (2, d, h, w)
+    assert batches[1][0].shape[0] == 1  # the last, short batch
+    assert [m["volume_index"] for m in metadata] == [0, 1]
+    for m in metadata:
+        assert m["configuration"]["fingerprint"] and m["source_dataset"]["paths"] and "feature_extraction_seconds" in m["timing"]
+        assert m["sample"] == {"offset": [0, 0, 0], "shape": [d, h, w], "epoch": 0, "has_mask": True}
+    assert torch.equal(features[1], torch.from_numpy(stored(built_cache, 1, "features").astype(np.float32)))
+
+
+def test_dataset_returns_metadata_as_fourth_element(built_cache):
+    *_, metadata = PreprocessedDINOv3Dataset(built_cache, return_metadata=True)[2]
+    assert metadata["volume_index"] == 2 and metadata["volume_name"] == "volume_000002"
+
+
+def test_volume_indices_select_and_order_volumes(built_cache):
+    dataset = PreprocessedDINOv3Dataset(built_cache, volume_indices=[2, 0], features_dtype=None)
+    assert [v.index for v in dataset.volumes] == [2, 0]
+    assert np.array_equal(dataset[0][0].numpy(), stored(built_cache, 2, "features"))
+    with pytest.raises(CacheError, match=r"volumes 7 are not committed"):
+        PreprocessedDINOv3Dataset(built_cache, volume_indices=[0, 7])
+
+
+def test_transform_is_applied_per_item(built_cache):
+    def transform(features, gt, mask):
+        return features * 2, gt + 1, mask
+
+    loader = create_preprocessed_dataloader(built_cache, batch_size=2, transform=transform, volume_indices=[0, 1])
+    features, gt, _ = next(iter(loader))
+    assert torch.equal(features[0], torch.from_numpy(stored(built_cache, 0, "features").astype(np.float32)) * 2)
+    assert torch.equal(gt[1], torch.from_numpy(stored(built_cache, 1, "gt").astype(np.int64)) + 1)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_masks_mixed_in_one_batch_become_all_valid_for_volumes_without_one(mixed_cache):
+    loader = create_preprocessed_dataloader(mixed_cache, batch_size=3, allow_mixed_configurations=True)
+    features, gt, mask = next(iter(loader))
+    assert mask.dtype == torch.bool and mask.shape == gt.shape
+    assert torch.equal(mask[0], torch.from_numpy(stored(mixed_cache, 0, "mask").astype(bool)))
+    assert not mask[0].all()  # the stored mask has invalid voxels, so the check above means something
+    assert mask[2].all()
+
+
+def test_batch_without_any_mask_has_mask_none(mixed_cache):
+    loader = create_preprocessed_dataloader(mixed_cache, batch_size=2, volume_indices=[2])
+    features, gt, mask = next(iter(loader))
+    assert mask is None and features.shape[0] == 1
+    assert PreprocessedDINOv3Dataset(mixed_cache, volume_indices=[2])[0][2] is None
+
+
+def test_collate_samples_for_a_plain_torch_dataloader(mixed_cache):
+    dataset = PreprocessedDINOv3Dataset(mixed_cache, allow_mixed_configurations=True, return_metadata=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_samples)
+    features, gt, mask, metadata = next(iter(loader))
+    assert features.shape[0] == 3 and mask[2].all() and [m["volume_index"] for m in metadata] == [0, 1, 2]
+
+
+def test_mixed_fingerprints_are_refused_unless_allowed(mixed_cache):
+    with pytest.raises(CacheError, match="2 different configurations") as refused:
+        PreprocessedDINOv3Dataset(mixed_cache)
+    assert "allow_mixed_configurations" in str(refused.value) and "volumes 0, 1" in str(refused.value)
+    assert len(PreprocessedDINOv3Dataset(mixed_cache, allow_mixed_configurations=True)) == 3
+    assert len(PreprocessedDINOv3Dataset(mixed_cache, volume_indices=[0, 1])) == 2
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_crops_are_reproducible_inside_bounds_and_hold_the_stored_values(mixed_cache, reader):
+    crop = (7, 9, 5)
+    kwargs = dict(volume_indices=[0, 1], crop_size=crop, samples_per_volume=4, seed=3, features_dtype=None, reader=reader)
+    first, second = PreprocessedDINOv3Dataset(mixed_cache, **kwargs), PreprocessedDINOv3Dataset(mixed_cache, **kwargs)
+    assert len(first) == 8
+    offsets = set()
+    for i in range(len(first)):
+        sample = first.sample(i)
+        assert sample == second.sample(i)
+        volume_shape = sample.volume.spatial_shape
+        assert all(0 <= o and o + c <= s for o, c, s in zip(sample.offset, crop, volume_shape))
+        offsets.add(sample.offset)
+        features, gt, mask = first[i]
+        assert torch.equal(features, second[i][0])
+        region = sample.spatial
+        index = sample.volume.index
+        assert np.array_equal(features.numpy(), stored(mixed_cache, index, "features")[(slice(None), *region)])
+        assert np.array_equal(gt.numpy(), stored(mixed_cache, index, "gt")[region].astype(np.int64))
+        assert np.array_equal(mask.numpy(), stored(mixed_cache, index, "mask")[region].astype(bool))
+    assert len(offsets) > 4  # random, not one fixed corner
+    assert PreprocessedDINOv3Dataset(mixed_cache, **{**kwargs, "seed": 4}).sample(0).offset != first.sample(0).offset or \
+        PreprocessedDINOv3Dataset(mixed_cache, **{**kwargs, "seed": 4}).sample(1).offset != first.sample(1).offset
+
+
+def test_loader_draws_new_crops_each_epoch_and_repeats_with_the_seed(mixed_cache):
+    def epochs(seed):
+        loader = create_preprocessed_dataloader(
+            mixed_cache, batch_size=2, shuffle=True, volume_indices=[0, 1], crop_size=(4, 4, 4),
+            samples_per_volume=3, seed=seed, return_metadata=True,
+        )
+        return [[(m["volume_index"], tuple(m["sample"]["offset"])) for b in loader for m in b[3]] for _ in range(2)]
+
+    run_a, run_b = epochs(11), epochs(11)
+    assert run_a == run_b
+    assert run_a[0] != run_a[1]
+    assert sorted(v for v, _ in run_a[0]) == [0, 0, 0, 1, 1, 1]
+
+
+def test_crop_larger_than_a_volume_is_refused(built_cache):
+    with pytest.raises(CacheError, match="does not fit volume 0"):
+        PreprocessedDINOv3Dataset(built_cache, crop_size=(64, 4, 4))
+
+
+# ----------------------------------------------------------------------------- workers, prefetch, devices
+
+
+def test_two_spawned_workers_give_the_same_batches_as_threads(mixed_cache):
+    kwargs = dict(batch_size=2, shuffle=True, volume_indices=[0, 1], crop_size=(8, 8, 8), samples_per_volume=2, seed=5)
+    with_threads = list(create_preprocessed_dataloader(mixed_cache, num_workers=0, **kwargs))
+    with_workers = list(create_preprocessed_dataloader(mixed_cache, num_workers=2, **kwargs))
+    assert len(with_workers) == len(with_threads) == 2
+    for a, b in zip(with_threads, with_workers):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_fork_is_refused_for_workers(built_cache):
+    with pytest.raises(CacheError, match="TensorStore aborts in fork"):
+        create_preprocessed_dataloader(built_cache, num_workers=1, multiprocessing_context="fork")
+
+
+def test_breaking_out_of_a_loop_stops_the_prefetch_thread(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=1, prefetch_batches=2)
+    iterator = iter(loader)
+    next(iterator)
+    iterator.close()
+    assert not iterator.thread.is_alive()
+
+
+def test_cpu_device_and_pin_memory_without_gpu(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=1, device="cpu", prefetch_batches=0)
+    assert next(iter(loader))[0].device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="no CUDA GPU"):
+            loader = create_preprocessed_dataloader(built_cache, batch_size=1, pin_memory=True)
+        assert next(iter(loader))[0].shape[0] == 1
+        with pytest.raises(CacheError, match="no CUDA GPU"):
+            create_preprocessed_dataloader(built_cache, device="cuda")
+
+
+# ----------------------------------------------------------------------------- visibility and damage
+
+
+def test_a_volume_without_metadata_is_invisible(built_cache, tmp_path):
+    copy_volume(built_cache, 0, tmp_path)
+    copy_volume(built_cache, 1, tmp_path, new_index=5)  # arrays in place, metadata never written: a killed run
+    (VolumePaths(tmp_path, 6).staging / "features.zarr").mkdir(parents=True)
+    dataset = PreprocessedDINOv3Dataset(tmp_path)
+    assert [v.index for v in dataset.volumes] == [0]
+    with pytest.raises(CacheError, match="volumes 5 are not committed"):
+        PreprocessedDINOv3Dataset(tmp_path, volume_indices=[5])
+
+
+def test_empty_or_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CacheError, match="no preprocessed volumes found"):
+        PreprocessedDINOv3Dataset(tmp_path)
+    with pytest.raises(CacheError, match="does not exist"):
+        PreprocessedDINOv3Dataset(tmp_path / "nowhere")
+
+
+def first_feature_chunk(volume_dir: Path, index: int) -> Path:
+    return VolumePaths(volume_dir, index).array("features") / "0.0.0.0"
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_truncated_chunk_raises_an_error_naming_volume_and_array(built_cache, tmp_path, reader):
+    copy_volume(built_cache, 1, tmp_path)
+    chunk = first_feature_chunk(tmp_path, 1)
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    dataset = PreprocessedDINOv3Dataset(tmp_path, reader=reader)
+    with pytest.raises(VolumeReadError, match=r"volume 1 array 'features'") as failed:
+        dataset[0]
+    assert "preprocess_volume.py --volume-index 1 --overwrite" in str(failed.value)
+    loader = create_preprocessed_dataloader(tmp_path, batch_size=1, reader=reader)
+    with pytest.raises(VolumeReadError, match=r"volume 1 array 'features'"):
+        list(loader)
+
+
+def test_a_corrupt_compressed_chunk_raises_an_error_naming_the_volume(tmp_path, tiny_model_dir):
+    build(tmp_path, tiny_model_dir, 4, "--compression", "zstd")
+    first_feature_chunk(tmp_path, 4).write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(VolumeReadError, match=r"volume 4 array 'features'"):
+        PreprocessedDINOv3Dataset(tmp_path)[0]
+
+
+def test_a_missing_array_raises_an_error_naming_the_volume(built_cache, tmp_path):
+    copy_volume(built_cache, 2, tmp_path)
+    shutil.rmtree(VolumePaths(tmp_path, 2).array("gt"))
+    with pytest.raises(VolumeReadError, match=r"volume 2 array 'gt'"):
+        PreprocessedDINOv3Dataset(tmp_path)[0]
+
+
+def test_worker_errors_keep_the_volume_name(built_cache, tmp_path):
+    copy_volume(built_cache, 0, tmp_path)
+    chunk = first_feature_chunk(tmp_path, 0)
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(Exception, match=r"volume 0 array 'features'"):
+        list(create_preprocessed_dataloader(tmp_path, batch_size=1, num_workers=1))
+
+
+# ----------------------------------------------------------------------------- benchmark CLI
+
+
+def file_system_of(path: Path) -> str:
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    matching = [(len(m), kind) for m, kind in mounts if str(path.resolve()).startswith(m.rstrip("/") + "/")]
+    return max(matching)[1] if matching else "unknown"
+
+
+def test_benchmark_cli_prints_every_field(built_cache):
+    result = run_script(
+        "preprocessed_dataloader.py", "--preprocessed-dir", built_cache, "--batch-size", "2", "--num-batches", "5",
+        "--num-threads", "2", check=True,
+    )
+    out = result.stdout
+    if file_system_of(built_cache) not in ("tmpfs", "ramfs"):  # memory file systems cannot evict
+        assert "Page cache before the first batch: 0.0 of" in out
+    for field in [
+        "Page cache before the first batch:", "First batch (cold load):", "Features shape: torch.Size([2,",
+        "GT shape: torch.Size([2,", "Mask shape: torch.Size([2,", "Load time:", "Batch 2:", "Batch 5:",
+        "Benchmark Results:", "Bytes per batch:", "Cold load (first batch):", "Warm loads (cached)", "Mean:", "Std:",
+        "Min:", "Max:", "Throughput:", "GB/s", "Speedup vs cold:",
+    ]:
+        assert field in out, f"{field!r} missing from:\n{out}"
+
+
+def test_benchmark_cli_bad_directory_is_one_line(tmp_path):
+    result = run_script("preprocessed_dataloader.py", "--preprocessed-dir", tmp_path / "nowhere")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: preprocessed directory") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batch_memory_is_reused_only_when_nothing_holds_it(built_cache):
+    dataset = PreprocessedDINOv3Dataset(built_cache, features_dtype=None)
+    first = dataset.read_batch([0]).features
+    address, view = first.data_ptr(), first[0]
+    del first
+    second = dataset.read_batch([1]).features
+    assert second.data_ptr() != address  # a view of the first batch is alive
+    as_numpy = second.numpy()
+    del second
+    third = dataset.read_batch([2]).features
+    assert third.data_ptr() not in (address, as_numpy.ctypes.data)
+    assert np.array_equal(view.numpy(), stored(built_cache, 0, "features"))
+    assert np.array_equal(as_numpy[0], stored(built_cache, 1, "features"))
+    del view, third
+    assert dataset.read_batch([2]).features.data_ptr() == address  # released: reused, no new page faults
