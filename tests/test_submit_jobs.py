@@ -70,8 +70,9 @@ def submitted_job_ids(stdout: str) -> list[str]:
 def wait_for_slurm_jobs(job_ids: list[str], timeout: float = 150) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout
-        if not queued.strip():
+        squeue = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True)
+        queued = squeue.stdout
+        if squeue.returncode == 0 and not queued.strip():  # an squeue error (a busy controller) says nothing
             return
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
