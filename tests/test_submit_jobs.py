@@ -72,7 +72,8 @@ def wait_for_slurm_jobs(job_ids: list[str], timeout: float = 150) -> None:
     while time.monotonic() < deadline:
         squeue = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True)
         queued = squeue.stdout
-        if squeue.returncode == 0 and not queued.strip():  # an squeue error (a busy controller) says nothing
+        finished = squeue.returncode == 0 and not queued.strip()
+        if finished or "Invalid job id" in squeue.stderr:  # other squeue errors (a busy controller) say nothing
             return
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
