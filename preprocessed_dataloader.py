@@ -214,10 +214,11 @@ class PreprocessedDINOv3Dataset(Dataset):
         return read_samples(samples, self.resources, self.buffers_for(pin_memory), pin_memory, self.return_metadata, *dtypes)
 
     def buffers_for(self, pin_memory: bool):
-        # pinned memory is recycled by torch's caching host allocator, which knows when the
-        # asynchronous copies from it have finished; worker results travel through shared memory
-        if (pin_memory or not self.reuse_memory or torch.utils.data.get_worker_info() is not None
-                or not hasattr(torch._C, "_storage_Use_Count")):  # the reuse test needs it
+        # worker results travel through shared memory; pinned memory is recycled by torch's
+        # caching host allocator, which knows when the asynchronous copies from it have finished
+        if torch.utils.data.get_worker_info() is not None:
+            return SharedBuffers
+        if pin_memory or not self.reuse_memory or not hasattr(torch._C, "_storage_Use_Count"):  # the reuse test needs it
             return FreshBuffers
         if self._buffers is None:
             self._buffers = BatchBuffers()
@@ -299,11 +300,24 @@ class BatchBuffers:
 
 
 class FreshBuffers:
-    """Worker processes hand batches over through shared memory: never reuse there."""
+    """New memory for every batch: pinned memory (recycled by torch's caching host allocator)
+    and the transform path."""
 
     @staticmethod
     def empty(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
         return empty_tensor(shape, dtype, pin_memory)
+
+
+class SharedBuffers:
+    """In a worker process: batches are read straight into shared memory, which is how torch
+    hands them to the main process, so sending them copies nothing (a tensor in private memory
+    would be copied into shared memory first)."""
+
+    @staticmethod
+    def empty(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        storage = torch.UntypedStorage._new_shared(max(numel, 1) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def read_samples(
