@@ -523,25 +523,22 @@ class _Failure:
         self.error = error
 
 
-class PrefetchIterator:
-    """Runs the batch source on a background thread, `depth` batches ahead. On CUDA the
-    host-to-device copies run on their own stream and the consumer's stream waits for them."""
+class _BatchProducer:
+    """What the prefetch thread runs. It holds no reference to the iterator, so an iterator
+    dropped in the middle of an epoch is collected, and its __del__ stops the thread."""
 
     def __init__(self, source: Iterator, finish: Callable, depth: int, device: torch.device | None):
         self.source, self.finish = source, finish
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.stop = threading.Event()
         self.cuda = device is not None and device.type == "cuda"
-        self.device = device
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.wait_seconds = 0.0
-        self.depth = depth
-        self.thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
-        if depth > 0:
-            self.thread.start()
 
-    def _produce(self):
-        raw = next(self.source)
+    def produce(self):
+        try:
+            raw = next(self.source)
+        except StopIteration:
+            return _END
         if not self.cuda:
             return self.finish(raw), None
         with torch.cuda.stream(self.stream):
@@ -551,20 +548,17 @@ class PrefetchIterator:
         ready.synchronize()  # on this background thread: a queued batch is entirely on the GPU
         return batch, ready
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             while not self.stop.is_set():
-                try:
-                    item = self._produce()
-                except StopIteration:
-                    item = _END
-                self._put(item)
+                item = self.produce()
+                self.put(item)
                 if item is _END:
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(_Failure(e))
+            self.put(_Failure(e))
 
-    def _put(self, item) -> None:
+    def put(self, item) -> None:
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
@@ -572,18 +566,25 @@ class PrefetchIterator:
             except queue.Full:
                 continue
 
+
+class PrefetchIterator:
+    """Runs the batch source on a background thread, `depth` batches ahead. On CUDA the
+    host-to-device copies run on their own stream and the consumer's stream waits for them."""
+
+    def __init__(self, source: Iterator, finish: Callable, depth: int, device: torch.device | None):
+        self.producer = _BatchProducer(source, finish, depth, device)
+        self.device, self.depth = device, depth
+        self.wait_seconds = 0.0
+        self.thread = threading.Thread(target=self.producer.run, name="batch-prefetch", daemon=True)
+        if depth > 0:
+            self.thread.start()
+
     def __iter__(self):
         return self
 
     def __next__(self):
         started = time.perf_counter()
-        if self.depth == 0:
-            try:
-                item = self._produce()
-            except StopIteration:
-                item = _END
-        else:
-            item = self.queue.get()
+        item = self.producer.produce() if self.depth == 0 else self.producer.queue.get()
         self.wait_seconds += time.perf_counter() - started
         if item is _END:
             self.close()
@@ -601,18 +602,18 @@ class PrefetchIterator:
         return batch
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.producer.source)
 
     def close(self) -> None:
-        self.stop.set()
+        self.producer.stop.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             while self.thread.is_alive():
                 try:
-                    self.queue.get(timeout=0.05)
+                    self.producer.queue.get(timeout=0.05)
                 except queue.Empty:
                     pass
             self.thread.join()
-        shutdown = getattr(self.source, "_shutdown_workers", None)
+        shutdown = getattr(self.producer.source, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 
