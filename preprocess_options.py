@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from cellmap_source import add_cellmap_arguments
 from zarr_arrays import COMPRESSIONS, DEFAULT_FEATURE_CHUNKS, ZARR_FORMATS
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
@@ -32,7 +33,10 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
         add_pass_through(parser, *flags, **kwargs)
 
     add("--output-dir", required=True, help="cache directory (created if missing)")
-    add("--source", default=None, help="where crops come from: 'synthetic' (built-in, offline demo data)")
+    add(
+        "--source", default=None,
+        help="where crops come from: 'cellmap' (implied by --data-root / --catalog) or 'synthetic' (built-in, offline demo data)",
+    )
     add("--organelles", nargs="+", default=["cell"], help="label names; one keeps instance ids, several become classes")
     add("--base-resolution", type=float, default=128.0, help="label voxel size in nm (default 128)")
     add("--min-resolution-for-raw", type=float, default=32.0, help="raw voxel size in nm (default 32)")
@@ -64,6 +68,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save-raw", action="store_true", help="also write volume_XXXXXX_raw.zarr at slice resolution")
     add("--overwrite", action="store_true", help="replace a complete volume (the old one stays valid until then)")
     add("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    add_cellmap_arguments(parser, add_pass_through)
 
 
 def extraction_argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:

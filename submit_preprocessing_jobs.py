@@ -27,7 +27,10 @@ from job_schedulers import (
     resources_from_args,
     split_arrays,
 )
+from dinov3_preprocessing import PreprocessingError, config_from_args
 from preprocess_options import add_extraction_arguments, extraction_argv
+from volume_sources import SourceError, source_from_args, source_name_from_args
+from zarr_arrays import StorageError
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -67,6 +70,16 @@ def missing_indices(output_dir: str, indices: list[int]) -> list[int]:
     return [i for i in indices if i not in complete]
 
 
+def check_extraction_options(args: argparse.Namespace, first_index: int, prepare_source: bool) -> None:
+    """Refuse bad extraction options before submitting thousands of jobs, and prepare the
+    source once (a data root's catalog is built here and saved for every job to read)."""
+    job_args = argparse.Namespace(**vars(args), volume_index=first_index)
+    config_from_args(job_args)
+    source_name_from_args(job_args)
+    if prepare_source:
+        source_from_args(job_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if not indices:
         print("nothing to submit")
         return 0
+
+    try:
+        check_extraction_options(args, indices[0], prepare_source=not args.dry_run)
+    except (PreprocessingError, SourceError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     spec = JobSpec.preprocess_volume(Path(args.output_dir), extraction_argv(args, parser), args.job_name)
     try:

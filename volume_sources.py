@@ -9,6 +9,7 @@ same crop, on any machine (each source seeds a local generator from the index).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -322,7 +323,14 @@ def smooth_noise(coarse: np.ndarray, n: int) -> np.ndarray:
     return F.interpolate(grid, size=(n, n, n), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-SOURCES: dict[str, Callable[..., VolumeSource]] = {"synthetic": SyntheticSource}
+def _cellmap_source(**options: Any) -> VolumeSource:
+    from cellmap_source import CellMapSource  # imported on use: cellmap_source imports this module
+
+    return CellMapSource(**options)
+
+
+SOURCES: dict[str, Callable[..., VolumeSource]] = {"synthetic": SyntheticSource, "cellmap": _cellmap_source}
+DATA_ROOT_ENV = "DINOV3_DATA_ROOT"
 
 
 def make_source(name: str, **options: Any) -> VolumeSource:
@@ -331,8 +339,23 @@ def make_source(name: str, **options: Any) -> VolumeSource:
     return SOURCES[name](**options)
 
 
+def source_name_from_args(args: Any) -> str:
+    """--source, else 'cellmap' when --data-root, --catalog or $DINOV3_DATA_ROOT gives data."""
+    if args.source is not None:
+        return args.source
+    if getattr(args, "data_root", None) or getattr(args, "catalog", None) or os.environ.get(DATA_ROOT_ENV):
+        return "cellmap"
+    raise SourceError(
+        f"no data source given: pass --data-root ROOT (or set {DATA_ROOT_ENV}) or --catalog FILE for CellMap data, "
+        "or --source synthetic for the built-in demo data"
+    )
+
+
 def source_from_args(args: Any) -> VolumeSource:
     """The source that preprocess_volume.py options ask for."""
-    if args.source is None:
-        raise SourceError("no data source given: pass --source synthetic for the built-in demo data")
-    return make_source(args.source)
+    name = source_name_from_args(args)
+    if name == "cellmap":
+        from cellmap_source import source_from_args as cellmap_source_from_args
+
+        return cellmap_source_from_args(args)
+    return make_source(name)

@@ -187,9 +187,9 @@ def test_rerun_skips_and_overwrite_replaces(tmp_path, tiny_model_dir):
 
 
 def slow_args(out: Path, model_dir: Path, *extra: str) -> list[str]:
-    """A run big enough to be caught mid-way (output 32, slice 128, one slice per forward)."""
+    """A run long enough to be caught mid-way (output 64, slice 256, one slice per forward)."""
     args = preprocess_args(out, 0, model_dir, *extra, "--batch-size", "1")
-    args[args.index("--output-image-dim") + 1] = "32"
+    args[args.index("--output-image-dim") + 1] = "64"
     return args
 
 
@@ -203,7 +203,7 @@ def wait_for(condition, timeout: float = 120.0) -> None:
     while not condition():
         if time.time() > deadline:
             raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
+        time.sleep(0.005)
 
 
 def features_chunk_files(paths: VolumePaths) -> list[Path]:
@@ -225,7 +225,7 @@ def test_kill_mid_write_then_rerun(tmp_path, tiny_model_dir):
     assert "removing debris" in result.stderr
     assert paths.metadata.exists() and not paths.staging.exists()
     assert read_json(paths.status)["state"] == "complete"
-    assert open_array(paths.array("features")).shape == (32, 32, 32, 32)
+    assert open_array(paths.array("features")).shape == (32, 64, 64, 64)
 
 
 def test_concurrent_runs_of_one_index(tmp_path, tiny_model_dir):
@@ -248,7 +248,7 @@ def test_old_volume_stays_valid_during_overwrite(tmp_path, tiny_model_dir):
     wait_for(lambda: len(features_chunk_files(paths)) > 0 or proc.poll() is not None)
     if proc.poll() is None:  # mid-way: the old volume is still committed and readable
         assert read_json(paths.metadata)["integrity"]["commit_id"] == old["integrity"]["commit_id"]
-        assert open_array(paths.array("features")).read().result().shape == (32, 32, 32, 32)
+        assert open_array(paths.array("features")).read().result().shape == (32, 64, 64, 64)
     proc.communicate(timeout=300)
     assert proc.returncode == 0
     assert read_json(paths.metadata)["integrity"]["commit_id"] != old["integrity"]["commit_id"]
