@@ -199,15 +199,26 @@ def test_dry_run_prints_and_creates_nothing(tmp_path):
         assert "nothing submitted or created" in result.stdout
         assert "preprocess_volume.py" in result.stdout and "--source synthetic" in result.stdout
     assert not out.exists()
-    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out).stdout
+    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--source", "synthetic").stdout
     assert "bsub -J 'dinov3_preprocess[1-4]'" in lsf and "-gpu num=1" in lsf  # a GPU by default
-    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--gpu", "False").stdout
+    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--source", "synthetic", "--gpu", "False").stdout
     assert "bsub -J" in seed_spelling and "-gpu" not in seed_spelling
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--source", "synthetic", "--chunks", "1,2"], "--chunks needs 4 positive integers"),
+    ([], "no data source given"),
+    (["--source", "synthetic", "--base-resolution", "100"], "must be a whole multiple"),
+])
+def test_bad_extraction_options_are_refused_before_submitting(tmp_path, extra, message):
+    result = run_script(SUBMIT, "--num-volumes", "2", "--scheduler", "local", "--output-dir", tmp_path / "o", *extra)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
-    result = run_script(SUBMIT, "--indices", "0-2500", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path / "o")
+    result = run_script(SUBMIT, "--indices", "0-2500", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path / "o", "--source", "synthetic")
     assert result.returncode == 0, result.stderr
     assert "2501 volumes exceed the array size limit of 1000: split into 3 arrays" in result.stdout
     assert re.findall(r"--array=(\S+)", result.stdout) == ["1-1000", "1-1000", "1-501"]
@@ -215,7 +226,7 @@ def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
     assert re.search(r"^\s+1\) VOLUME_INDEX=2000 ", third_script, re.MULTILINE)
     assert re.search(r"^\s+501\) VOLUME_INDEX=2500 ", third_script, re.MULTILINE)
 
-    lsf = run_script(SUBMIT, "--indices", "0-4", "--scheduler", "lsf", "--dry-run", "--max-array-size", "2", "--max-concurrent", "1", "--output-dir", tmp_path / "o")
+    lsf = run_script(SUBMIT, "--indices", "0-4", "--scheduler", "lsf", "--dry-run", "--max-array-size", "2", "--max-concurrent", "1", "--output-dir", tmp_path / "o", "--source", "synthetic")
     assert re.findall(r"-J '(\S+)'", lsf.stdout) == ["dinov3_preprocess[1-2]%1"] * 2 + ["dinov3_preprocess[1-1]%1"]
 
 
