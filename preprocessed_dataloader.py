@@ -214,10 +214,11 @@ class PreprocessedDINOv3Dataset(Dataset):
         return read_samples(samples, self.resources, self.buffers_for(pin_memory), pin_memory, self.return_metadata, *dtypes)
 
     def buffers_for(self, pin_memory: bool):
-        # pinned memory is recycled by torch's caching host allocator, which knows when the
-        # asynchronous copies from it have finished; worker results travel through shared memory
-        if (pin_memory or not self.reuse_memory or torch.utils.data.get_worker_info() is not None
-                or not hasattr(torch._C, "_storage_Use_Count")):  # the reuse test needs it
+        # worker results travel through shared memory; pinned memory is recycled by torch's
+        # caching host allocator, which knows when the asynchronous copies from it have finished
+        if torch.utils.data.get_worker_info() is not None:
+            return SharedBuffers
+        if pin_memory or not self.reuse_memory or not hasattr(torch._C, "_storage_Use_Count"):  # the reuse test needs it
             return FreshBuffers
         if self._buffers is None:
             self._buffers = BatchBuffers()
@@ -299,11 +300,24 @@ class BatchBuffers:
 
 
 class FreshBuffers:
-    """Worker processes hand batches over through shared memory: never reuse there."""
+    """New memory for every batch: pinned memory (recycled by torch's caching host allocator)
+    and the transform path."""
 
     @staticmethod
     def empty(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
         return empty_tensor(shape, dtype, pin_memory)
+
+
+class SharedBuffers:
+    """In a worker process: batches are read straight into shared memory, which is how torch
+    hands them to the main process, so sending them copies nothing (a tensor in private memory
+    would be copied into shared memory first)."""
+
+    @staticmethod
+    def empty(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        storage = torch.UntypedStorage._new_shared(max(numel, 1) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def read_samples(
@@ -509,25 +523,22 @@ class _Failure:
         self.error = error
 
 
-class PrefetchIterator:
-    """Runs the batch source on a background thread, `depth` batches ahead. On CUDA the
-    host-to-device copies run on their own stream and the consumer's stream waits for them."""
+class _BatchProducer:
+    """What the prefetch thread runs. It holds no reference to the iterator, so an iterator
+    dropped in the middle of an epoch is collected, and its __del__ stops the thread."""
 
     def __init__(self, source: Iterator, finish: Callable, depth: int, device: torch.device | None):
         self.source, self.finish = source, finish
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.stop = threading.Event()
         self.cuda = device is not None and device.type == "cuda"
-        self.device = device
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.wait_seconds = 0.0
-        self.depth = depth
-        self.thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
-        if depth > 0:
-            self.thread.start()
 
-    def _produce(self):
-        raw = next(self.source)
+    def produce(self):
+        try:
+            raw = next(self.source)
+        except StopIteration:
+            return _END
         if not self.cuda:
             return self.finish(raw), None
         with torch.cuda.stream(self.stream):
@@ -537,20 +548,17 @@ class PrefetchIterator:
         ready.synchronize()  # on this background thread: a queued batch is entirely on the GPU
         return batch, ready
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             while not self.stop.is_set():
-                try:
-                    item = self._produce()
-                except StopIteration:
-                    item = _END
-                self._put(item)
+                item = self.produce()
+                self.put(item)
                 if item is _END:
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(_Failure(e))
+            self.put(_Failure(e))
 
-    def _put(self, item) -> None:
+    def put(self, item) -> None:
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
@@ -558,18 +566,25 @@ class PrefetchIterator:
             except queue.Full:
                 continue
 
+
+class PrefetchIterator:
+    """Runs the batch source on a background thread, `depth` batches ahead. On CUDA the
+    host-to-device copies run on their own stream and the consumer's stream waits for them."""
+
+    def __init__(self, source: Iterator, finish: Callable, depth: int, device: torch.device | None):
+        self.producer = _BatchProducer(source, finish, depth, device)
+        self.device, self.depth = device, depth
+        self.wait_seconds = 0.0
+        self.thread = threading.Thread(target=self.producer.run, name="batch-prefetch", daemon=True)
+        if depth > 0:
+            self.thread.start()
+
     def __iter__(self):
         return self
 
     def __next__(self):
         started = time.perf_counter()
-        if self.depth == 0:
-            try:
-                item = self._produce()
-            except StopIteration:
-                item = _END
-        else:
-            item = self.queue.get()
+        item = self.producer.produce() if self.depth == 0 else self.producer.queue.get()
         self.wait_seconds += time.perf_counter() - started
         if item is _END:
             self.close()
@@ -587,18 +602,18 @@ class PrefetchIterator:
         return batch
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.producer.source)
 
     def close(self) -> None:
-        self.stop.set()
+        self.producer.stop.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             while self.thread.is_alive():
                 try:
-                    self.queue.get(timeout=0.05)
+                    self.producer.queue.get(timeout=0.05)
                 except queue.Empty:
                     pass
             self.thread.join()
-        shutdown = getattr(self.source, "_shutdown_workers", None)
+        shutdown = getattr(self.producer.source, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -242,6 +243,17 @@ def test_breaking_out_of_a_loop_stops_the_prefetch_thread(built_cache):
     next(iterator)
     iterator.close()
     assert not iterator.thread.is_alive()
+
+
+def test_an_abandoned_iterator_stops_its_prefetch_thread(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=1, prefetch_batches=1)
+    iterator = iter(loader)
+    next(iterator)
+    thread = iterator.thread
+    del iterator  # a loop left with break: nothing closes it explicitly
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def test_cpu_device_and_pin_memory_without_gpu(built_cache):
