@@ -93,6 +93,24 @@ class PreprocessingError(Exception):
     """A failure a user can act on: the message is one line saying what and what to do."""
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler's walltime or kill): the run records it and cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum} (a walltime or scheduler kill); rerun to finish the volume")
+        self.signum = signum
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into an exception, so a killed job says so in its status record."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 # ----------------------------------------------------------------------------- configuration
 
 

@@ -3,7 +3,7 @@
 
     python preprocess_volume.py --volume-index 0 --output-dir OUT --source synthetic --model-id random:tiny
 
-Exit status: 0 complete or skipped, 1 failed, 3 another run holds this volume.
+Exit status: 0 complete or skipped, 1 failed, 3 another run holds this volume, 143 terminated (SIGTERM).
 """
 
 import argparse
@@ -11,7 +11,7 @@ import logging
 import sys
 
 from cache_layout import VolumeLocked
-from dinov3_preprocessing import PreprocessingError, config_from_args, preprocess_volume
+from dinov3_preprocessing import PreprocessingError, Terminated, config_from_args, preprocess_volume, raise_on_sigterm
 from preprocess_options import add_extraction_arguments
 from volume_sources import SourceError, source_from_args
 from zarr_arrays import StorageError
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    raise_on_sigterm()
     try:
         config = config_from_args(args)
         outcome = preprocess_volume(config, source_from_args(args))
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PreprocessingError, SourceError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated as e:
+        print(f"error: volume {args.volume_index} {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"error: volume {args.volume_index} interrupted; rerun to finish it", file=sys.stderr)
         return 130

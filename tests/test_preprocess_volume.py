@@ -228,6 +228,18 @@ def test_kill_mid_write_then_rerun(tmp_path, tiny_model_dir):
     assert open_array(paths.array("features")).shape == (32, 64, 64, 64)
 
 
+def test_sigterm_is_recorded_and_cleaned_up(tmp_path, tiny_model_dir):
+    paths = VolumePaths(tmp_path, 0)
+    proc = start_slow_run(tmp_path, tiny_model_dir)
+    wait_for(lambda: len(features_chunk_files(paths)) > 0 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated by signal 15" in err and "Traceback" not in err
+    status = read_json(paths.status)
+    assert status["state"] == "failed" and "Terminated" in status["error"]
+    assert not paths.metadata.exists() and not paths.staging.exists()
+
+
 def test_concurrent_runs_of_one_index(tmp_path, tiny_model_dir):
     paths = VolumePaths(tmp_path, 0)
     first = start_slow_run(tmp_path, tiny_model_dir)
