@@ -415,7 +415,7 @@ class AsyncBlockWriter:
     """Writes blocks through TensorStore while computing goes on, with at most
     `max_in_flight` blocks outstanding; crc32s of every chunk are taken on a thread."""
 
-    def __init__(self, max_in_flight: int = 3):
+    def __init__(self, max_in_flight: int = 2):
         self.max_in_flight = max_in_flight
         self.pending: collections.deque = collections.deque()
         self.checksums: dict[str, dict[str, int]] = collections.defaultdict(dict)
