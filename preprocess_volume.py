@@ -11,6 +11,7 @@ import logging
 import sys
 
 from cache_layout import VolumeLocked
+from dinov3_model import ModelError
 from dinov3_preprocessing import PreprocessingError, Terminated, config_from_args, preprocess_volume, raise_on_sigterm
 from preprocess_options import add_extraction_arguments
 from volume_sources import SourceError, source_from_args
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except VolumeLocked as e:
         print(f"error: volume {args.volume_index} is being processed by another run ({e}); not starting a second", file=sys.stderr)
         return EXIT_LOCKED
-    except (PreprocessingError, SourceError, StorageError) as e:
+    except (PreprocessingError, ModelError, SourceError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except Terminated as e:

@@ -183,7 +183,7 @@ def run_locally(args, scheduler: LocalScheduler, resources) -> int:
         why = "killed at the walltime" if failure.returncode is None else f"exit {failure.returncode}"
         print(f"failed: volume {failure.volume_index} ({why}): {failure.last_error_line}")
     print(f"summary: {len(summary.results) - len(summary.failed)} succeeded, {len(summary.failed)} failed"
-          + (f"; rerun them with --missing-only" if summary.failed else ""))
+          + ("; rerun them with --missing-only" if summary.failed else ""))
     return EXIT_FAILED if summary.failed else 0
 
 

@@ -105,7 +105,8 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
 
 
 def bench_volume(batch_size: int) -> None:
-    from dinov3_preprocessing import ExtractionConfig, load_model, preprocess_volume
+    from dinov3_model import load_model
+    from dinov3_preprocessing import ExtractionConfig, preprocess_volume
     from volume_sources import SyntheticSource, CropGeometry, SamplingOptions
     from benchmarks.bench_common import FixedSource
 
@@ -147,7 +148,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
         return 0
-    from dinov3_preprocessing import build_random_model
+    from dinov3_model import build_random_model
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     peak = matmul_tflops()

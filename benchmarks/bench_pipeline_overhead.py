@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.bench_common import FixedSource
-from dinov3_preprocessing import ExtractionConfig, load_model, normalise, plane_slices, preprocess_volume
+from dinov3_model import load_model
+from dinov3_preprocessing import ExtractionConfig, normalise, plane_slices, preprocess_volume
 from volume_sources import CropGeometry, SamplingOptions, SyntheticSource
 
 

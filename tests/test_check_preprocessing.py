@@ -361,7 +361,7 @@ def test_flipped_byte_in_a_v2_chunk_is_named(varied):
     flip_byte(chunk)
     check, problems, rc = verify(varied, 0)
     assert rc == EXIT_DAMAGED and not check["ok"]
-    assert f"volume_000000 features: chunk 1.0.1.0 crc32" in problems and str(chunk) in problems
+    assert "volume_000000 features: chunk 1.0.1.0 crc32" in problems and str(chunk) in problems
     assert problems.count("crc32") == 1  # only the damaged chunk
 
 
