@@ -210,8 +210,8 @@ def interpolation_matrix(in_size: int, out_size: int, start: int, stop: int, dev
 
 
 def interpolate_dim(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of a contiguous tensor along one dim, as one matrix product
-    (a dense product beats gathering the two neighbours on CPUs and GPUs alike)."""
+    """Linear interpolation along one dim, as one matrix product (a dense product beats
+    gathering the two neighbours on CPUs and GPUs alike); the result is contiguous."""
     if dim == x.dim() - 1:
         return x @ matrix.T
     before, after = x.shape[:dim], x.shape[dim + 1 :]
@@ -245,6 +245,7 @@ def plane_contribution(grids: torch.Tensor, plane: str, out_dim: int, ranges: li
 
 
 COMPUTE_CHANNELS = 64  # channels upsampled at once: bounds the float32 temporaries
+BLOCK_BYTES = 64 * 2**20  # a feature block handed to the writer (a few are in flight at once)
 
 
 class BlockBuffers:
@@ -499,7 +500,8 @@ def extract_features(
             grids = torch.cat(pending)
             ready, rest = grids[: stop - done], grids[stop - done :]
             pending = [rest] if len(rest) else []
-            emit_slab(spatial_layout(ready, streaming), streaming, held, done, stop, slab_axis, d, unit[0], n_channels, emit_block)
+            emit_slab(spatial_layout(ready, streaming), streaming, held, done, stop, slab_axis, d, unit,
+                      torch.finfo(getattr(torch, config.features_dtype)).bits // 8, emit_block)
             done = stop
     progress.close()
 
@@ -512,27 +514,35 @@ def emit_slab(
     stop: int,
     slab_axis: int,
     d: int,
-    channel_unit: int,
-    n_channels: int,
+    unit: tuple[int, ...],
+    itemsize: int,
     emit_block: Callable[[tuple[int, ...], tuple[int, ...], Callable[[int, int], torch.Tensor]], None],
 ) -> None:
-    """Hand out the slab start:stop along slab_axis, one write unit of channels at a time,
-    as a function that averages every plane over a channel range (computed on demand, in
-    small channel groups, so temporaries stay small)."""
-    ranges = [(0, d)] * 3
-    ranges[slab_axis] = (start, stop)
+    """Hand out the slab start:stop along slab_axis as write-unit-aligned blocks of at most
+    BLOCK_BYTES (channel units x tiles along the next axis), each as a function that averages
+    every plane over a channel range, computed on demand in small channel groups."""
+    n_channels = streaming_grids.shape[0]
+    tile_axis = next(a for a in range(3) if a != slab_axis)
+    bytes_per_row = min(unit[0], n_channels) * (stop - start) * d * itemsize
+    tile = max(unit[1 + tile_axis], BLOCK_BYTES // bytes_per_row // unit[1 + tile_axis] * unit[1 + tile_axis])
     n_planes = 1 + len(held)
+    for t0 in range(0, d, tile):
+        ranges = [(0, d)] * 3
+        ranges[slab_axis] = (start, stop)
+        ranges[tile_axis] = (t0, min(d, t0 + tile))
 
-    def averaged(c0: int, c1: int) -> torch.Tensor:
-        block = plane_contribution(streaming_grids[c0:c1], streaming, d, ranges)
-        for plane, grids in held.items():  # held planes span the block along their normals
-            block += plane_contribution(grids[c0:c1], plane, d, ranges)
-        return block.div_(n_planes)
+        def averaged(c0: int, c1: int, ranges=ranges) -> torch.Tensor:
+            block = plane_contribution(streaming_grids[c0:c1], streaming, d, ranges)
+            for plane, grids in held.items():
+                normal = PLANE_AXES[plane][0]
+                lo, hi = ranges[normal]
+                block += plane_contribution(grids[c0:c1].narrow(1 + normal, lo, hi - lo), plane, d, ranges)
+            return block.div_(n_planes)
 
-    for c0 in range(0, n_channels, channel_unit):
-        origin = (c0, *(lo for lo, _ in ranges))
-        shape = (min(channel_unit, n_channels - c0), *(hi - lo for lo, hi in ranges))
-        emit_block(origin, shape, lambda lo, hi, c0=c0: averaged(c0 + lo, c0 + hi))
+        for c0 in range(0, n_channels, unit[0]):
+            origin = (c0, *(lo for lo, _ in ranges))
+            shape = (min(unit[0], n_channels - c0), *(hi - lo for lo, hi in ranges))
+            emit_block(origin, shape, lambda lo, hi, c0=c0, f=averaged: f(c0 + lo, c0 + hi))
 
 
 # ----------------------------------------------------------------------------- one volume, end to end

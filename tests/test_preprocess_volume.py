@@ -68,6 +68,18 @@ def test_features_equal_independent_recomputation(tmp_path, tiny_model_dir, plan
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_small_blocks_tile_the_volume_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    """Blocks smaller than a slab (channel units x tiles x slabs) give the same features."""
+    import dinov3_preprocessing
+
+    monkeypatch.setattr(dinov3_preprocessing, "BLOCK_BYTES", 1)  # one chunk row per tile
+    call_main("preprocess_volume", *preprocess_args(tmp_path, 5, tiny_model_dir, "--save-raw", "--chunks", "16,8,8,8",
+                                                    "--features-dtype", "float32", "--batch-size", "3"), check=True)
+    paths = VolumePaths(tmp_path, 5)
+    expected = recompute_features(read(paths.array("raw")), tiny_model_dir, ["xy", "xz", "yz"], 16)
+    np.testing.assert_allclose(read(paths.array("features")), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_float16_features_match_within_rounding(built_cache, tiny_model_dir, tmp_path):
     """The default float16 cache equals a float32 run rounded to float16."""
     call_main("preprocess_volume", *preprocess_args(tmp_path, 0, tiny_model_dir, "--features-dtype", "float32"), check=True)
