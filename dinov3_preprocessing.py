@@ -295,10 +295,12 @@ def to_numpy(block: torch.Tensor, dtype: str) -> np.ndarray:
 
 class AsyncBlockWriter:
     """Writes blocks through TensorStore while computing goes on, with at most
-    `max_in_flight` blocks outstanding; crc32s of every chunk are taken on a thread."""
+    `max_in_flight_bytes` outstanding (the disk needs several writes at once; memory bounds
+    them); crc32s of every chunk are taken on a thread."""
 
-    def __init__(self, max_in_flight: int = 2):
-        self.max_in_flight = max_in_flight
+    def __init__(self, max_in_flight_bytes: int = 4 * BLOCK_BYTES):
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.in_flight_bytes = 0
         self.pending: collections.deque = collections.deque()
         self.checksums: dict[str, dict[str, int]] = collections.defaultdict(dict)
         self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=2)
@@ -312,12 +314,14 @@ class AsyncBlockWriter:
         region = tuple(slice(o, o + n) for o, n in zip(origin, block.shape))
         future = store[region].write(block)
         checksum = self.hasher.submit(block_checksums, block, origin, chunks)
-        self.pending.append((name, future, checksum, release))
-        while len(self.pending) > self.max_in_flight:
+        self.pending.append((name, future, checksum, release, block.nbytes))
+        self.in_flight_bytes += block.nbytes
+        while self.in_flight_bytes > self.max_in_flight_bytes and len(self.pending) > 1:
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        name, future, checksum, release = self.pending.popleft()
+        name, future, checksum, release, nbytes = self.pending.popleft()
+        self.in_flight_bytes -= nbytes
         started = time.perf_counter()
         future.result()
         self.checksums[name].update(checksum.result())
@@ -330,7 +334,7 @@ class AsyncBlockWriter:
         self.hasher.shutdown()
 
     def abandon(self) -> None:
-        for _, future, _, _ in self.pending:
+        for _, future, *_ in self.pending:
             try:
                 future.result()
             except Exception:
