@@ -63,6 +63,7 @@ from zarr_arrays import (
     StorageOptions,
     block_checksums,
     clamp_chunks,
+    feature_chunks,
     codec_description,
     create_array,
     funlib_attributes,
@@ -356,7 +357,7 @@ def stage_arrays(config: ExtractionConfig, crop: SourceCrop, n_channels: int, co
     shapes = {"features": (n_channels, d, d, d), "gt": crop.gt.shape}
     dtypes = {"features": config.features_dtype, "gt": crop.gt.dtype.name}
     chunks = {
-        "features": clamp_chunks(shapes["features"], config.storage.feature_chunks),
+        "features": feature_chunks(shapes["features"], config.storage.feature_chunks),
         "gt": clamp_chunks(crop.gt.shape, DEFAULT_LABEL_CHUNKS),
     }
     if crop.mask is not None:
@@ -489,7 +490,7 @@ def extract_features(
     held_planes, streaming = plane_order(config.planes)
     n_channels = loaded.hidden_size
     shape = (n_channels, d, d, d)
-    unit = write_unit(shape, clamp_chunks(shape, config.storage.feature_chunks), config.storage.zarr_format)
+    unit = write_unit(shape, feature_chunks(shape, config.storage.feature_chunks), config.storage.zarr_format)
     slab_axis = PLANE_AXES[streaming][0]
     slab = unit[1 + slab_axis]
     progress = Progress(d * len(config.planes), f"volume {config.volume_index}")

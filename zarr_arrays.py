@@ -65,6 +65,16 @@ def clamp_chunks(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]
     return tuple(min(int(c), int(s)) for c, s in zip(chunks, shape))
 
 
+def feature_chunks(shape: Sequence[int], requested: Sequence[int]) -> tuple[int, ...]:
+    """Feature chunks for a (C, D, H, W) array: spatial sizes clamped to the array, and the
+    channel chunk the largest divisor of C not above the request, so that no channel chunk
+    is padded (C = 384 with 256 asked gives 128)."""
+    c = min(int(requested[0]), int(shape[0]))
+    while shape[0] % c:
+        c -= 1
+    return (c, *clamp_chunks(shape[1:], requested[1:]))
+
+
 def shard_shape(shape: Sequence[int], chunks: Sequence[int], spatial_axes: int = 3) -> tuple[int, ...]:
     """Zarr v3 shard: the channel chunk, SHARD_CHUNKS_PER_AXIS chunks along each spatial axis."""
     lead = len(shape) - spatial_axes

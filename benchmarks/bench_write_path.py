@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from dinov3_preprocessing import AsyncBlockWriter
-from zarr_arrays import StorageOptions, clamp_chunks, create_array, ts_context, write_unit
+from zarr_arrays import StorageOptions, create_array, feature_chunks, ts_context, write_unit
 
 LAYOUTS = [
     ("v2 (256,16,16,16)", StorageOptions(feature_chunks=(256, 16, 16, 16))),
@@ -50,7 +50,7 @@ def plain_write_seconds(path: Path, block: np.ndarray, n_blocks: int) -> float:
 
 
 def tensorstore_write_seconds(path: Path, shape, storage: StorageOptions, features: np.ndarray) -> float:
-    chunks = clamp_chunks(shape, storage.feature_chunks)
+    chunks = feature_chunks(shape, storage.feature_chunks)
     unit = write_unit(shape, chunks, storage.zarr_format)
     store = create_array(path, shape, "float16", chunks, storage, ts_context(storage.num_threads), {}, ["c", "z", "y", "x"])
     writer = AsyncBlockWriter()

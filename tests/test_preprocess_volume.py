@@ -80,6 +80,14 @@ def test_small_blocks_tile_the_volume_exactly(tmp_path, tiny_model_dir, monkeypa
     np.testing.assert_allclose(read(paths.array("features")), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_channel_chunk_divides_the_channels(tmp_path, tiny_model_dir):
+    """32 channels with 24 asked: chunks of 16 channels, none padded."""
+    call_main("preprocess_volume", *preprocess_args(tmp_path, 0, tiny_model_dir, "--chunks", "24,8,8,8"), check=True)
+    meta = read_json(VolumePaths(tmp_path, 0).metadata)
+    assert meta["configuration"]["chunks"] == [16, 8, 8, 8]
+    assert sorted({key.split(".")[0] for key in meta["integrity"]["crc32"]["features"]}) == ["0", "1"]
+
+
 def test_float16_features_match_within_rounding(built_cache, tiny_model_dir, tmp_path):
     """The default float16 cache equals a float32 run rounded to float16."""
     call_main("preprocess_volume", *preprocess_args(tmp_path, 0, tiny_model_dir, "--features-dtype", "float32"), check=True)
