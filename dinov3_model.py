@@ -11,7 +11,7 @@ import torch
 
 from cache_layout import read_json
 
-log = logging.getLogger("dinov3_preprocessing")
+log = logging.getLogger("dinov3_model")
 
 
 class ModelError(ValueError):

@@ -671,9 +671,10 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, loaded: Loa
     commit_volume(paths, list(staged.stores))
     timing["total_seconds"] = time.perf_counter() - t_volume
     metadata["timing"] = {k: round(v, 4) for k, v in timing.items()}
-    write_json_atomic(paths.metadata, seal_metadata(metadata))
+    sealed = seal_metadata(metadata)
+    write_json_atomic(paths.metadata, sealed)
     remove_tree(paths.staging)
-    return read_json(paths.metadata)
+    return sealed
 
 
 def commit_volume(paths: VolumePaths, array_names: list[str]) -> None:
@@ -736,7 +737,7 @@ def volume_metadata(
             "compression": config.storage.compression,
             "zarr_format": config.storage.zarr_format,
             "chunks": list(staged.chunks["features"]),
-            "codecs": codec_description(config.storage),
+            "codecs": codec_description(config.storage, shapes["features"], staged.chunks["features"]),
             "batch_size": config.batch_size,
             "device": str(loaded.device),
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),

@@ -128,11 +128,11 @@ def _v3_codecs(compression: str, chunks: Sequence[int], shard: Sequence[int]) ->
     ]
 
 
-def codec_description(storage: StorageOptions) -> dict:
-    """Recorded in metadata: how the bytes on disk are encoded."""
+def codec_description(storage: StorageOptions, shape: Sequence[int], chunks: Sequence[int]) -> dict:
+    """Recorded in metadata: how an array's bytes on disk are encoded."""
     if storage.zarr_format == 2:
         return {"zarr_format": 2, "compressor": _v2_compressor(storage.compression)}
-    return {"zarr_format": 3, "codecs": _v3_codecs(storage.compression, (1,), (2,))}
+    return {"zarr_format": 3, "codecs": _v3_codecs(storage.compression, chunks, shard_shape(shape, chunks))}
 
 
 def create_spec(
