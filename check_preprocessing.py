@@ -8,9 +8,9 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --verify-all --json
     python check_preprocessing.py --output-dir OUT --preview PREVIEW_DIR --verify-indices 0 3
 
-Exit status: 0 every expected volume is complete (and verified, when asked);
-1 an expected volume is not complete; 2 bad arguments; 3 verification failed or a
-metadata file is unreadable.
+Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
+when asked); 1 an expected volume is not complete; 2 bad arguments; 4 verification
+failed or a metadata file is unreadable.
 """
 
 from __future__ import annotations
@@ -20,21 +20,21 @@ import os
 import sys
 from pathlib import Path
 
-from cache_audit import (
-    EXIT_USAGE,
+from dinov3_cache.audit.report import (
     AuditError,
     choose_volumes_to_verify,
     finish_report,
     format_report,
     gather_report,
-    parse_index_list,
     verify_volume,
     write_preview,
 )
+from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.indices import parse_index_list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="the cache directory the jobs write to")
     expected = parser.add_argument_group("expected volumes (default: every recorded submission)")
     expected.add_argument("--start-index", type=int, default=None, help="first expected index (with --num-volumes; default 0)")
@@ -86,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         verify_indices = parse_index_list(args.verify_indices, "--verify-indices") if args.verify_indices else None
         report = gather_report(Path(args.output_dir), expected_from_args(args), args.log_lines, args.storage)
-    except AuditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except CacheToolError as e:
+        return report_error(e)
     wants_sample = args.verify or (args.preview and not verify_indices and not args.verify_all)
     checks = None
     if wants_sample or verify_indices or args.verify_all:

@@ -3,26 +3,23 @@
 
     python preprocess_volume.py --volume-index 0 --output-dir OUT --source synthetic --model-id random:tiny
 
-Exit status: 0 complete or skipped, 1 failed, 3 another run holds this volume, 143 terminated (SIGTERM).
+Exit status (docs/exit-status.md): 0 complete or skipped, 1 failed, 2 bad options,
+3 another run holds this volume, 143 terminated (SIGTERM).
 """
 
 import argparse
 import logging
 import sys
 
-from cache_layout import VolumeLocked
-from dinov3_model import ModelError
-from dinov3_preprocessing import PreprocessingError, Terminated, config_from_args, preprocess_volume, raise_on_sigterm
-from preprocess_options import add_extraction_arguments
-from volume_sources import SourceError, source_from_args
-from zarr_arrays import StorageError
-
-EXIT_FAILED = 1
-EXIT_LOCKED = 3
+from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.extraction.options import add_extraction_arguments
+from dinov3_cache.extraction.pipeline import Terminated, config_from_args, preprocess_volume, raise_on_sigterm
+from dinov3_cache.layout import VolumeLocked
+from dinov3_cache.sources.base import source_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volume-index", type=int, required=True, help="volume index (also the random seed)")
     add_extraction_arguments(parser)
     return parser
@@ -37,10 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = preprocess_volume(config, source_from_args(args))
     except VolumeLocked as e:
         print(f"error: volume {args.volume_index} is being processed by another run ({e}); not starting a second", file=sys.stderr)
-        return EXIT_LOCKED
-    except (PreprocessingError, ModelError, SourceError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return e.exit_status
+    except CacheToolError as e:
+        return report_error(e)
     except Terminated as e:
         print(f"error: volume {args.volume_index} {e}", file=sys.stderr)
         return 128 + e.signum

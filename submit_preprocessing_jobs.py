@@ -6,7 +6,8 @@
     python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 --missing-only [options]
 
 Every option of preprocess_volume.py is accepted and passed to each job unchanged.
-Exit status: 0 submitted (local: all complete), 1 a submission or a local volume failed, 2 bad input.
+Exit status (docs/exit-status.md): 0 submitted (local: all complete), 1 a submission or a
+local volume failed, 2 bad input (nothing submitted).
 """
 
 from __future__ import annotations
@@ -15,32 +16,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from cache_layout import committed_volume_indices, now_iso, write_submission_record
-from job_schedulers import (
+from dinov3_cache.cluster.schedulers import (
     JobSpec,
     LocalScheduler,
     SchedulerError,
     add_scheduler_arguments,
+    array_ranges,
     choose_scheduler,
-    compress_ranges,
-    parse_indices,
     resources_from_args,
     split_arrays,
 )
-from dinov3_preprocessing import PreprocessingError, config_from_args
-from preprocess_options import add_extraction_arguments, extraction_argv
-from volume_sources import SourceError, source_from_args, source_name_from_args
-from zarr_arrays import StorageError
-
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad options: one line saying what is wrong (the full usage would bury it)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+from dinov3_cache.errors import EXIT_FAILED, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
+from dinov3_cache.extraction.options import add_extraction_arguments, extraction_argv
+from dinov3_cache.extraction.pipeline import config_from_args
+from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.layout import committed_volume_indices, now_iso, write_submission_record
+from dinov3_cache.sources.base import source_from_args, source_name_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def requested_indices(args: argparse.Namespace) -> list[int]:
     if args.indices is not None:
-        return parse_indices(args.indices)
+        return parse_index_list(args.indices)
     if args.num_volumes < 1 or args.start_index < 0:
-        raise SchedulerError("--num-volumes must be at least 1 and --start-index at least 0")
+        raise UsageError("--num-volumes must be at least 1 and --start-index at least 0")
     return list(range(args.start_index, args.start_index + args.num_volumes))
 
 
@@ -90,30 +81,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler: {scheduler.name} ({reason})")
         resources = resources_from_args(args)
         scheduler.check_resources(resources)
-    except SchedulerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CacheToolError as e:
+        report_error(e)
+        return EXIT_USAGE
 
     indices = missing_indices(args.output_dir, requested) if args.missing_only else requested
     if args.missing_only:
         print(f"missing-only: {len(indices)} of {len(requested)} volumes have no complete volume"
-              + (f": {compress_ranges(indices)}" if indices else ""))
+              + (f": {format_ranges(indices)}" if indices else ""))
     if not indices:
         print("nothing to submit")
         return 0
 
     try:
         check_extraction_options(args, indices[0], prepare_source=not args.dry_run)
-    except (PreprocessingError, SourceError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CacheToolError as e:
+        report_error(e)
+        return EXIT_USAGE
 
     spec = JobSpec.preprocess_volume(Path(args.output_dir), extraction_argv(args, parser), args.job_name)
     try:
         arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None)
     except SchedulerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        report_error(e)
+        return EXIT_USAGE
     if len(arrays) > 1:
         print(f"{len(indices)} volumes exceed the array size limit of {args.max_array_size}: split into {len(arrays)} arrays")
     rendered = [scheduler.render(array, resources) for array in arrays]
@@ -131,8 +122,8 @@ def submit(args, scheduler, rendered, resources, indices) -> int:
         scheduler.check_installed()
         scheduler.prepare_directories(Path(args.output_dir))
     except SchedulerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        report_error(e)
+        return EXIT_USAGE
     except OSError as e:
         print(f"error: cannot create the log directories under {args.output_dir} ({e.strerror}); choose a writable --output-dir", file=sys.stderr)
         return EXIT_FAILED
@@ -144,7 +135,7 @@ def submit(args, scheduler, rendered, resources, indices) -> int:
             error = e
             break
         submitted.append(r)
-        print(f"submitted {r.job_id}: {r.array.size} volumes ({compress_ranges(r.array.volume_indices)})")
+        print(f"submitted {r.job_id}: {r.array.size} volumes ({array_ranges(r.array.volume_indices)})")
     if submitted:
         record = write_submission_record(args.output_dir, {
             "submitted": now_iso(),

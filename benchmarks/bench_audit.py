@@ -2,7 +2,7 @@
 """The audit report (no verification) over a directory of thousands of small volumes,
 timed against `du -s` over the same directory in the same run.
 
-    python benchmarks/bench_audit.py                 # 2,000 volumes, 5 alternating rounds
+    python -m benchmarks.bench_audit                 # 2,000 volumes, 5 alternating rounds
 
 How the directory is made: one tiny volume is extracted by the real pipeline
 (preprocess_volume.py, random-weight model, 16^3 labels), then copied under 2,000
@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from cache_layout import (  # noqa: E402
+from dinov3_cache.layout import (
     ARRAY_NAMES,
     VolumePaths,
     read_json,

@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Callable
 
-from volume_sources import CropGeometry, SamplingOptions, SourceCrop, VolumeSource
+from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SourceCrop, VolumeSource
 
 
 class FixedSource(VolumeSource):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU extraction throughput: ViT-L/16 on 512 x 512 slices in bf16.
 
-    python benchmarks/bench_gpu_extraction.py [--batch-sizes 16 32 64] [--volume]
+    python -m benchmarks.bench_gpu_extraction [--batch-sizes 16 32 64] [--volume]
 
 Measures, in one run on one GPU:
   1. the card's bf16 matmul rate (8192^3 products): the baseline;
@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -105,9 +104,9 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
 
 
 def bench_volume(batch_size: int) -> None:
-    from dinov3_model import load_model
-    from dinov3_preprocessing import ExtractionConfig, preprocess_volume
-    from volume_sources import SyntheticSource, CropGeometry, SamplingOptions
+    from dinov3_cache.extraction.model import load_model
+    from dinov3_cache.extraction.pipeline import ExtractionConfig, preprocess_volume
+    from dinov3_cache.sources.base import SyntheticSource, CropGeometry, SamplingOptions
     from benchmarks.bench_common import FixedSource
 
     loaded = load_model("random:vitl16", device="cuda")
@@ -148,7 +147,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
         return 0
-    from dinov3_model import build_random_model
+    from dinov3_cache.extraction.model import build_random_model
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     peak = matmul_tflops()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Random 64^3 crops: bytes read from disk / bytes returned, default chunks (256,16,16,16).
 
-    python benchmarks/bench_loader_crops.py [--cache DIR] [--crops 20] [--crop 64]
+    python -m benchmarks.bench_loader_crops [--cache DIR] [--crops 20] [--crop 64]
 
 Volume 0 of a C=256, 128^3, float16 cache (built once by the extraction CLI if --cache holds
 no volume). Before every crop all files of the volume are evicted from the page cache
@@ -19,16 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
-from cache_reader import chunk_overlaps
-from loader_bench_cache import ensure_cache
-from page_cache import evict_from_page_cache, io_counters, volume_files
+from dinov3_cache.loader.reader import chunk_overlaps
+from benchmarks.loader_bench_cache import ensure_cache
+from dinov3_cache.loader.page_cache import evict_from_page_cache, io_counters, volume_files
 from preprocessed_dataloader import PreprocessedDINOv3Dataset
-from zarr_arrays import storage_chunks
+from dinov3_cache.zarr_arrays import storage_chunks
 
 ARRAYS = ("features", "gt", "mask")
 

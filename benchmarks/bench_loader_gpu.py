@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU delivery: batches in GPU memory per second against the host-to-device copy rate, one run.
 
-    python benchmarks/bench_loader_gpu.py [--cache DIR] [--batch-size 2] [--batches 10]
+    python -m benchmarks.bench_loader_gpu [--cache DIR] [--batch-size 2] [--batches 10]
 
 On a machine without CUDA it says so and measures nothing. Otherwise it builds (on the GPU,
 seconds) or reuses a C=1024, 64^3 float16 cache of 2 volumes, then measures in one run:
@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 

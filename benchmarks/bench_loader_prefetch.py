@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Simulated training: fraction of wall time the step waits for data, with and without prefetch.
 
-    python benchmarks/bench_loader_prefetch.py [--cache DIR] [--batch-size 2] [--batches 12] [--step-factor 1.5]
+    python -m benchmarks.bench_loader_prefetch [--cache DIR] [--batch-size 2] [--batches 12] [--step-factor 1.5]
 
 Reads the C=1024, 64^3 float16 cache (built once by the extraction CLI if --cache has fewer
 than 2 volumes), warm, with the API defaults (features float32 on the host); whole volumes,
@@ -22,10 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loader_bench_cache import ensure_cache
+from benchmarks.loader_bench_cache import ensure_cache
 from preprocessed_dataloader import create_preprocessed_dataloader
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Whole-volume warm reads: this loader against numpy.fromfile and zarr-python 3, one run.
 
-    python benchmarks/bench_loader_read.py [--cache DIR] [--rounds 5] [--num-threads 8]
+    python -m benchmarks.bench_loader_read [--cache DIR] [--rounds 5] [--num-threads 8]
 
 Reads volume 0 (features + gt + mask) of a C=1024, 64^3, float16 cache with default chunks
 (built once by the extraction CLI if --cache holds no volume). Everything is warm: the files
@@ -28,18 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import tensorstore as ts
 import torch
 import zarr
 
-from loader_bench_cache import ensure_cache
-from page_cache import describe_residency, volume_files
+from benchmarks.loader_bench_cache import ensure_cache
+from dinov3_cache.loader.page_cache import describe_residency, volume_files
 from preprocessed_dataloader import PreprocessedDINOv3Dataset
-from zarr_arrays import open_array, ts_context
+from dinov3_cache.zarr_arrays import open_array, ts_context
 
 ARRAYS = ("features", "gt", "mask")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of one seed-sized volume: C = 1024 features over 128^3 from 512 x 512 slices.
 
-    python benchmarks/bench_peak_memory.py [--batch-size 8] [--model-id random:vitl16-1layer] [--output-image-dim 128]
+    python -m benchmarks.bench_peak_memory [--batch-size 8] [--model-id random:vitl16-1layer] [--output-image-dim 128]
 
 Runs preprocess_volume.py in a fresh process (synthetic source, a one-layer 1024-wide
 random model so that it finishes on a CPU) and reports the process's peak resident
@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_common import peak_rss_gb_of_children
-from cache_layout import read_metadata
+from dinov3_cache.layout import read_metadata
 
 
 def main() -> int:

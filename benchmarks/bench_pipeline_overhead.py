@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pipeline overhead: a whole volume (model load excluded) against the bare model forward.
 
-    python benchmarks/bench_pipeline_overhead.py [--model-id random:small] [--output-image-dim 64] [--repeats 3]
+    python -m benchmarks.bench_pipeline_overhead [--model-id random:small] [--output-image-dim 64] [--repeats 3]
 
 Both sides run here, alternately, on the same slices: the bare side is only
 `model(pixel_values=...)` over every slice of every plane in the pipeline's batches;
@@ -20,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from benchmarks.bench_common import FixedSource
-from dinov3_model import load_model
-from dinov3_preprocessing import ExtractionConfig, normalise, plane_slices, preprocess_volume
-from volume_sources import CropGeometry, SamplingOptions, SyntheticSource
+from dinov3_cache.extraction.model import load_model
+from dinov3_cache.extraction.pipeline import ExtractionConfig, normalise, plane_slices, preprocess_volume
+from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SyntheticSource
 
 
 def bare_forward_seconds(loaded, pixel_batches) -> float:

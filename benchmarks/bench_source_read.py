@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Read one crop at the seed's geometry from local CellMap-layout zarr, against a plain file.
 
-    python benchmarks/bench_source_read.py [--workdir DIR] [--repeats 5] [--compression zstd]
+    python -m benchmarks.bench_source_read [--workdir DIR] [--repeats 5] [--compression zstd]
 
 Builds a dataset (raw 576^3 uint8 at 32 nm in 64^3 chunks, a ground-truth crop of 144^3
 uint64 instance ids at 128 nm), then times CellMapSource.sample for a 512^3 raw + 128^3
@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from cellmap_data import crop_group, level_translation, ome_multiscales, raw_group, write_array, write_group_attributes  # noqa: E402
-from cellmap_source import CellMapSource, Storage, eligible_units, prepare_catalog  # noqa: E402
-from volume_sources import CropGeometry, LabelFilters, SamplingOptions  # noqa: E402
+from tests.cellmap_data import crop_group, level_translation, ome_multiscales, raw_group, write_array, write_group_attributes
+from dinov3_cache.sources.cellmap import CellMapSource, Storage, eligible_units, prepare_catalog
+from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions
 
 RAW_VOXELS, RAW_NM = 576, 32.0
 LABEL_VOXELS, LABEL_NM = 144, 128.0

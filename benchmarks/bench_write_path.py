@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write path: TensorStore feature writes against a plain sequential file write of the same bytes.
 
-    python benchmarks/bench_write_path.py [--channels 1024] [--dim 64] [--repeats 2]
+    python -m benchmarks.bench_write_path [--channels 1024] [--dim 64] [--repeats 2]
 
 The TensorStore side is the pipeline's own writer (AsyncBlockWriter: slab blocks of one
 write unit, written asynchronously, per-chunk crc32s, every write awaited, each chunk
@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from dinov3_preprocessing import AsyncBlockWriter
-from zarr_arrays import StorageOptions, create_array, feature_chunks, ts_context, write_unit
+from dinov3_cache.extraction.pipeline import AsyncBlockWriter
+from dinov3_cache.zarr_arrays import StorageOptions, create_array, feature_chunks, ts_context, write_unit
 
 LAYOUTS = [
     ("v2 (256,16,16,16)", StorageOptions(feature_chunks=(256, 16, 16, 16))),

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from cache_layout import committed_volume_indices  # noqa: E402
+from dinov3_cache.layout import committed_volume_indices
 
 DEFAULT_ROOT = Path("/tmp/dinov3_loader_bench")
 

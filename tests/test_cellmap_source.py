@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import cellmap_data as data
-from cache_layout import VolumePaths, read_json
-from cellmap_source import (
+from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.sources.cellmap import (
     CATALOG_FILE_NAME,
     Catalog,
     CellMapSource,
@@ -35,8 +35,8 @@ from cellmap_source import (
     transform_intensity,
 )
 from conftest import TINY_GEOMETRY_ARGS, run_script
-from volume_sources import CropGeometry, LabelFilters, SamplingOptions, SourceError
-from zarr_arrays import open_array
+from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions, SourceError
+from dinov3_cache.zarr_arrays import open_array
 
 GEOMETRY = CropGeometry(128.0, 32.0, 16)  # window 2048 nm, raw 64^3, labels 16^3
 N = GEOMETRY.output_image_dim
@@ -474,7 +474,7 @@ def test_cli_end_to_end_from_a_data_root(cellmap_root, tiny_model_dir, tmp_path)
 
 
 def test_cellmap_options_pass_through_to_jobs():
-    from preprocess_options import add_extraction_arguments, extraction_argv
+    from dinov3_cache.extraction.options import add_extraction_arguments, extraction_argv
 
     parser = argparse.ArgumentParser()
     add_extraction_arguments(parser)
@@ -543,7 +543,7 @@ def test_catalog_command_builds_and_reports(cellmap_root, tmp_path, monkeypatch)
 
 
 def test_a_read_too_large_for_memory_is_refused(catalog, monkeypatch):
-    import cellmap_source
+    import dinov3_cache.sources.cellmap as cellmap_source
 
     monkeypatch.setattr(cellmap_source, "MAX_RAW_READ_BYTES", 64**3)  # beta's resampled raw needs more
     with pytest.raises(SourceError, match=r"is much finer than 32 nm: one crop would read .* GiB"):

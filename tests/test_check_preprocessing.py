@@ -16,20 +16,16 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from cache_audit import (
-    EXIT_DAMAGED,
+from dinov3_cache.audit.report import (
     EXIT_INCOMPLETE,
-    EXIT_OK,
-    EXIT_USAGE,
     StorageMeasure,
-    compress_ranges,
     last_error_line,
-    parse_index_list,
     read_complete_volumes,
     recognise_kill,
     storage_summary,
 )
-from cache_layout import (
+from dinov3_cache.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
+from dinov3_cache.layout import (
     VolumePaths,
     bytes_on_disk,
     read_json,
@@ -39,7 +35,7 @@ from cache_layout import (
     write_submission_record,
 )
 from conftest import preprocess_args, run_script
-from png_panels import MARGIN, decode_png
+from dinov3_cache.audit.png import MARGIN, decode_png
 
 SLURM_OOM = (
     "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5001.batch. "
@@ -112,14 +108,6 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- pure functions
-
-
-def test_index_lists_parse_and_compress():
-    assert parse_index_list(["10", "15", "23-25"]) == [10, 15, 23, 24, 25]
-    assert parse_index_list(["3,1", "1-2"]) == [1, 2, 3]
-    assert compress_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
-    with pytest.raises(ValueError, match="--verify-indices: range '5-2' runs backwards"):
-        parse_index_list(["5-2"], "--verify-indices")
 
 
 @pytest.mark.parametrize(

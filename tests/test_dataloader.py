@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_layout import VolumePaths
+from dinov3_cache.layout import VolumePaths
 from conftest import preprocess_args, run_script
 from preprocessed_dataloader import (
     CacheError,
@@ -19,7 +19,7 @@ from preprocessed_dataloader import (
     collate_samples,
     create_preprocessed_dataloader,
 )
-from zarr_arrays import open_array
+from dinov3_cache.zarr_arrays import open_array
 
 SMALL_CHUNKS = ["--chunks", "16,4,4,4"]  # many chunks per tiny volume, so crops cross chunk borders
 READERS = ["auto", "tensorstore"]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY_GEOMETRY_ARGS, call_main, preprocess_args, run_script
-from cache_layout import VolumePaths, metadata_is_intact, read_json
-from zarr_arrays import open_array
+from dinov3_cache.layout import VolumePaths, metadata_is_intact, read_json
+from dinov3_cache.zarr_arrays import open_array
 
 SEED_METADATA_KEYS = {
     "volume_index", "volume_name", "timestamp", "paths", "source_dataset", "shapes",
@@ -70,7 +70,7 @@ def test_features_equal_independent_recomputation(tmp_path, tiny_model_dir, plan
 
 def test_small_blocks_tile_the_volume_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Blocks smaller than a slab (channel units x tiles x slabs) give the same features."""
-    import dinov3_preprocessing
+    import dinov3_cache.extraction.pipeline as dinov3_preprocessing
 
     monkeypatch.setattr(dinov3_preprocessing, "BLOCK_BYTES", 1)  # one chunk row per tile
     call_main("preprocess_volume", *preprocess_args(tmp_path, 5, tiny_model_dir, "--save-raw", "--chunks", "16,8,8,8",
@@ -148,7 +148,7 @@ def test_layout_shapes_dtypes_and_metadata(built_cache):
 
 
 def test_chunk_checksums_match_data(built_cache):
-    from zarr_arrays import chunk_key, chunk_slices, crc32_of
+    from dinov3_cache.zarr_arrays import chunk_key, chunk_slices, crc32_of
 
     paths = VolumePaths(built_cache, 1)
     meta = read_json(paths.metadata)

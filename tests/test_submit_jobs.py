@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_layout import (
+from dinov3_cache.layout import (
     VolumeLock,
     VolumePaths,
     is_volume_complete,
@@ -21,7 +21,7 @@ from cache_layout import (
     scheduler_logs_dir,
 )
 from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
-from job_schedulers import (
+from dinov3_cache.cluster.schedulers import (
     JobSpec,
     LsfScheduler,
     Resources,

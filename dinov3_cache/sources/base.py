@@ -16,10 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dinov3_cache.errors import CacheToolError
+
 MAX_CANDIDATES = 100
 
 
-class SourceError(ValueError):
+class SourceError(CacheToolError, ValueError):
     """Bad source options or data; the message is one line a user can act on."""
 
 
@@ -324,7 +326,7 @@ def smooth_noise(coarse: np.ndarray, n: int) -> np.ndarray:
 
 
 def _cellmap_source(**options: Any) -> VolumeSource:
-    from cellmap_source import CellMapSource  # imported on use: cellmap_source imports this module
+    from dinov3_cache.sources.cellmap import CellMapSource  # imported on use: cellmap_source imports this module
 
     return CellMapSource(**options)
 
@@ -355,7 +357,7 @@ def source_from_args(args: Any) -> VolumeSource:
     """The source that preprocess_volume.py options ask for."""
     name = source_name_from_args(args)
     if name == "cellmap":
-        from cellmap_source import source_from_args as cellmap_source_from_args
+        from dinov3_cache.sources.cellmap import source_from_args as cellmap_source_from_args
 
         return cellmap_source_from_args(args)
     return make_source(name)

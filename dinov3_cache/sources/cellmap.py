@@ -42,8 +42,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorstore as ts
 
-from cache_layout import canonical_json, write_json_atomic
-from volume_sources import (
+from dinov3_cache.layout import canonical_json, write_json_atomic
+from dinov3_cache.sources.base import (
     DATA_ROOT_ENV,
     CropGeometry,
     SamplingOptions,

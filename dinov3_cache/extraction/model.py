@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from cache_layout import read_json
+from dinov3_cache.errors import CacheToolError, first_line
+from dinov3_cache.layout import read_json
 
 log = logging.getLogger("dinov3_model")
 
 
-class ModelError(ValueError):
+class ModelError(CacheToolError, ValueError):
     """A model or device that cannot be used; the message is one line saying what to do."""
 
 
@@ -104,9 +105,8 @@ def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn
     try:
         model = DINOv3ViTModel.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
-            f"cannot load model {model_id!r} ({first_line[:200]}); pass --model-id a local directory holding "
+            f"cannot load model {model_id!r} ({first_line(e, 200)}); pass --model-id a local directory holding "
             "config.json and model.safetensors (download it where the hub is reachable with "
             "'hf download <id> --local-dir DIR'), or use --model-id random:tiny for an offline demo"
         ) from None

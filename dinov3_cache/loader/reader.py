@@ -38,8 +38,10 @@ import numpy as np
 import tensorstore as ts
 import torch
 
-from cache_layout import VolumePaths, committed_volume_indices, read_metadata
-from zarr_arrays import chunk_key, open_array, ts_context, zarr_format_of
+from dinov3_cache.errors import CacheToolError, first_line
+from dinov3_cache.indices import format_some
+from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_metadata
+from dinov3_cache.zarr_arrays import chunk_key, open_array, ts_context, zarr_format_of
 
 READER_CHOICES = ("auto", "tensorstore")
 TORCH_DTYPES = {
@@ -50,7 +52,7 @@ TORCH_DTYPES = {
 SPATIAL_ARRAYS = ("gt", "mask")
 
 
-class CacheError(Exception):
+class CacheError(CacheToolError):
     """A cache that cannot be loaded as asked; the message says what to do."""
 
 
@@ -119,7 +121,7 @@ def find_volumes(
         missing = sorted(set(indices) - set(committed))
         if missing:
             raise CacheError(
-                f"volumes {format_indices(missing)} are not committed in {root} (no metadata file: missing, "
+                f"volumes {format_some(missing)} are not committed in {root} (no metadata file: missing, "
                 "running or failed); run check_preprocessing.py to see gaps, or leave them out of volume_indices"
             )
     if not indices:
@@ -153,16 +155,11 @@ def check_one_configuration(volumes: Sequence[CachedVolume]) -> None:
     for volume in volumes:
         groups.setdefault(volume.fingerprint, []).append(volume.index)
     if len(groups) > 1:
-        described = "; ".join(f"{fp}: volumes {format_indices(ix)}" for fp, ix in groups.items())
+        described = "; ".join(f"{fp}: volumes {format_some(ix)}" for fp, ix in groups.items())
         raise CacheError(
             f"volumes were extracted with {len(groups)} different configurations (fingerprint {described}); "
             "select one group with volume_indices, or pass allow_mixed_configurations=True"
         )
-
-
-def format_indices(indices: Sequence[int], limit: int = 12) -> str:
-    shown = ", ".join(map(str, indices[:limit]))
-    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
 
 
 # ----------------------------------------------------------------------------- array readers
@@ -342,11 +339,6 @@ class VolumeReader:
         if failure is not None:
             array, e = failure
             raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e))
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class ReadResources:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from cellmap_source import add_cellmap_arguments
-from zarr_arrays import COMPRESSIONS, DEFAULT_FEATURE_CHUNKS, ZARR_FORMATS
+from dinov3_cache.sources.cellmap import add_cellmap_arguments
+from dinov3_cache.zarr_arrays import COMPRESSIONS, DEFAULT_FEATURE_CHUNKS, ZARR_FORMATS
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
 PLANES = ("xy", "xz", "yz")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from dinov3_cache.errors import CacheToolError
 import tensorstore as ts
 
 COMPRESSIONS = ("none", "lz4", "zstd")
@@ -27,7 +29,7 @@ SHARD_CHUNKS_PER_AXIS = 4  # zarr v3: a shard holds 4^3 chunks spatially
 CHECKSUM_ALGORITHM = "crc32 (zlib) of each chunk's decoded C-order bytes, edge chunks cropped"
 
 
-class StorageError(ValueError):
+class StorageError(CacheToolError, ValueError):
     """Bad storage options; one actionable line."""
 
 

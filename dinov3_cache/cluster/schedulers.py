@@ -33,7 +33,9 @@ from pathlib import Path
 from queue import Queue
 from typing import ClassVar, Sequence
 
-from cache_layout import VolumePaths, scheduler_logs_dir
+from dinov3_cache.errors import CacheToolError, UsageError
+from dinov3_cache.indices import format_ranges
+from dinov3_cache.layout import VolumePaths, scheduler_logs_dir
 
 DEFAULT_MAX_ARRAY_SIZE = 1000  # LSF's MAX_JOB_ARRAY_SIZE and SLURM's MaxArraySize default to about this
 DEFAULT_JOB_NAME = "dinov3_preprocess"
@@ -42,7 +44,7 @@ DEFAULT_MEMORY_GB = 64.0
 DEFAULT_WALLTIME = "2:00"
 
 
-class SchedulerError(Exception):
+class SchedulerError(CacheToolError):
     """Bad input or a failed submission, said in one actionable line."""
 
 
@@ -71,34 +73,9 @@ def parse_memory_gb(text: str) -> float:
     return value
 
 
-def parse_indices(tokens: Sequence[str]) -> list[int]:
-    """'10 15 23-40' or '10,15,23-40' -> sorted unique volume indices (ranges inclusive)."""
-    indices: set[int] = set()
-    for token in (t for text in tokens for t in text.split(",")):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", token.strip())
-        if not match:
-            raise SchedulerError(f"--indices: {token!r} is not an index or a range A-B; write e.g. --indices 10 15 23-40")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if last < first:
-            raise SchedulerError(f"--indices: range {token!r} runs backwards; write it as {last}-{first}")
-        indices.update(range(first, last + 1))
-    if not indices:
-        raise SchedulerError("--indices needs at least one index, e.g. --indices 10 15 23-40")
-    return sorted(indices)
-
-
-def compress_ranges(values: Sequence[int]) -> str:
-    """[1, 2, 3, 7, 9, 10] -> '1-3,7,9-10' (the array index syntax LSF and SLURM share)."""
-    parts, values = [], sorted(values)
-    start = prev = values[0]
-    for v in [*values[1:], None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
+def array_ranges(indices) -> str:
+    """[1, 2, 3, 7] -> '1-3,7': the array index syntax LSF and SLURM share."""
+    return format_ranges(indices, separator=",")
 
 
 # ----------------------------------------------------------------------------- the job as data
@@ -193,7 +170,7 @@ class RenderedArray:
 
     def printable(self) -> str:
         command = shlex.join(self.argv) + " < job-script" if self.argv else "(run on this machine)"
-        return f"# array of {self.array.size} volumes: {compress_ranges(self.array.volume_indices)}\n{command}\n# job-script:\n{self.script}"
+        return f"# array of {self.array.size} volumes: {array_ranges(self.array.volume_indices)}\n{command}\n# job-script:\n{self.script}"
 
     def to_record(self) -> dict:
         return {"job_id": self.job_id, "indices": list(self.array.volume_indices), "submit_command": self.argv, "script": self.script}
@@ -332,7 +309,7 @@ class Scheduler(ABC):
             raise
         if result.returncode != 0:
             reason = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").splitlines()[-1]
-            raise SchedulerError(f"{self.executable} refused the array of volumes {compress_ranges(rendered.array.volume_indices)}: {reason}")
+            raise SchedulerError(f"{self.executable} refused the array of volumes {array_ranges(rendered.array.volume_indices)}: {reason}")
         return result.stdout
 
 

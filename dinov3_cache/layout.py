@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
+
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
@@ -215,7 +217,9 @@ def now_iso() -> str:
 # ----------------------------------------------------------------------------- lock
 
 
-class VolumeLocked(Exception):
+class VolumeLocked(CacheToolError):
+    exit_status = EXIT_LOCKED
+
     """Another live process holds this volume's lock."""
 
 

@@ -32,7 +32,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from cache_layout import (
+from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, first_line
+from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.layout import (
     ARRAY_NAMES,
     VOLUME_ENTRY_RE,
     VolumePaths,
@@ -48,10 +50,7 @@ from cache_layout import (
     volume_name,
 )
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1  # an expected volume is not complete
-EXIT_USAGE = 2  # bad arguments (argparse uses 2 as well)
-EXIT_DAMAGED = 3  # verification failed, or a metadata file is unreadable
+EXIT_INCOMPLETE = EXIT_FAILED  # an expected volume is not complete
 
 LOG_READ_BYTES = 64 * 1024  # kill messages and errors sit at the end of a job log
 MAX_PROBLEMS_PER_ARRAY = 20
@@ -62,36 +61,11 @@ CONFIG_SHOWN = (
 )
 
 
-class AuditError(ValueError):
+class AuditError(UsageError):
     """Bad input to the audit; one actionable line."""
 
 
 # ----------------------------------------------------------------------------- index lists
-
-
-def parse_index_list(tokens: Sequence[str], option: str = "--indices") -> list[int]:
-    """'10 15 23-40' or '10,15,23-40' -> sorted unique indices: the syntax the submission
-    script accepts (job_schedulers.parse_indices, imported here only when needed)."""
-    from job_schedulers import SchedulerError, parse_indices
-
-    try:
-        return parse_indices(tokens)
-    except SchedulerError as e:
-        raise AuditError(str(e).replace("--indices", option)) from None
-
-
-def compress_ranges(indices: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8', for people (job_schedulers.compress_ranges
-    writes the scheduler's array syntax)."""
-    ordered = sorted(set(indices))
-    parts, i = [], 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ", ".join(parts)
 
 
 @dataclass
@@ -562,7 +536,7 @@ def gather_report(
     report = Report(
         output_dir=str(output_dir.resolve()),
         generated=datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
-        expected={"count": len(expectation.indices), "ranges": compress_ranges(expectation.indices), "source": expectation.source},
+        expected={"count": len(expectation.indices), "ranges": format_ranges(expectation.indices), "source": expectation.source},
         counts={
             "expected": len(expectation.indices),
             "complete": len(complete_set & expected_set),
@@ -717,7 +691,7 @@ def submission_summary(record: dict) -> dict:
         "submitted": record.get("submitted"),
         "scheduler": record.get("scheduler"),
         "volumes": len(record.get("indices", [])),
-        "indices": compress_ranges(int(i) for i in record.get("indices", [])),
+        "indices": format_ranges(int(i) for i in record.get("indices", [])),
         "job_ids": record.get("job_ids"),
     }
 
@@ -748,7 +722,7 @@ def choose_volumes_to_verify(
 def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeCheck:
     """Check one volume's arrays against its metadata. Each problem names the volume,
     the array and, where it applies, the chunk and the file."""
-    from zarr_arrays import ts_context
+    from dinov3_cache.zarr_arrays import ts_context
 
     started = time.perf_counter()
     paths = VolumePaths(Path(output_dir), index)
@@ -788,7 +762,7 @@ class StoredLayout:
 
 
 def stored_layout(path: Path, itemsize: int) -> StoredLayout:
-    from zarr_arrays import zarr_format_of
+    from dinov3_cache.zarr_arrays import zarr_format_of
 
     if zarr_format_of(path) == 2:
         meta = json.loads((path / ".zarray").read_text())
@@ -823,7 +797,7 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
 
 
 def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tuple[list[str], dict]:
-    from zarr_arrays import chunk_slices, open_array, read_attributes, storage_chunks
+    from dinov3_cache.zarr_arrays import chunk_slices, open_array, read_attributes, storage_chunks
 
     path = paths.array(name)
     where = f"{paths.name} {name}"
@@ -900,7 +874,7 @@ def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, 
     read its chunks one by one to name the damaged ones."""
     import numpy as np
 
-    from zarr_arrays import chunk_key, chunk_slices, crc32_of
+    from dinov3_cache.zarr_arrays import chunk_key, chunk_slices, crc32_of
 
     problems: list[str] = []
     floating = store.dtype.numpy_dtype.kind == "f" or str(store.dtype.numpy_dtype) == "bfloat16"
@@ -951,11 +925,6 @@ def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, 
                     f"(file {path / chunk_file(grid_index)})"
                 )
     return problems, stats
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 # ----------------------------------------------------------------------------- preview
@@ -1010,8 +979,8 @@ def grey_rgb(values, lo: float, hi: float) -> "np.ndarray":
 
 def write_preview(output_dir: Path, index: int, preview_dir: Path, num_threads: int = 8) -> Path:
     """Middle z slice of the features (PCA as RGB), gt, mask and raw, side by side."""
-    from png_panels import compose, write_png
-    from zarr_arrays import open_array, ts_context
+    from dinov3_cache.audit.png import compose, write_png
+    from dinov3_cache.zarr_arrays import open_array, ts_context
 
     paths = VolumePaths(Path(output_dir), index)
     metadata = read_json(paths.metadata)
@@ -1074,7 +1043,7 @@ def human_bytes(n: float | None) -> str:
 
 
 def _index_list(indices: list[int], limit: int = 400) -> str:
-    text = compress_ranges(indices)
+    text = format_ranges(indices)
     return text if len(text) <= limit else text[:limit].rsplit(",", 1)[0] + ", ..."
 
 
