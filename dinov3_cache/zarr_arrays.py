@@ -233,17 +233,6 @@ def storage_chunks(path: Path) -> tuple[int, ...]:
     return tuple(outer)
 
 
-def funlib_attributes(voxel_size_nm: Sequence[float], offset_nm: Sequence[float], channel_axis: bool) -> dict:
-    """funlib.persistence-style attributes so napari / funlib / neuroglancer place arrays in world space."""
-    spatial = ["z", "y", "x"]
-    return {
-        "voxel_size": [float(v) for v in voxel_size_nm],
-        "offset": [float(o) for o in offset_nm],
-        "axis_names": (["c^"] if channel_axis else []) + spatial,
-        "units": ["nm"] * 3,
-    }
-
-
 # ----------------------------------------------------------------------------- checksums
 
 

@@ -67,7 +67,6 @@ from dinov3_cache.zarr_arrays import (
     feature_chunks,
     codec_description,
     create_array,
-    funlib_attributes,
     parse_chunks,
     ts_context,
     write_unit,
@@ -354,7 +353,6 @@ class StagedArrays:
 def stage_arrays(config: ExtractionConfig, crop: SourceCrop, n_channels: int, commit_id: str, context) -> StagedArrays:
     """Create every array of the volume under the staging directory."""
     d = config.geometry.output_image_dim
-    label_voxel = [config.geometry.base_resolution] * 3
     shapes = {"features": (n_channels, d, d, d), "gt": crop.gt.shape}
     dtypes = {"features": config.features_dtype, "gt": crop.gt.dtype.name}
     chunks = {
@@ -367,8 +365,8 @@ def stage_arrays(config: ExtractionConfig, crop: SourceCrop, n_channels: int, co
         shapes["raw"], dtypes["raw"], chunks["raw"] = crop.raw.shape, crop.raw.dtype.name, clamp_chunks(crop.raw.shape, DEFAULT_RAW_CHUNKS)
     stores = {}
     for name in shapes:
-        voxel = [config.geometry.min_resolution_for_raw] * 3 if name == "raw" else label_voxel
-        attributes = funlib_attributes(voxel, crop.offset_nm, channel_axis=name == "features")
+        grid = config.geometry.raw_grid(crop.offset_nm) if name == "raw" else config.geometry.label_grid(crop.offset_nm)
+        attributes = grid.array_attributes(channel_axis=name == "features")
         attributes["dinov3_cache"] = {"commit_id": commit_id, "volume_index": config.volume_index, "array": name}
         dims = (["c"] if name == "features" else []) + ["z", "y", "x"]
         stores[name] = create_array(
@@ -737,7 +735,8 @@ def volume_metadata(
             "batch_size": config.batch_size,
             "device": str(loaded.device),
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-            "voxel_size_nm": {"features": [config.geometry.base_resolution] * 3, "raw": [config.geometry.min_resolution_for_raw] * 3},
+            "voxel_size_nm": {"features": list(config.geometry.label_grid(crop.offset_nm).voxel_size_nm),
+                              "raw": list(config.geometry.raw_grid(crop.offset_nm).voxel_size_nm)},
             "offset_nm": list(crop.offset_nm),
             "fingerprint": config_fingerprint(fingerprint_values),
             "fingerprint_inputs": fingerprint_values,

@@ -17,46 +17,13 @@ from typing import Any, Callable
 import numpy as np
 
 from dinov3_cache.errors import CacheToolError
+from dinov3_cache.geometry import CropGeometry, VoxelGrid
 
 MAX_CANDIDATES = 100
 
 
 class SourceError(CacheToolError, ValueError):
     """Bad source options or data; the message is one line a user can act on."""
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """Crop size in world units: labels at base_resolution nm, raw at min_resolution_for_raw nm."""
-
-    base_resolution: float = 128.0
-    min_resolution_for_raw: float = 32.0
-    output_image_dim: int = 128
-
-    def __post_init__(self) -> None:
-        if self.output_image_dim <= 0:
-            raise SourceError(f"--output-image-dim must be positive, got {self.output_image_dim}")
-        if self.min_resolution_for_raw <= 0 or self.base_resolution <= 0:
-            raise SourceError("--base-resolution and --min-resolution-for-raw must be positive")
-        ratio = self.base_resolution / self.min_resolution_for_raw
-        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
-            raise SourceError(
-                f"--base-resolution ({self.base_resolution:g}) must be a whole multiple of "
-                f"--min-resolution-for-raw ({self.min_resolution_for_raw:g})"
-            )
-
-    @property
-    def raw_per_label(self) -> int:
-        """Raw voxels per label voxel along each axis."""
-        return int(round(self.base_resolution / self.min_resolution_for_raw))
-
-    @property
-    def slice_size(self) -> int:
-        return self.output_image_dim * self.raw_per_label
-
-    @property
-    def extent_nm(self) -> float:
-        return self.output_image_dim * self.base_resolution
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""Geometry, defined once: the crop a volume covers (`CropGeometry`, from the resolution
+options) and the voxel grid of a stored array in world coordinates (`VoxelGrid`).
+
+World coordinates are nanometres in (z, y, x) order. An array's `offset_nm` is the world
+position of the corner of its first voxel (funlib.persistence's convention), so voxel i
+covers [offset + i * voxel_size, offset + (i + 1) * voxel_size) along each axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from dinov3_cache.errors import UsageError
+
+SPATIAL_AXES = ("z", "y", "x")
+CHANNEL_AXIS = "c"
+UNIT = "nm"
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Crop size in world units: labels at base_resolution nm, raw at min_resolution_for_raw nm."""
+
+    base_resolution: float = 128.0
+    min_resolution_for_raw: float = 32.0
+    output_image_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.output_image_dim <= 0:
+            raise UsageError(f"--output-image-dim must be positive, got {self.output_image_dim}")
+        if self.min_resolution_for_raw <= 0 or self.base_resolution <= 0:
+            raise UsageError("--base-resolution and --min-resolution-for-raw must be positive")
+        ratio = self.base_resolution / self.min_resolution_for_raw
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+            raise UsageError(
+                f"--base-resolution ({self.base_resolution:g}) must be a whole multiple of "
+                f"--min-resolution-for-raw ({self.min_resolution_for_raw:g})"
+            )
+
+    @property
+    def raw_per_label(self) -> int:
+        """Raw voxels per label voxel along each axis."""
+        return int(round(self.base_resolution / self.min_resolution_for_raw))
+
+    @property
+    def slice_size(self) -> int:
+        return self.output_image_dim * self.raw_per_label
+
+    @property
+    def extent_nm(self) -> float:
+        return self.output_image_dim * self.base_resolution
+
+    def label_grid(self, offset_nm: Sequence[float]) -> VoxelGrid:
+        """The grid of features, gt and mask for a crop whose corner is at offset_nm."""
+        return VoxelGrid.cube(self.base_resolution, offset_nm, self.output_image_dim)
+
+    def raw_grid(self, offset_nm: Sequence[float]) -> VoxelGrid:
+        """The grid of the raw crop (slice resolution), same corner."""
+        return VoxelGrid.cube(self.min_resolution_for_raw, offset_nm, self.slice_size)
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """A spatial voxel grid in world coordinates: voxel size and corner offset (nm, z y x)
+    and shape. Arrays with a channel axis put it first; the grid describes the rest."""
+
+    voxel_size_nm: tuple[float, float, float]
+    offset_nm: tuple[float, float, float]
+    shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("voxel_size_nm", "offset_nm", "shape"):
+            if len(getattr(self, name)) != len(SPATIAL_AXES):
+                raise ValueError(f"VoxelGrid.{name} needs {len(SPATIAL_AXES)} values, got {getattr(self, name)}")
+        object.__setattr__(self, "voxel_size_nm", tuple(float(v) for v in self.voxel_size_nm))
+        object.__setattr__(self, "offset_nm", tuple(float(v) for v in self.offset_nm))
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+
+    @classmethod
+    def cube(cls, voxel_nm: float, offset_nm: Sequence[float], size: int) -> VoxelGrid:
+        return cls((voxel_nm,) * 3, tuple(offset_nm), (size,) * 3)
+
+    @property
+    def extent_nm(self) -> tuple[float, ...]:
+        return tuple(v * n for v, n in zip(self.voxel_size_nm, self.shape))
+
+    @property
+    def end_nm(self) -> tuple[float, ...]:
+        return tuple(o + e for o, e in zip(self.offset_nm, self.extent_nm))
+
+    def voxel_centre_nm(self, index: Sequence[int]) -> tuple[float, ...]:
+        """World position of the centre of voxel `index` (OME-NGFF places voxels by centres)."""
+        return tuple(o + (i + 0.5) * v for o, i, v in zip(self.offset_nm, index, self.voxel_size_nm))
+
+    def axis_names(self, channel_axis: bool) -> list[str]:
+        return ([CHANNEL_AXIS] if channel_axis else []) + list(SPATIAL_AXES)
+
+    def array_attributes(self, channel_axis: bool) -> dict:
+        """Attributes that place the array in world space for funlib.persistence, zarr-python
+        and xarray readers: voxel_size, offset, axis_names, units and axis types."""
+        return {
+            "voxel_size": list(self.voxel_size_nm),
+            "offset": list(self.offset_nm),
+            "axis_names": (["c^"] if channel_axis else []) + list(SPATIAL_AXES),
+            "units": [UNIT] * len(SPATIAL_AXES),
+        }
+
+    def to_record(self) -> dict:
+        return {"voxel_size_nm": list(self.voxel_size_nm), "offset_nm": list(self.offset_nm), "shape": list(self.shape)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> VoxelGrid:
+        return cls(tuple(record["voxel_size_nm"]), tuple(record["offset_nm"]), tuple(record["shape"]))
