@@ -13,7 +13,8 @@ import sys
 
 from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
 from dinov3_cache.extraction.options import add_extraction_arguments
-from dinov3_cache.extraction.pipeline import Terminated, config_from_args, preprocess_volume, raise_on_sigterm
+from dinov3_cache.extraction.config import config_from_args
+from dinov3_cache.extraction.pipeline import Terminated, preprocess_volume, raise_on_sigterm
 from dinov3_cache.layout import VolumeLocked
 from dinov3_cache.sources.base import source_from_args
 

@@ -28,7 +28,7 @@ from dinov3_cache.cluster.schedulers import (
 )
 from dinov3_cache.errors import EXIT_FAILED, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
 from dinov3_cache.extraction.options import add_extraction_arguments, extraction_argv
-from dinov3_cache.extraction.pipeline import config_from_args
+from dinov3_cache.extraction.config import config_from_args
 from dinov3_cache.indices import format_ranges, parse_index_list
 from dinov3_cache.layout import committed_volume_indices, now_iso, write_submission_record
 from dinov3_cache.sources.base import source_from_args, source_name_from_args

@@ -105,7 +105,8 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
 
 def bench_volume(batch_size: int) -> None:
     from dinov3_cache.extraction.model import load_model
-    from dinov3_cache.extraction.pipeline import ExtractionConfig, preprocess_volume
+    from dinov3_cache.extraction.config import ExtractionConfig
+    from dinov3_cache.extraction.pipeline import preprocess_volume
     from dinov3_cache.sources.base import SyntheticSource, CropGeometry, SamplingOptions
     from benchmarks.bench_common import FixedSource
 

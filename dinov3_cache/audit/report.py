@@ -32,8 +32,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, first_line
-from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, UsageError, first_line
+from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import (
     ARRAY_NAMES,
     VOLUME_ENTRY_RE,

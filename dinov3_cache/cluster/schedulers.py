@@ -33,7 +33,7 @@ from pathlib import Path
 from queue import Queue
 from typing import ClassVar, Sequence
 
-from dinov3_cache.errors import CacheToolError, UsageError
+from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths, scheduler_logs_dir
 

@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov3_cache.loader.reader import (
     READER_CHOICES,
-    TORCH_DTYPES,
     CacheError,
     CachedVolume,
     ReadResources,

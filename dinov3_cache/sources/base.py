@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dinov3_cache.errors import CacheToolError
-from dinov3_cache.geometry import CropGeometry, VoxelGrid
+from dinov3_cache.geometry import CropGeometry
 
 MAX_CANDIDATES = 100
 
