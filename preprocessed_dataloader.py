@@ -11,12 +11,9 @@ Benchmark: python preprocessed_dataloader.py --preprocessed-dir DIR --batch-size
 
 import sys
 
-from dinov3_cache.loader.dataloader import (
-    PreprocessedDataLoader,
-    PreprocessedDINOv3Dataset,
-    collate_samples,
-    create_preprocessed_dataloader,
-)
+from dinov3_cache.loader.buffers import collate_samples
+from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
+from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import CacheError, VolumeReadError
 
 __all__ = [

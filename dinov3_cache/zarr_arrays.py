@@ -207,6 +207,12 @@ def zarr_format_of(path: Path) -> int:
     raise FileNotFoundError(f"{path} is not a zarr array (no .zarray or zarr.json)")
 
 
+def read_zarr_metadata(path: Path) -> dict:
+    """The array's metadata document as stored: `.zarray` (zarr v2) or `zarr.json` (v3)."""
+    name = "zarr.json" if zarr_format_of(path) == 3 else ".zarray"
+    return json.loads((Path(path) / name).read_text())
+
+
 def open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore:
     """Open an existing array read-only, v2 or v3, with caching off (reads go to the files)."""
     driver = "zarr3" if zarr_format_of(path) == 3 else "zarr"

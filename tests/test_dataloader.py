@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from preprocessed_dataloader import (
     collate_samples,
     create_preprocessed_dataloader,
 )
+from dinov3_cache.loader.reader import read_fully
 from dinov3_cache.zarr_arrays import open_array
 
 SMALL_CHUNKS = ["--chunks", "16,4,4,4"]  # many chunks per tiny volume, so crops cross chunk borders
@@ -139,6 +142,22 @@ def test_transform_is_applied_per_item(built_cache):
     assert torch.equal(gt[1], torch.from_numpy(stored(built_cache, 1, "gt").astype(np.int64)) + 1)
 
 
+def test_transform_output_dtypes_reach_training_unchanged(built_cache):
+    def widen(features, gt, mask):
+        assert features.dtype == torch.float16 and gt.dtype == torch.int32  # the transform sees the asked dtypes
+        return features.float() * 2, gt.long(), mask
+
+    options = dict(features_dtype=torch.float16, gt_dtype=torch.int32, transform=widen, volume_indices=[0, 1])
+    reference = torch.from_numpy(stored(built_cache, 0, "features")).float() * 2
+    features, gt, _ = PreprocessedDINOv3Dataset(built_cache, **options)[0]
+    assert features.dtype == torch.float32 and gt.dtype == torch.int64
+    assert torch.equal(features, reference)
+    for batch_features, batch_gt, _ in create_preprocessed_dataloader(built_cache, batch_size=2, **options):
+        assert batch_features.dtype == torch.float32 and batch_gt.dtype == torch.int64
+        assert torch.equal(batch_features[0], reference)
+        assert torch.equal(batch_gt[1], torch.from_numpy(stored(built_cache, 1, "gt").astype(np.int64)))
+
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -256,15 +275,37 @@ def test_an_abandoned_iterator_stops_its_prefetch_thread(built_cache):
     assert not thread.is_alive()
 
 
-def test_cpu_device_and_pin_memory_without_gpu(built_cache):
-    loader = create_preprocessed_dataloader(built_cache, batch_size=1, device="cpu", prefetch_batches=0)
-    assert next(iter(loader))[0].device.type == "cpu"
+def test_device_cpu_delivers_cpu_tensors_in_the_asked_dtypes(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=2, device="cpu", prefetch_batches=0)
+    features, gt, mask = next(iter(loader))
+    assert all(t.device.type == "cpu" for t in (features, gt, mask))
+    assert features.dtype == torch.float32 and gt.dtype == torch.int64 and features.shape[0] == 2
+    assert torch.equal(features[1], torch.from_numpy(stored(built_cache, 1, "features").astype(np.float32)))
+
+
+def test_pin_memory_pins_with_a_gpu_and_warns_without(built_cache):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = create_preprocessed_dataloader(built_cache, batch_size=1, pin_memory=True)
+    warned = [w for w in caught if "pin_memory=True but no CUDA GPU is visible" in str(w.message)]
+    features, gt, mask = next(iter(loader))
+    assert torch.equal(features[0], torch.from_numpy(stored(built_cache, 0, "features").astype(np.float32)))
+    if torch.cuda.is_available():
+        assert not warned and all(t.is_pinned() for t in (features, gt, mask))
+    else:
+        assert len(warned) == 1 and not features.is_pinned()
+
+
+def test_device_cuda_delivers_gpu_tensors_or_is_refused_without_a_gpu(built_cache):
     if not torch.cuda.is_available():
-        with pytest.warns(UserWarning, match="no CUDA GPU"):
-            loader = create_preprocessed_dataloader(built_cache, batch_size=1, pin_memory=True)
-        assert next(iter(loader))[0].shape[0] == 1
         with pytest.raises(CacheError, match="no CUDA GPU"):
             create_preprocessed_dataloader(built_cache, device="cuda")
+        return
+    loader = create_preprocessed_dataloader(built_cache, batch_size=1, device="cuda")
+    features, gt, mask = next(iter(loader))
+    assert all(t.device.type == "cuda" for t in (features, gt, mask))
+    assert features.dtype == torch.float32 and gt.dtype == torch.int64
+    assert torch.equal(features[0].cpu(), torch.from_numpy(stored(built_cache, 0, "features").astype(np.float32)))
 
 
 # ----------------------------------------------------------------------------- visibility and damage
@@ -303,6 +344,51 @@ def test_a_truncated_chunk_raises_an_error_naming_volume_and_array(built_cache, 
     loader = create_preprocessed_dataloader(tmp_path, batch_size=1, reader=reader)
     with pytest.raises(VolumeReadError, match=r"volume 1 array 'features'"):
         list(loader)
+
+
+def short_reads(monkeypatch, at_most: int) -> list[int]:
+    """Make every os.readv return at most `at_most` bytes, as NFS or Lustre may; the sizes asked for are recorded."""
+    real_readv, asked = os.readv, []
+
+    def short_readv(fd, buffers):
+        asked.append(sum(memoryview(b).nbytes for b in buffers))
+        return real_readv(fd, [memoryview(buffers[0]).cast("B")[:at_most]])
+
+    monkeypatch.setattr(os, "readv", short_readv)
+    return asked
+
+
+def test_short_reads_are_continued_until_the_chunk_is_complete(built_cache, monkeypatch):
+    asked = short_reads(monkeypatch, at_most=1000)
+    dataset = PreprocessedDINOv3Dataset(built_cache, reader="auto", features_dtype=None, gt_dtype=None)
+    features, gt, mask = dataset[1]
+    chunk_bytes = first_feature_chunk(built_cache, 1).stat().st_size
+    assert chunk_bytes > 2000 and max(asked) == chunk_bytes and chunk_bytes - 1000 in asked  # continued, not refused
+    assert np.array_equal(features.numpy(), stored(built_cache, 1, "features"))
+    assert np.array_equal(gt.numpy(), stored(built_cache, 1, "gt"))
+    assert np.array_equal(mask.numpy(), stored(built_cache, 1, "mask").astype(bool))
+
+
+def test_read_fully_stops_at_the_end_of_the_file(tmp_path, monkeypatch):
+    short_reads(monkeypatch, at_most=1000)
+    path = tmp_path / "chunk"
+    path.write_bytes(bytes(range(250)) * 10)
+    buffer = np.zeros(4000, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_fully(fd, buffer) == 2500
+    finally:
+        os.close(fd)
+    assert buffer[:2500].tobytes() == path.read_bytes() and not buffer[2500:].any()
+
+
+def test_a_truncated_chunk_is_damage_even_with_short_reads(built_cache, tmp_path, monkeypatch):
+    copy_volume(built_cache, 1, tmp_path)
+    chunk = first_feature_chunk(tmp_path, 1)
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    short_reads(monkeypatch, at_most=1000)
+    with pytest.raises(VolumeReadError, match=r"volume 1 array 'features'.*chunk 0\.0\.0\.0"):
+        PreprocessedDINOv3Dataset(tmp_path, reader="auto")[0]
 
 
 def test_a_corrupt_compressed_chunk_raises_an_error_naming_the_volume(tmp_path, tiny_model_dir):

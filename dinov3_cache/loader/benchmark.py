@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dinov3_cache.loader.dataloader import PreprocessedDataLoader, PreprocessedDINOv3Dataset, create_preprocessed_dataloader
+from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
+from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
 
 

@@ -41,7 +41,7 @@ import torch
 from dinov3_cache.errors import CacheToolError, first_line
 from dinov3_cache.indices import format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_metadata
-from dinov3_cache.zarr_arrays import chunk_key, open_array, ts_context, zarr_format_of
+from dinov3_cache.zarr_arrays import chunk_key, open_array, read_zarr_metadata, ts_context
 
 READER_CHOICES = ("auto", "tensorstore")
 TORCH_DTYPES = {
@@ -200,11 +200,11 @@ class RawChunkReader:
             size = os.fstat(fd).st_size
             if size != self.chunk_nbytes:
                 raise OSError(f"chunk {key} is {size} bytes, an uncompressed chunk must be {self.chunk_nbytes}")
-            read = os.readv(fd, [buffer])
+            read = read_fully(fd, buffer)
         finally:
             os.close(fd)
         if read != self.chunk_nbytes:
-            raise OSError(f"chunk {key}: read {read} of {self.chunk_nbytes} bytes")
+            raise OSError(f"chunk {key}: the file ended after {read} of {self.chunk_nbytes} bytes")
         out[dst].copy_(torch.from_numpy(buffer).view(self.dtype).view(self.chunks)[src])
 
     def _buffer(self) -> np.ndarray:
@@ -212,6 +212,20 @@ class RawChunkReader:
         if buffer is None:
             buffer = self.local.buffer = np.empty(self.chunk_nbytes, np.uint8)
         return buffer
+
+
+def read_fully(fd: int, buffer: np.ndarray) -> int:
+    """Fill `buffer` from the file's current position; the bytes read (fewer only at end of file).
+    One read may legally return fewer bytes than asked without being at the end (NFS, Lustre,
+    signals), so read until the buffer is full or a read returns nothing."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        read = os.readv(fd, [view[done:]])
+        if read == 0:
+            break
+        done += read
+    return done
 
 
 class TensorStoreReader:
@@ -260,9 +274,9 @@ def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPool
 
 def raw_readable_zarray(path: Path) -> dict | None:
     """The .zarray of an array whose chunk files are plain C-order bytes, else None."""
-    if zarr_format_of(path) != 2:
+    zarray = read_zarr_metadata(path)
+    if zarray.get("zarr_format") != 2:
         return None
-    zarray = json.loads((path / ".zarray").read_text())
     plain = (
         zarray.get("compressor") is None
         and not zarray.get("filters")
