@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from dinov3_cache.audit.report import (
-    EXIT_INCOMPLETE,
-    StorageMeasure,
-    last_error_line,
-    read_complete_volumes,
-    recognise_kill,
-    storage_summary,
-)
+from conftest import preprocess_args, run_script
+from dinov3_cache.audit.joblogs import last_error_line, recognise_kill
+from dinov3_cache.audit.png import MARGIN, decode_png
+from dinov3_cache.audit.report import EXIT_INCOMPLETE
+from dinov3_cache.audit.scan import StorageMeasure, expected_volumes
+from dinov3_cache.audit.summaries import read_complete_volumes, storage_summary
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
 from dinov3_cache.layout import (
     VolumePaths,
@@ -34,8 +32,6 @@ from dinov3_cache.layout import (
     write_status,
     write_submission_record,
 )
-from conftest import preprocess_args, run_script
-from dinov3_cache.audit.png import MARGIN, decode_png
 
 SLURM_OOM = (
     "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5001.batch. "
