@@ -16,21 +16,10 @@ failed or a metadata file is unreadable.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from dinov3_cache.audit.report import (
-    AuditError,
-    choose_volumes_to_verify,
-    finish_report,
-    format_report,
-    gather_report,
-    verify_volume,
-    write_preview,
-)
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
-from dinov3_cache.indices import parse_index_list
+from dinov3_cache.audit.run import run_audit
+from dinov3_cache.errors import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,58 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def expected_from_args(args: argparse.Namespace) -> list[int] | None:
-    if args.indices is not None and (args.num_volumes is not None or args.start_index is not None):
-        raise AuditError("give either --indices or --start-index/--num-volumes, not both")
-    if args.indices is not None:
-        return parse_index_list(args.indices)
-    if args.num_volumes is None:
-        if args.start_index is not None:
-            raise AuditError("--start-index needs --num-volumes (how many volumes are expected)")
-        return None
-    if args.num_volumes < 0 or (args.start_index or 0) < 0:
-        raise AuditError("--start-index and --num-volumes must be >= 0")
-    start = args.start_index or 0
-    return list(range(start, start + args.num_volumes))
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.sample_size < 0 or args.num_threads <= 0 or args.log_lines < 0:
-        raise AuditError("--sample-size and --log-lines must be >= 0 and --num-threads > 0")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        verify_indices = parse_index_list(args.verify_indices, "--verify-indices") if args.verify_indices else None
-        report = gather_report(Path(args.output_dir), expected_from_args(args), args.log_lines, args.storage)
-    except CacheToolError as e:
-        return report_error(e)
-    wants_sample = args.verify or (args.preview and not verify_indices and not args.verify_all)
-    checks = None
-    if wants_sample or verify_indices or args.verify_all:
-        chosen = choose_volumes_to_verify(
-            report.complete, args.sample_size if wants_sample else 0, verify_indices, args.verify_all, args.seed
-        )
-        checks = []
-        for index in chosen:
-            checks.append(verify_volume(Path(args.output_dir), index, args.num_threads))
-            if not args.json:
-                print(f"verified volume {index}: {'OK' if checks[-1].ok else 'FAILED'}", file=sys.stderr, flush=True)
-        if args.preview:
-            for check in checks:
-                if check.ok:
-                    path = write_preview(Path(args.output_dir), check.index, Path(args.preview), args.num_threads)
-                    report.previews.append({"index": check.index, "path": str(path)})
-                else:
-                    report.previews.append({"index": check.index, "skipped": "verification failed; no preview"})
-    finish_report(report, checks)
-    try:
-        print(report.to_json() if args.json else format_report(report), flush=True)
-    except BrokenPipeError:  # piped into head: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return report.exit_status
+    return run_audit(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Layout of an output directory::
     logs/volume_000000.out|.err   scheduler job output
     logs/scheduler/               the batch scheduler's own files per array element (kill notices)
     logs/submissions/             one record per submission
+    PREVIEW_DIR/volume_000000_preview.png   the audit's preview image (wherever --preview points)
 
 A volume exists for readers exactly when its metadata file exists.
 """
@@ -97,6 +98,11 @@ class VolumePaths:
 
     def existing_arrays(self) -> list[Path]:
         return [self.array(a) for a in ARRAY_NAMES if self.array(a).exists()]
+
+
+def preview_path(preview_dir: Path | str, volume_index: int) -> Path:
+    """The audit's preview image of one volume (check_preprocessing.py --preview DIR)."""
+    return Path(preview_dir) / f"{volume_name(volume_index)}_preview.png"
 
 
 def is_volume_complete(output_dir: Path | str, volume_index: int) -> bool:
@@ -321,6 +327,23 @@ SCHEDULER_LOGS_DIR = "scheduler"  # under logs/: LSF/SLURM -o/-e files, where ki
 
 def scheduler_logs_dir(output_dir: Path | str) -> Path:
     return Path(output_dir) / LOGS_DIR / SCHEDULER_LOGS_DIR
+
+
+def scheduler_log_name(job_name: str, job_id: str, element: str, stream: str) -> str:
+    """NAME_JOBID_ELEMENT.out|.err under logs/scheduler/; the scheduler fills in the ids
+    from its patterns (LSF %J and %I, SLURM %A and %a)."""
+    return f"{job_name}_{job_id}_{element}.{stream}"
+
+
+SCHEDULER_LOG_RE = re.compile(r"^.+_(?P<job>\d+)_(?P<element>\d+)\.(?:out|err)$")  # scheduler_log_name's files
+# scheduler_job_id() of an array element: LSF JOB[ELEMENT], SLURM JOB_ELEMENT
+JOB_ELEMENT_RE = re.compile(r"^(?P<job>\d+)(?:\[(?P<lsf>\d+)\]|_(?P<slurm>\d+))$")
+
+
+def job_element(job_id: str | None) -> tuple[str, int] | None:
+    """(job id, array element) of a recorded scheduler_job_id(), or None for a plain job."""
+    match = JOB_ELEMENT_RE.match(job_id or "")
+    return (match.group("job"), int(match.group("lsf") or match.group("slurm"))) if match else None
 
 
 def read_submission_records(output_dir: Path | str) -> list[dict]:

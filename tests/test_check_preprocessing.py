@@ -15,27 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from conftest import preprocess_args, run_script
 
-from dinov3_cache.audit.report import (
-    EXIT_INCOMPLETE,
-    StorageMeasure,
-    last_error_line,
-    read_complete_volumes,
-    recognise_kill,
-    storage_summary,
-)
+from dinov3_cache.audit.joblogs import last_error_line, recognise_kill
+from dinov3_cache.audit.png import MARGIN, decode_png
+from dinov3_cache.audit.report import EXIT_INCOMPLETE
+from dinov3_cache.audit.scan import StorageMeasure, expected_volumes
+from dinov3_cache.audit.summaries import read_complete_volumes, storage_summary
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
 from dinov3_cache.layout import (
+    SCHEDULER_LOG_RE,
     VolumePaths,
     bytes_on_disk,
+    job_element,
+    preview_path,
     read_json,
+    scheduler_log_name,
     scheduler_logs_dir,
     write_json_atomic,
     write_status,
     write_submission_record,
 )
-from conftest import preprocess_args, run_script
-from dinov3_cache.audit.png import MARGIN, decode_png
 
 SLURM_OOM = (
     "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5001.batch. "
@@ -126,18 +126,45 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 )
 def test_kill_messages_are_recognised(text, kind, scheduler):
     reason = recognise_kill("INFO loading model\n" + text + "\n")
-    assert reason is not None and (reason.kind, reason.scheduler) == (kind, scheduler)
+    found = (reason.kind, reason.scheduler) if reason else None
+    assert found == (kind, scheduler), f"recognise_kill gave {found} for {text!r}"
 
 
 def test_last_error_line_of_a_log():
     traceback = 'INFO start\nTraceback (most recent call last):\n  File "x.py", line 3\nValueError: bad crop\n'
-    assert last_error_line(traceback) == "ValueError: bad crop"
-    assert last_error_line("error: volume 3 failed\nINFO after\n") == "error: volume 3 failed"
-    assert last_error_line("INFO volume 3: 48/48 slices\n") is None
+    cases = [
+        (traceback, "ValueError: bad crop"),
+        ("error: volume 3 failed\nINFO after\n", "error: volume 3 failed"),
+        ("INFO volume 3: 48/48 slices\n", None),
+    ]
+    for text, expected in cases:
+        assert last_error_line(text) == expected, f"last_error_line({text!r}) gave {last_error_line(text)!r}"
 
 
 def test_ordinary_errors_are_not_kills():
-    assert recognise_kill("error: volume 3 has an unreadable metadata file\nTraceback (most recent call last):") is None
+    text = "error: volume 3 has an unreadable metadata file\nTraceback (most recent call last):"
+    assert recognise_kill(text) is None, f"recognise_kill took an ordinary error for a kill: {recognise_kill(text)}"
+
+
+def test_expected_volumes_command_line_then_submissions_then_files():
+    submissions = [{"indices": [4, 2]}, {"indices": [2, 7]}]
+    given = expected_volumes([3, 1, 3], submissions, [0, 9])
+    assert given.indices == [1, 3], f"expected_volumes ignored the command line: {given}"
+    submitted = expected_volumes(None, submissions, [0, 9])
+    assert submitted.indices == [2, 4, 7] and "2 recorded submission" in submitted.source, f"expected_volumes: {submitted}"
+    inferred = expected_volumes(None, [], [5, 2])
+    assert inferred.indices == list(range(6)), f"expected_volumes did not infer 0..largest: {inferred}"
+    assert expected_volumes(None, [], []).indices == [], "expected_volumes found volumes in an empty cache"
+    assert expected_volumes([], submissions, [1]).indices == [], "expected_volumes replaced an empty explicit list"
+
+
+def test_scheduler_log_names_and_job_elements_round_trip():
+    name = scheduler_log_name("dinov3_preprocess", "5001", "5", "err")
+    match = SCHEDULER_LOG_RE.match(name)
+    assert match and (match.group("job"), match.group("element")) == ("5001", "5"), f"SCHEDULER_LOG_RE missed {name}"
+    for job_id, expected in (("5001_5", ("5001", 5)), ("7001[6]", ("7001", 6)), ("5001", None), (None, None)):
+        assert job_element(job_id) == expected, f"job_element({job_id!r}) gave {job_element(job_id)}"
+    assert preview_path(Path("p"), 3) == Path("p/volume_000003_preview.png"), "preview_path"
 
 
 # ----------------------------------------------------------------------------- the report
@@ -193,8 +220,11 @@ def test_free_space_shortfall_is_flagged(cache):
     free = shutil.disk_usage(cache).free
     per_volume = sum(summaries[0].array_bytes.values())
     short = storage_summary(cache, summaries, [], free // per_volume + 10, None, "recorded")
-    assert short["short_of_space"] and short["still_needed_bytes"] > free
-    assert not storage_summary(cache, summaries, [], 3, None, "recorded")["short_of_space"]
+    assert short["short_of_space"] and short["still_needed_bytes"] > free, f"storage_summary missed the shortfall: {short}"
+    enough = storage_summary(cache, summaries, [], 3, None, "recorded")
+    assert not enough["short_of_space"] and enough["still_needed_bytes"] == 0, f"storage_summary: {enough}"
+    recorded = sum(sum(s.array_bytes.values()) for s in summaries)
+    assert (enough["volumes"], enough["total_bytes"]) == (3, recorded), f"storage_summary totals: {enough}"
 
 
 def test_gaps_at_both_ends_from_submissions_and_arguments(cache):
@@ -312,6 +342,19 @@ def test_configuration_differences_are_warned(varied):
     assert cfg["volumes"] == 3 and len(cfg["differing"]) == 1
     assert cfg["differing"][0]["indices"] == [3] and "planes" in cfg["differing"][0]["differences"]
     assert "WARNING: 1 volume(s) have a different configuration" in audit(varied).stdout
+
+
+def test_no_expected_volumes_but_complete_ones_found_is_ok(cache, tmp_path):
+    result = audit(cache, "--num-volumes", "0")
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert "Result: OK: no volumes expected; 3 complete volume(s) found (exit status 0)" in result.stdout
+    assert "also complete outside the expected set: 3" in result.stdout and "EMPTY" not in result.stdout
+    report, rc = audit_json(cache, "--num-volumes", "0")
+    assert rc == EXIT_OK and report["verdict"].startswith("OK:") and report["outside_expected"] == [0, 1, 2]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = audit(empty, "--num-volumes", "0")
+    assert nothing.returncode == EXIT_INCOMPLETE and "Result: EMPTY: no volumes expected or found" in nothing.stdout
 
 
 def test_unreadable_metadata_is_reported_without_verifying(cache):
@@ -445,6 +488,18 @@ def test_text_report_names_every_damaged_chunk(varied):
     assert "volume 2: OK" in result.stdout and "Result: DAMAGED" in result.stdout
 
 
+def test_report_lines_are_printed_once_on_stdout_in_order(cache):
+    result = audit(cache, "--verify-indices", "0", "2")
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stderr == "", f"the audit wrote to stderr: {result.stderr!r}"
+    lines = result.stdout.splitlines()
+    for index in (0, 2):
+        assert sum(f"volume {index}: OK" in line for line in lines) == 1, result.stdout
+    order = [next(n for n, line in enumerate(lines) if key in line)
+             for key in ("Cache ", "Volumes", "Verification (2 volume(s), 0 failed)", "volume 0: OK", "volume 2: OK", "Result: OK")]
+    assert order == sorted(order), result.stdout
+
+
 # ----------------------------------------------------------------------------- preview
 
 
@@ -492,6 +547,28 @@ def test_bad_arguments_give_one_line(cache, args, message):
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip().startswith("error:") and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["existing file", "below a file"])
+def test_preview_that_cannot_be_a_directory_gives_one_line_before_any_work(cache, tmp_path, where):
+    a_file = tmp_path / "taken.png"
+    a_file.write_bytes(b"not a directory")
+    preview = a_file if where == "existing file" else a_file / "previews"
+    result = audit(cache, "--preview", str(preview), "--verify-all")
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert result.stdout == "", "the audit did work before rejecting --preview"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --preview {preview}"), result.stderr
+    assert a_file.read_bytes() == b"not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_preview_directory_gives_one_line(cache, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = audit(cache, "--preview", str(locked / "previews"))
+    assert result.returncode == EXIT_USAGE and result.stdout == ""
+    assert result.stderr.strip() == f"error: --preview {locked / 'previews'}: {locked} is not writable by this user; pass a directory you can write"
 
 
 def test_missing_output_dir_gives_one_line(tmp_path):

@@ -1,0 +1,131 @@
+"""One audit from the command line's options: check every option before any work, gather
+the report, verify and preview the chosen volumes, print the report once on stdout (text
+or JSON), and return the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dinov3_cache.audit.report import Report, finish_report, gather_report
+from dinov3_cache.audit.scan import AuditError
+from dinov3_cache.audit.text import format_report
+from dinov3_cache.errors import CacheToolError, report_error
+from dinov3_cache.indices import parse_index_list
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    output_dir: Path
+    expected: list[int] | None  # None: every recorded submission's indices
+    log_lines: int
+    storage: str  # measured | recorded
+    verify_sample: bool  # verify a random sample of sample_size complete volumes
+    sample_size: int
+    verify_indices: list[int] | None
+    verify_all: bool
+    seed: int | None
+    num_threads: int
+    preview_dir: Path | None
+    as_json: bool
+
+    @property
+    def verifies(self) -> bool:
+        return self.verify_sample or bool(self.verify_indices) or self.verify_all
+
+
+def expected_from_args(args: argparse.Namespace) -> list[int] | None:
+    if args.indices is not None and (args.num_volumes is not None or args.start_index is not None):
+        raise AuditError("give either --indices or --start-index/--num-volumes, not both")
+    if args.indices is not None:
+        return parse_index_list(args.indices)
+    if args.num_volumes is None:
+        if args.start_index is not None:
+            raise AuditError("--start-index needs --num-volumes (how many volumes are expected)")
+        return None
+    if args.num_volumes < 0 or (args.start_index or 0) < 0:
+        raise AuditError("--start-index and --num-volumes must be >= 0")
+    start = args.start_index or 0
+    return list(range(start, start + args.num_volumes))
+
+
+def check_preview_dir(preview_dir: Path) -> None:
+    """The preview directory must be one this user can write or create: found out before
+    any verification, not after minutes of reading."""
+    if preview_dir.exists() and not preview_dir.is_dir():
+        raise AuditError(f"--preview {preview_dir} is a file; pass a directory for the preview images")
+    existing = preview_dir.absolute()
+    while not existing.exists():  # where the directory would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AuditError(f"--preview {preview_dir} cannot be created: {existing} is a file; pass a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AuditError(f"--preview {preview_dir}: {existing} is not writable by this user; pass a directory you can write")
+
+
+def options_from_args(args: argparse.Namespace) -> AuditOptions:
+    if args.sample_size < 0 or args.num_threads <= 0 or args.log_lines < 0:
+        raise AuditError("--sample-size and --log-lines must be >= 0 and --num-threads > 0")
+    verify_indices = parse_index_list(args.verify_indices, "--verify-indices") if args.verify_indices else None
+    preview_dir = Path(args.preview) if args.preview else None
+    if preview_dir is not None:
+        check_preview_dir(preview_dir)
+    return AuditOptions(
+        output_dir=Path(args.output_dir),
+        expected=expected_from_args(args),
+        log_lines=args.log_lines,
+        storage=args.storage,
+        # --preview alone previews a sample
+        verify_sample=args.verify or (preview_dir is not None and not verify_indices and not args.verify_all),
+        sample_size=args.sample_size,
+        verify_indices=verify_indices,
+        verify_all=args.verify_all,
+        seed=args.seed,
+        num_threads=args.num_threads,
+        preview_dir=preview_dir,
+        as_json=args.json,
+    )
+
+
+def verify_and_preview(options: AuditOptions, report: Report) -> list:
+    """Verify the chosen volumes; preview those that verified (a damaged one gets none)."""
+    from dinov3_cache.audit.verify import choose_volumes_to_verify, verify_volume  # numpy, TensorStore
+
+    chosen = choose_volumes_to_verify(
+        report.complete, options.sample_size if options.verify_sample else 0,
+        options.verify_indices, options.verify_all, options.seed,
+    )
+    checks = [verify_volume(options.output_dir, index, options.num_threads) for index in chosen]
+    if options.preview_dir is not None:
+        from dinov3_cache.audit.previews import write_preview
+
+        for check in checks:
+            if check.ok:
+                path = write_preview(options.output_dir, check.index, options.preview_dir, options.num_threads)
+                report.previews.append({"index": check.index, "path": str(path)})
+            else:
+                report.previews.append({"index": check.index, "skipped": "verification failed; no preview"})
+    return checks
+
+
+def print_report(report: Report, as_json: bool) -> None:
+    try:
+        print(report.to_json() if as_json else format_report(report), flush=True)
+    except BrokenPipeError:  # piped into head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """The whole audit for check_preprocessing.py's parsed arguments; its exit status."""
+    try:
+        options = options_from_args(args)
+        report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
+    except CacheToolError as e:
+        return report_error(e)
+    checks = verify_and_preview(options, report) if options.verifies else None
+    finish_report(report, checks)
+    print_report(report, options.as_json)
+    return report.exit_status

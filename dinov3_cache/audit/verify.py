@@ -1,0 +1,255 @@
+"""Verification: read every byte of a volume and check it against what the writer
+recorded in the metadata (see extraction's volume metadata): shapes, dtypes, chunk shape,
+the run's commit id in each array's attributes, that every chunk (zarr v2) or shard
+(zarr v3) file exists, a crc32 of every chunk's decoded bytes, and NaN/Inf.
+
+Imports numpy and TensorStore: the report imports this module only when verifying.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov3_cache.errors import first_line
+from dinov3_cache.layout import VolumePaths, iter_files, metadata_is_intact, read_json
+from dinov3_cache.zarr_arrays import (
+    chunk_key,
+    chunk_slices,
+    crc32_of,
+    open_array,
+    read_attributes,
+    storage_chunks,
+    ts_context,
+    zarr_format_of,
+)
+
+MAX_PROBLEMS_PER_ARRAY = 20
+
+
+@dataclass
+class VolumeCheck:
+    index: int
+    ok: bool
+    problems: list[str]
+    arrays: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def choose_volumes_to_verify(
+    complete: list[int], sample_size: int | None, indices: list[int] | None, verify_all: bool, seed: int | None
+) -> list[int]:
+    chosen: set[int] = set(indices or [])
+    if verify_all:
+        chosen |= set(complete)
+    elif sample_size:
+        chosen |= set(random.Random(seed).sample(complete, min(sample_size, len(complete))))
+    return sorted(chosen)
+
+
+def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeCheck:
+    """Check one volume's arrays against its metadata. Each problem names the volume,
+    the array and, where it applies, the chunk and the file."""
+    started = time.perf_counter()
+    paths = VolumePaths(Path(output_dir), index)
+    if not paths.metadata.is_file():
+        return VolumeCheck(index, False, [f"{paths.name}: not complete (no {paths.metadata.name}); nothing to verify"])
+    try:
+        metadata = read_json(paths.metadata)
+    except (OSError, ValueError) as e:
+        return VolumeCheck(index, False, [f"{paths.name}: metadata file {paths.metadata} is unreadable ({e})"])
+    problems = []
+    if not metadata_is_intact(metadata):
+        problems.append(f"{paths.name}: metadata file {paths.metadata} was edited after it was written (digest mismatch)")
+    integrity = metadata.get("integrity") or {}
+    if not integrity.get("crc32"):
+        problems.append(f"{paths.name}: metadata records no chunk checksums (written by an older version?)")
+    context = ts_context(num_threads)
+    arrays = {}
+    for name in metadata.get("dtypes") or {}:
+        array_problems, arrays[name] = verify_array(paths, name, metadata, context)
+        problems += array_problems
+    if not metadata.get("dtypes"):
+        problems.append(f"{paths.name}: metadata lists no arrays (no 'dtypes')")
+    return VolumeCheck(index, not problems, problems, arrays, round(time.perf_counter() - started, 3))
+
+
+@dataclass
+class StoredLayout:
+    """How an array's chunks map to files: zarr v2 one file per chunk, v3 one per shard."""
+
+    unit: tuple[int, ...]  # region covered by one file
+    key_prefix: str
+    separator: str
+    uncompressed_nbytes: int | None  # exact file size where it is known (v2 without compressor)
+
+    def file_key(self, unit_index: Sequence[int]) -> str:
+        return self.key_prefix + self.separator.join(map(str, unit_index))
+
+
+def stored_layout(path: Path, itemsize: int) -> StoredLayout:
+    if zarr_format_of(path) == 2:
+        meta = json.loads((path / ".zarray").read_text())
+        size = math.prod(meta["chunks"]) * itemsize if meta.get("compressor") is None and not meta.get("filters") else None
+        return StoredLayout(tuple(meta["chunks"]), "", meta.get("dimension_separator", "."), size)
+    meta = json.loads((path / "zarr.json").read_text())
+    encoding = meta.get("chunk_key_encoding") or {"name": "default"}
+    default = encoding.get("name") == "default"
+    separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
+    prefix = "c" + separator if default else ""
+    return StoredLayout(tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
+
+
+def present_files(path: Path, layout: StoredLayout) -> dict[str, int]:
+    """Relative path -> size of every file that could hold chunks (one listing, or a walk
+    of c/ for v3)."""
+    files = {}
+    for entry in iter_files(path):
+        rel = os.path.relpath(entry.path, path).replace(os.sep, "/")
+        if not rel.startswith((".z", "zarr.json")):
+            try:
+                files[rel] = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    return files
+
+
+def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS_PER_ARRAY:
+        return problems
+    return problems[:MAX_PROBLEMS_PER_ARRAY] + [f"{where}: ... and {len(problems) - MAX_PROBLEMS_PER_ARRAY} more chunk problems"]
+
+
+def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tuple[list[str], dict]:
+    path = paths.array(name)
+    where = f"{paths.name} {name}"
+    info: dict[str, Any] = {"path": str(path)}
+    if not path.is_dir():
+        return [f"{where}: array {path} is missing"], info
+    problems = []
+    integrity = metadata.get("integrity") or {}
+    try:
+        attributes = read_attributes(path)
+    except (OSError, ValueError) as e:
+        problems.append(f"{where}: attributes of {path} are unreadable ({e})")
+        attributes = {}
+    problems += attribute_problems(where, name, attributes, metadata)
+    try:
+        store = open_array(path, context)
+    except Exception as e:  # TensorStore raises ValueError / RuntimeError with the reason
+        return problems + [f"{where}: cannot open {path} ({first_line(e)})"], info
+    shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)
+    info.update(shape=shape, dtype=dtype)
+    chunks = storage_chunks(path)
+    layout_problems = []
+    if shape != list((metadata.get("shapes") or {}).get(name, [])):
+        layout_problems.append(f"{where}: shape {shape} differs from the metadata's {metadata.get('shapes', {}).get(name)}")
+    if dtype != (metadata.get("dtypes") or {}).get(name):
+        layout_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata['dtypes'].get(name)}")
+    recorded_chunks = (integrity.get("chunks") or {}).get(name)
+    if recorded_chunks is not None and list(chunks) != list(recorded_chunks):
+        layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {recorded_chunks}")
+    if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
+        return problems + layout_problems, info
+
+    layout = stored_layout(path, store.dtype.numpy_dtype.itemsize)
+    files = present_files(path, layout)
+    missing_files, file_problems = set(), []
+    for unit_index, _ in chunk_slices(shape, layout.unit):
+        key = layout.file_key(unit_index)
+        if key not in files:
+            missing_files.add(key)
+            file_problems.append(f"{where}: chunk file {path / key} is missing (zarr would silently read zeros)")
+        elif layout.uncompressed_nbytes is not None and files[key] != layout.uncompressed_nbytes:
+            file_problems.append(
+                f"{where}: chunk file {path / key} has {files[key]} bytes, expected {layout.uncompressed_nbytes} (truncated?)"
+            )
+    problems += _chunk_problems_limit(file_problems, where)
+
+    recorded = (integrity.get("crc32") or {}).get(name) or {}
+    data_problems, stats = check_chunk_data(store, shape, chunks, layout, missing_files, recorded, where, path)
+    problems += _chunk_problems_limit(data_problems, where)
+    info.update(stats, chunk_files=len(files), chunks=list(chunks))
+    return problems, info
+
+
+def attribute_problems(where: str, name: str, attributes: dict, metadata: dict) -> list[str]:
+    """The array must come from the run that wrote the metadata, and sit where it says."""
+    problems = []
+    commit = (attributes.get("dinov3_cache") or {}).get("commit_id")
+    expected = (metadata.get("integrity") or {}).get("commit_id")
+    if commit != expected:
+        problems.append(f"{where}: array was written by another run (commit id {commit}, metadata says {expected})")
+    configuration = metadata.get("configuration") or {}
+    voxel = (configuration.get("voxel_size_nm") or {}).get("raw" if name == "raw" else "features")
+    if voxel is not None and attributes.get("voxel_size") not in (None, voxel):
+        problems.append(f"{where}: voxel_size attribute {attributes.get('voxel_size')} differs from the metadata's {voxel}")
+    offset = configuration.get("offset_nm")
+    if offset is not None and attributes.get("offset") not in (None, offset):
+        problems.append(f"{where}: offset attribute {attributes.get('offset')} differs from the metadata's {offset}")
+    return problems
+
+
+def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, recorded, where, path):
+    """Read slabs (chunk-sized along leading axes, whole along the last two), compare each
+    chunk's crc32 with the recorded one and count NaN/Inf. Where a slab cannot be read,
+    read its chunks one by one to name the damaged ones."""
+    problems: list[str] = []
+    floating = store.dtype.numpy_dtype.kind == "f" or str(store.dtype.numpy_dtype) == "bfloat16"
+    stats = {"chunks_checked": 0, "chunks_without_checksum": 0, "non_finite": 0}
+    lead = len(shape) - 2
+    slab_chunks = tuple(chunks[:lead]) + tuple(shape[lead:])
+
+    def chunk_file(grid_index) -> str:
+        return layout.file_key(tuple(g * c // u for g, c, u in zip(grid_index, chunks, layout.unit, strict=True)))
+
+    def check(grid_index, block) -> None:
+        key = chunk_key(grid_index)
+        if floating:
+            bad = int(np.count_nonzero(~np.isfinite(block)))
+            if bad:
+                stats["non_finite"] += bad
+                problems.append(f"{where}: chunk {key} holds {bad} NaN/Inf values")
+        if chunk_file(grid_index) in missing_files:
+            return
+        if key not in recorded:
+            stats["chunks_without_checksum"] += 1
+            problems.append(f"{where}: chunk {key} has no recorded checksum")
+            return
+        found = crc32_of(block)
+        stats["chunks_checked"] += 1
+        if found != int(recorded[key]):
+            problems.append(
+                f"{where}: chunk {key} crc32 {found} differs from the recorded {recorded[key]} "
+                f"(file {path / chunk_file(grid_index)})"
+            )
+
+    for slab_index, slab_region in chunk_slices(shape, slab_chunks):
+        try:
+            slab = store[slab_region].read().result()
+        except Exception:
+            slab = None
+        for local_index, local in chunk_slices([s.stop - s.start for s in slab_region], chunks):
+            grid_index = tuple(si * (sc // c) + li for si, sc, c, li in zip(slab_index, slab_chunks, chunks, local_index, strict=True))
+            if slab is not None:
+                check(grid_index, slab[local])
+                continue
+            region = tuple(slice(r.start + part.start, r.start + part.stop) for r, part in zip(slab_region, local, strict=True))
+            try:
+                check(grid_index, store[region].read().result())
+            except Exception as e:
+                problems.append(
+                    f"{where}: chunk {chunk_key(grid_index)} cannot be read ({first_line(e)}) "
+                    f"(file {path / chunk_file(grid_index)})"
+                )
+    return problems, stats
+
