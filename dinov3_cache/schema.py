@@ -75,6 +75,7 @@ class JsonType:
     check: Callable[[Any], bool]
     load: Callable[[Any], Any] = _same
     dump: Callable[[Any], Any] = _same
+    entries: JsonType | None = None  # the type of each entry of an object: messages name the bad entry
 
 
 def _is_number(v: Any) -> bool:
@@ -100,7 +101,8 @@ def list_of(item: JsonType) -> JsonType:
 def map_of(item: JsonType) -> JsonType:
     return JsonType(f"object of {_grouped(item.name)}",
                     lambda v: isinstance(v, dict) and all(isinstance(k, str) and item.check(x) for k, x in v.items()),
-                    lambda v: {k: item.load(x) for k, x in v.items()}, lambda v: {k: item.dump(x) for k, x in v.items()})
+                    lambda v: {k: item.load(x) for k, x in v.items()}, lambda v: {k: item.dump(x) for k, x in v.items()},
+                    entries=item)
 
 
 def nullable(item: JsonType) -> JsonType:
@@ -143,7 +145,7 @@ class Part:
         return [f for f in fields(cls) if "doc" in f.metadata]
 
     @classmethod
-    def _prepare(cls, doc: dict) -> dict:
+    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
         return doc
 
     def _finish(self, doc: dict) -> dict:
@@ -153,7 +155,7 @@ class Part:
     def _parse(cls, doc: Any, reading: _Reading, where: str):
         if not isinstance(doc, dict):
             raise MetadataError(f"{reading.source}: {where or 'the document'} must be an object, got {_describe(doc)}")
-        doc = cls._prepare(doc)
+        doc = cls._prepare(doc, reading, where)
         values, absent = {}, set()
         for f in cls.schema_fields():
             path = f"{where}.{f.name}" if where else f.name
@@ -183,6 +185,9 @@ def _parse_value(kind: JsonType | type, value: Any, reading: _Reading, path: str
     if isinstance(kind, type):
         return kind._parse(value, reading, path)
     if not kind.check(value):
+        if kind.entries is not None and isinstance(value, dict):
+            for name, entry in value.items():
+                _parse_value(kind.entries, entry, reading, f"{path}[{json.dumps(name)}]")
         raise MetadataError(f"{reading.source}: key '{path}' must be {kind.name}, got {_describe(value)}")
     return kind.load(value)
 
@@ -253,8 +258,10 @@ class Storage(Part):
     bytes: dict[str, int] = json_key("bytes on disk of each array", map_of(INT), since=2)
 
     @classmethod
-    def _prepare(cls, doc: dict) -> dict:
+    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
         per_array = {m["array"]: v for k, v in doc.items() if k != "total_gb" and (m := ARRAY_GB.match(k))}
+        for name, gb in per_array.items():
+            _parse_value(NUMBER, gb, reading, f"{where}.{name}_gb")
         rest = {k: v for k, v in doc.items() if k == "total_gb" or not ARRAY_GB.match(k)}
         return {"array_gb": per_array, **rest}
 
