@@ -82,10 +82,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-INT = JsonType("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
-NUMBER = JsonType("number", _is_number)
-STRING = JsonType("string", lambda v: isinstance(v, str))
-BOOL = JsonType("bool", lambda v: isinstance(v, bool))
+def _scalar(name: str, check: Callable[[Any], bool]) -> JsonType:
+    return JsonType(name, check, lambda v: v, lambda v: v)  # immutable: nothing to copy
+
+
+INT = _scalar("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
+NUMBER = _scalar("number", _is_number)
+STRING = _scalar("string", lambda v: isinstance(v, str))
+BOOL = _scalar("bool", lambda v: isinstance(v, bool))
 OBJECT = JsonType("object", lambda v: isinstance(v, dict))
 
 
