@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -40,11 +39,20 @@ from typing import Any, Iterator
 
 from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 
+# Defined in schema.py; re-exported until every reader and the writer import them from there.
+from dinov3_cache.schema import (  # noqa: F401
+    METADATA_DIGEST_KEY,
+    canonical_json,
+    config_fingerprint,
+    metadata_digest,
+    metadata_is_intact,
+    seal_metadata,
+)
+
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
 LOGS_DIR = "logs"
-METADATA_DIGEST_KEY = "metadata_digest"
 
 
 def volume_name(volume_index: int) -> str:
@@ -122,10 +130,6 @@ def committed_volume_indices(output_dir: Path | str) -> list[int]:
 # ----------------------------------------------------------------------------- json
 
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,27 +159,8 @@ def read_json(path: Path) -> Any:
 # ----------------------------------------------------------------------------- metadata
 
 
-def metadata_digest(metadata: dict) -> str:
-    """sha256 of the metadata without its own digest: any edit of the file changes it."""
-    body = {k: v for k, v in metadata.items() if k != METADATA_DIGEST_KEY}
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
-
-
-def seal_metadata(metadata: dict) -> dict:
-    return {**metadata, METADATA_DIGEST_KEY: metadata_digest(metadata)}
-
-
-def metadata_is_intact(metadata: dict) -> bool:
-    return metadata.get(METADATA_DIGEST_KEY) == metadata_digest(metadata)
-
-
 def read_metadata(output_dir: Path | str, volume_index: int) -> dict:
     return read_json(VolumePaths(Path(output_dir), volume_index).metadata)
-
-
-def config_fingerprint(values: dict) -> str:
-    """Fingerprint of the settings that decide the feature values (not their storage)."""
-    return hashlib.sha256(canonical_json(values).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- status records

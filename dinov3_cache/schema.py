@@ -1,0 +1,418 @@
+"""The per-volume metadata file (`volume_XXXXXX_metadata.json`, the commit marker) as typed,
+versioned data: one definition of every key, its type, meaning and the version that requires it.
+
+`VolumeMetadata.from_dict` reads every version: files without `schema_version` are version 1
+(their extra keys are optional, so older files still read); version 2 adds `schema_version`
+and requires every key the writer records. Keys this module does not know are kept in each
+part's `extra` and written back, so a document from a newer writer survives a read and a
+rewrite here. `to_dict` writes the seed's key order with `metadata_digest` last; a parsed
+document writes back to an equal dict, so its digest still holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dinov3_cache.errors import EXIT_DAMAGED, CacheToolError
+from dinov3_cache.geometry import VoxelGrid
+
+SCHEMA_VERSION = 2
+METADATA_DIGEST_KEY = "metadata_digest"
+
+
+class MetadataError(CacheToolError):
+    """A metadata document is unreadable or does not match its schema version."""
+
+    exit_status = EXIT_DAMAGED
+
+
+# ----------------------------------------------------------------------------- digest and fingerprint
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_digest(metadata: dict) -> str:
+    """sha256 of the metadata without its own digest: any edit of the file changes it."""
+    body = {k: v for k, v in metadata.items() if k != METADATA_DIGEST_KEY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def seal_metadata(metadata: dict) -> dict:
+    return {**metadata, METADATA_DIGEST_KEY: metadata_digest(metadata)}
+
+
+def metadata_is_intact(metadata: dict) -> bool:
+    return metadata.get(METADATA_DIGEST_KEY) == metadata_digest(metadata)
+
+
+def config_fingerprint(values: dict) -> str:
+    """Fingerprint of the settings that decide the feature values (not their storage)."""
+    return hashlib.sha256(canonical_json(values).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- JSON value types
+
+
+def _same(value: Any) -> Any:
+    return copy.deepcopy(value)  # parts are frozen: no caller shares a mutable value with them
+
+
+@dataclass(frozen=True)
+class JsonType:
+    """A JSON value's type: its name (for messages and the reference), a check, and how the
+    value is held in Python (lists as tuples) and written back."""
+
+    name: str
+    check: Callable[[Any], bool]
+    load: Callable[[Any], Any] = _same
+    dump: Callable[[Any], Any] = _same
+    entries: JsonType | None = None  # the type of each entry of an object: messages name the bad entry
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _scalar(name: str, check: Callable[[Any], bool]) -> JsonType:
+    return JsonType(name, check, lambda v: v, lambda v: v)  # immutable: nothing to copy
+
+
+INT = _scalar("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
+NUMBER = _scalar("number", _is_number)
+STRING = _scalar("string", lambda v: isinstance(v, str))
+BOOL = _scalar("bool", lambda v: isinstance(v, bool))
+OBJECT = JsonType("object", lambda v: isinstance(v, dict))
+
+
+def _grouped(name: str) -> str:
+    return f"({name})" if " or " in name else name
+
+
+def list_of(item: JsonType) -> JsonType:
+    return JsonType(f"list of {_grouped(item.name)}", lambda v: isinstance(v, list) and all(map(item.check, v)),
+                    lambda v: tuple(map(item.load, v)), lambda v: list(map(item.dump, v)))
+
+
+def map_of(item: JsonType) -> JsonType:
+    return JsonType(f"object of {_grouped(item.name)}",
+                    lambda v: isinstance(v, dict) and all(isinstance(k, str) and item.check(x) for k, x in v.items()),
+                    lambda v: {k: item.load(x) for k, x in v.items()}, lambda v: {k: item.dump(x) for k, x in v.items()},
+                    entries=item)
+
+
+def nullable(item: JsonType) -> JsonType:
+    return JsonType(f"{item.name} or null", lambda v: v is None or item.check(v),
+                    lambda v: None if v is None else item.load(v), lambda v: None if v is None else item.dump(v))
+
+
+def json_key(doc: str, kind: JsonType | type, since: int | None = 1, shown_as: tuple[str, str] | None = None) -> Any:
+    """A documented key. since: the schema version from which the key is required (None:
+    never required); kind: its JsonType or the Part class of a nested object; shown_as:
+    (key, type) for the reference where the field stands for several keys."""
+    return field(default=None, metadata={"doc": doc, "kind": kind, "since": since, "shown_as": shown_as})
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "bool", int: "int", float: "number", str: "string", list: "list", dict: "object"}.get(type(value), "null")
+    text = json.dumps(value)
+    return f"{kind} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+@dataclass(frozen=True)
+class _Reading:
+    source: str  # the file (or "metadata") named in every message
+    version: int  # the rules to apply: min(document version, SCHEMA_VERSION)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One JSON object of the document. `extra`: keys this schema does not know, kept as read;
+    `absent`: optional keys the document did not have, so that writing it back adds none."""
+
+    extra: dict = field(default_factory=dict)
+    absent: frozenset = frozenset()
+
+    @classmethod
+    def schema_fields(cls) -> list:
+        return [f for f in fields(cls) if "doc" in f.metadata]
+
+    @classmethod
+    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
+        return doc
+
+    def _finish(self, doc: dict) -> dict:
+        return doc
+
+    @classmethod
+    def _parse(cls, doc: Any, reading: _Reading, where: str):
+        if not isinstance(doc, dict):
+            raise MetadataError(f"{reading.source}: {where or 'the document'} must be an object, got {_describe(doc)}")
+        doc = cls._prepare(doc, reading, where)
+        values, absent = {}, set()
+        for f in cls.schema_fields():
+            path = f"{where}.{f.name}" if where else f.name
+            if f.name not in doc:
+                since = f.metadata["since"]
+                if since is not None and reading.version >= since:
+                    raise MetadataError(
+                        f"{reading.source}: required key '{path}' is missing (schema version {reading.version}); "
+                        "the file is damaged or is not a cache volume's metadata"
+                    )
+                absent.add(f.name)
+                continue
+            values[f.name] = _parse_value(f.metadata["kind"], doc[f.name], reading, path)
+        known = {f.name for f in cls.schema_fields()}
+        extra = {k: copy.deepcopy(v) for k, v in doc.items() if k not in known}
+        return cls(**values, extra=extra, absent=frozenset(absent))
+
+    def to_dict(self) -> dict:
+        doc = {}
+        for f in self.schema_fields():
+            if f.name not in self.absent:
+                doc[f.name] = _dump_value(f.metadata["kind"], getattr(self, f.name))
+        return self._finish(doc) | copy.deepcopy(self.extra)
+
+
+def _parse_value(kind: JsonType | type, value: Any, reading: _Reading, path: str) -> Any:
+    if isinstance(kind, type):
+        return kind._parse(value, reading, path)
+    if not kind.check(value):
+        if kind.entries is not None and isinstance(value, dict):
+            for name, entry in value.items():
+                _parse_value(kind.entries, entry, reading, f"{path}[{json.dumps(name)}]")
+        raise MetadataError(f"{reading.source}: key '{path}' must be {kind.name}, got {_describe(value)}")
+    return kind.load(value)
+
+
+def _dump_value(kind: JsonType | type, value: Any) -> Any:
+    if value is None:
+        return None
+    return value.to_dict() if isinstance(kind, type) else kind.dump(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceDataset(Part):
+    """Where the crop came from; sources add their own keys (kept in `extra`)."""
+
+    index: int = json_key("index of the crop in the source's list of candidates", INT)
+    name: str | None = json_key("source or dataset name", STRING, since=None)
+    paths: dict[str, str] = json_key("URL or path of each source array (raw and each organelle)", map_of(STRING))
+    voxel_size_nm: dict | None = json_key("voxel size (nm, z y x) of the raw and label data read", OBJECT, since=None)
+    offset_nm: tuple[float, ...] | None = json_key("world corner (nm, z y x) of the crop", list_of(NUMBER), since=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Configuration(Part):
+    """The settings of the run; `fingerprint` covers those that decide the feature values."""
+
+    model_id: str = json_key("Hugging Face id or local directory of the DINOv3 model", STRING)
+    model_revision: str | None = json_key("hub revision asked for (null: default branch)", nullable(STRING), since=2)
+    pretrained: bool = json_key("false for a random-weight test model", BOOL, since=2)
+    base_resolution: float = json_key("label and feature voxel size (nm)", NUMBER)
+    min_resolution_for_raw: float = json_key("raw voxel size (nm) the slices are read at", NUMBER, since=2)
+    output_image_dim: int = json_key("features, gt and mask edge length (voxels)", INT, since=2)
+    slice_size: int = json_key("edge length (pixels) of each slice given to the model", INT, since=2)
+    patch_size: int = json_key("the model's patch size (pixels)", INT, since=2)
+    planes: tuple[str, ...] = json_key("slicing planes averaged into the features", list_of(STRING), since=2)
+    plane_combination: str = json_key("how the planes are combined", STRING, since=2)
+    slice_reduction: str = json_key("how raw is reduced to label resolution along the plane normal", STRING, since=2)
+    upsampling: str = json_key("how token grids are upsampled to the output size", STRING, since=2)
+    normalization: dict = json_key("image normalisation (family, mean, std)", OBJECT, since=2)
+    intensity_range: tuple[float, ...] = json_key("raw intensity range mapped to [0, 1]", list_of(NUMBER), since=2)
+    organelles: tuple[str, ...] = json_key("label classes, in --organelles order", list_of(STRING), since=2)
+    gt_extension: bool = json_key("whether a valid-label mask was written", BOOL, since=2)
+    filters: dict = json_key("crop acceptance thresholds", OBJECT, since=2)
+    features_dtype: str = json_key("stored feature dtype", STRING, since=2)
+    compression: str = json_key("compression of the arrays", STRING)
+    zarr_format: int = json_key("zarr format of the arrays (2 or 3)", INT, since=2)
+    chunks: tuple[int, ...] = json_key("feature chunk shape (C, Z, Y, X)", list_of(INT))
+    codecs: dict = json_key("the feature array's codec chain as written", OBJECT, since=2)
+    batch_size: int = json_key("slices per forward pass", INT, since=2)
+    device: str = json_key("device the model ran on", STRING, since=2)
+    compute_dtype: str = json_key("dtype of the forward pass", STRING, since=2)
+    voxel_size_nm: dict[str, tuple[float, ...]] = json_key(
+        "voxel size (nm, z y x): 'features' (also gt, mask) and 'raw'", map_of(list_of(NUMBER)), since=2)
+    offset_nm: tuple[float, ...] = json_key("world corner (nm, z y x) of every array", list_of(NUMBER), since=2)
+    fingerprint: str = json_key("hash of fingerprint_inputs: volumes with equal ones can be mixed", STRING, since=2)
+    fingerprint_inputs: dict = json_key("the settings that decide the feature values", OBJECT, since=2)
+
+
+ARRAY_GB = re.compile(r"^(?P<array>.+)_gb$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Storage(Part):
+    """Space on disk per array (as du counts it)."""
+
+    array_gb: dict[str, float] = json_key("GB on disk of each array", map_of(NUMBER),
+                                         shown_as=("<array>_gb", "number, one key per array"))
+    total_gb: float = json_key("GB on disk of all arrays", NUMBER)
+    bytes: dict[str, int] = json_key("bytes on disk of each array", map_of(INT), since=2)
+
+    @classmethod
+    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
+        per_array = {m["array"]: v for k, v in doc.items() if k != "total_gb" and (m := ARRAY_GB.match(k))}
+        for name, gb in per_array.items():
+            _parse_value(NUMBER, gb, reading, f"{where}.{name}_gb")
+        rest = {k: v for k, v in doc.items() if k == "total_gb" or not ARRAY_GB.match(k)}
+        return {"array_gb": per_array, **rest}
+
+    def _finish(self, doc: dict) -> dict:
+        per_array = doc.pop("array_gb", None) or {}
+        return {f"{name}_gb": gb for name, gb in per_array.items()} | doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class Statistics(Part):
+    """Label and feature statistics of the crop."""
+
+    num_classes: int = json_key("distinct label values inside the mask", INT)
+    unique_classes: tuple[int, ...] = json_key("those values (at most 1000)", list_of(INT))
+    valid_gt_fraction: float = json_key("fraction of voxels with valid labels (mask mean)", NUMBER)
+    features: dict = json_key("feature mean, std, min, max, non_finite ({} when empty)", OBJECT, since=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Integrity(Part):
+    """What verification compares the arrays with."""
+
+    commit_id: str = json_key("id of the run, also in every array's attributes", STRING)
+    algorithm: str = json_key("how the chunk checksums are computed", STRING)
+    chunks: dict[str, tuple[int, ...]] = json_key("chunk shape of each array", map_of(list_of(INT)))
+    crc32: dict[str, dict[str, int]] = json_key("checksum of every chunk, by array and chunk key", map_of(map_of(INT)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance(Part):
+    """Who made the volume, with what."""
+
+    model: dict = json_key("the model's identity (id, revision, pretrained, config)", OBJECT)
+    versions: dict = json_key("versions of python, torch, transformers, tensorstore, numpy", map_of(nullable(STRING)))
+    host: str = json_key("host the run ran on", STRING)
+    job_id: str | None = json_key("batch scheduler job id (null outside a scheduler)", nullable(STRING))
+    command: tuple[str, ...] = json_key("the command line", list_of(STRING))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VolumeMetadata(Part):
+    """The whole document. Parts absent from a version 1 file are None."""
+
+    schema_version: int = json_key("version of this document's schema (absent: 1)", INT, since=2)
+    volume_index: int = json_key("the volume's index", INT)
+    volume_name: str = json_key("the volume's name, volume_ and the index in six or more digits", STRING)
+    timestamp: str = json_key("when the volume was committed (ISO 8601)", STRING)
+    paths: dict[str, str] = json_key("absolute path of each array when written", map_of(STRING))
+    source_dataset: SourceDataset = json_key("where the crop came from", SourceDataset)
+    shapes: dict[str, tuple[int, ...]] = json_key(
+        "shape of each array: features (C, D, H, W), gt and mask (D, H, W), raw (S, S, S)", map_of(list_of(INT)))
+    dtypes: dict[str, str] = json_key("numpy dtype name of each stored array", map_of(STRING), since=2)
+    configuration: Configuration = json_key("settings of the run", Configuration)
+    timing: dict[str, float] = json_key("seconds per stage (model_load, source_read, feature_extraction, ...)",
+                                   map_of(NUMBER))
+    storage: Storage = json_key("space on disk", Storage)
+    statistics: Statistics = json_key("label and feature statistics", Statistics)
+    integrity: Integrity | None = json_key("commit id and chunk checksums", Integrity, since=2)
+    provenance: Provenance | None = json_key("model identity, versions, host, job, command", Provenance, since=2)
+    metadata_digest: str | None = json_key("sha256 of the document without this key", STRING, since=2)
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str | Path = "metadata") -> VolumeMetadata:
+        """Parse a document of any version; MetadataError (naming source and key) if malformed."""
+        source = str(source)
+        if not isinstance(doc, dict):
+            raise MetadataError(f"{source}: the document must be an object, got {_describe(doc)}")
+        version = doc.get("schema_version", 1)
+        if not INT.check(version) or version < 1:
+            raise MetadataError(f"{source}: key 'schema_version' must be an int >= 1, got {_describe(version)}")
+        parsed = cls._parse(doc, _Reading(source, min(version, SCHEMA_VERSION)), "")
+        return replace(parsed, schema_version=version)
+
+    @classmethod
+    def build(cls, body: dict) -> VolumeMetadata:
+        """A new document of the current version from the writer's dict, checked and sealed."""
+        doc = {"schema_version": SCHEMA_VERSION, **body, METADATA_DIGEST_KEY: ""}
+        return cls.from_dict(doc, "new metadata").sealed()
+
+    def to_dict(self) -> dict:
+        doc = super().to_dict()  # a version 1 file has no schema_version: it stays absent
+        digest = doc.pop(METADATA_DIGEST_KEY, None)
+        return doc if METADATA_DIGEST_KEY in self.absent else doc | {METADATA_DIGEST_KEY: digest}
+
+    def sealed(self) -> VolumeMetadata:
+        digest = metadata_digest(self.to_dict())
+        return replace(self, metadata_digest=digest, absent=self.absent - {METADATA_DIGEST_KEY})
+
+    @property
+    def is_intact(self) -> bool:
+        """The recorded digest matches the document (False when there is none)."""
+        return metadata_is_intact(self.to_dict())
+
+    @property
+    def has_mask(self) -> bool:
+        return "mask" in self.paths
+
+    def grid(self, array: str) -> VoxelGrid:
+        """Where `array` sits in world space; gt, mask and features share the features' grid."""
+        shape = self.shapes.get(array)
+        voxel = (self.configuration.voxel_size_nm or {}).get("raw" if array == "raw" else "features")
+        offset = self.configuration.offset_nm
+        if shape is None or voxel is None or offset is None:
+            raise MetadataError(
+                f"volume {self.volume_index}: metadata records no shape, voxel_size_nm or offset_nm for '{array}'")
+        return VoxelGrid(tuple(voxel), tuple(offset), tuple(shape[-3:]))
+
+
+def load_volume_metadata(path: Path | str) -> VolumeMetadata:
+    """Read and parse one metadata file; MetadataError names the file when it cannot."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MetadataError(f"metadata file {path} is unreadable ({e})") from None
+    return VolumeMetadata.from_dict(doc, path)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+REQUIRED = {1: "always", None: "optional"}
+
+
+def schema_reference() -> str:
+    """A Markdown table of every key: dotted name, type, when required, meaning."""
+    lines = [
+        f"Schema version {SCHEMA_VERSION}; a file without `schema_version` is version 1. "
+        "Required: `always` (where the object holding the key is present), `from vN` (in files of "
+        "version N and later), or `optional`. "
+        "Unknown keys are kept as written.",
+        "",
+        "| key | type | required | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += _reference_rows(VolumeMetadata, "")
+    return "\n".join(lines) + "\n"
+
+
+def _reference_rows(part: type, prefix: str) -> list[str]:
+    rows = []
+    for f in part.schema_fields():
+        kind, since = f.metadata["kind"], f.metadata["since"]
+        name, kind_name = f.metadata["shown_as"] or (f.name, f"object ({kind.__name__})" if isinstance(kind, type) else kind.name)
+        name = prefix + name
+        required = REQUIRED.get(since, f"from v{since}")
+        rows.append(f"| `{name}` | {kind_name} | {required} | {f.metadata['doc']} |")
+        if isinstance(kind, type):
+            rows += _reference_rows(kind, f"{name}.")
+    return rows
