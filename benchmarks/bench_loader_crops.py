@@ -37,7 +37,7 @@ def overlapped_chunk_bytes(volume, spatial: tuple[slice, ...]) -> int:
     for array in ARRAYS:
         path = volume.array_path(array)
         chunks = storage_chunks(path)
-        itemsize = np.dtype(volume.metadata["dtypes"][array]).itemsize
+        itemsize = np.dtype(volume.metadata.dtypes[array]).itemsize
         region = ((slice(0, volume.features_shape[0]),) if array == "features" else ()) + spatial
         total += sum(1 for _ in chunk_overlaps(region, chunks)) * int(np.prod(chunks)) * itemsize
     return total
@@ -71,7 +71,7 @@ def main() -> int:
     cache = ensure_cache("c256x128", 1, args.cache)
     probe = PreprocessedDINOv3Dataset(cache, volume_indices=[0])
     volume = probe.volumes[0]
-    print(f"cache {cache}: features {list(volume.features_shape)} {volume.metadata['dtypes']['features']}, "
+    print(f"cache {cache}: features {list(volume.features_shape)} {volume.metadata.dtypes['features']}, "
           f"chunks {list(storage_chunks(volume.array_path('features')))} (gt/mask {list(storage_chunks(volume.array_path('gt')))}); "
           f"{args.crops} random {args.crop}^3 crops, each read cold")
     print(f"\n{'reader':12s} {'returned MB':>12s} {'disk MB':>9s} {'rchar MB':>9s} {'disk/returned':>14s} "

@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from benchmarks.bench_common import peak_rss_gb_of_children
-from dinov3_cache.layout import read_metadata
+from dinov3_cache.layout import VolumePaths
+from dinov3_cache.schema import load_volume_metadata
 
 
 def main() -> int:
@@ -40,7 +41,7 @@ def main() -> int:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         peak = peak_rss_gb_of_children()
-        meta = read_metadata(out, 0)
+        meta = load_volume_metadata(VolumePaths(out, 0).metadata).to_dict()
     finally:
         shutil.rmtree(out)
     c, d = meta["shapes"]["features"][0], meta["shapes"]["features"][1]

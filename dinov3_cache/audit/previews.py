@@ -12,7 +12,8 @@ import numpy as np
 
 from dinov3_cache.audit.png import compose, write_png
 from dinov3_cache.audit.summaries import source_label
-from dinov3_cache.layout import VolumePaths, preview_path, read_json
+from dinov3_cache.layout import VolumePaths, preview_path
+from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, ts_context
 
 PREVIEW_PANEL_PIXELS = 256
@@ -55,7 +56,7 @@ def grey_rgb(values, lo: float, hi: float) -> np.ndarray:
 def write_preview(output_dir: Path, index: int, preview_dir: Path, num_threads: int = 8) -> Path:
     """Middle z slice of the features (PCA as RGB), gt, mask and raw, side by side."""
     paths = VolumePaths(Path(output_dir), index)
-    metadata = read_json(paths.metadata)
+    metadata = load_volume_metadata(paths.metadata)
     context = ts_context(num_threads)
     features = open_array(paths.array("features"), context)
     depth = features.shape[1]
@@ -68,10 +69,10 @@ def write_preview(output_dir: Path, index: int, preview_dir: Path, num_threads: 
     if paths.array("raw").is_dir():
         raw = open_array(paths.array("raw"), context)
         factor = max(1, raw.shape[0] // depth)
-        lo, hi = (metadata.get("configuration") or {}).get("intensity_range", [0, 255])
+        lo, hi = metadata.configuration.intensity_range or (0, 255)
         # the raw slices that area-average into label slice z
         panels.append(("raw", grey_rgb(raw[z * factor : (z + 1) * factor].read().result().mean(axis=0), lo, hi)))
-    source = source_label(metadata.get("source_dataset") or {})
+    source = source_label(metadata.source_dataset.to_dict())
     header = f"{paths.name}  z {z}/{depth}  {source}"
     return write_png(preview_path(preview_dir, index), compose(panels, header, PREVIEW_PANEL_PIXELS))
 

@@ -17,6 +17,7 @@ from dinov3_cache.audit.joblogs import PendingVolume
 from dinov3_cache.audit.scan import StorageMeasure
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths
+from dinov3_cache.schema import MetadataError, VolumeMetadata
 
 TIMING_ORDER = ("feature_extraction_seconds", "tensorstore_write_seconds", "total_seconds")
 
@@ -40,15 +41,14 @@ def source_label(source: dict) -> str:
     return str(raw) if raw else "unknown"
 
 
-def summarise_volume(index: int, metadata: dict) -> VolumeSummary:
-    storage = metadata.get("storage") or {}
+def summarise_volume(index: int, metadata: VolumeMetadata) -> VolumeSummary:
     return VolumeSummary(
         index=index,
-        timestamp=metadata.get("timestamp"),
-        timing={k: float(v) for k, v in (metadata.get("timing") or {}).items() if isinstance(v, (int, float))},
-        source=source_label(metadata.get("source_dataset") or {}),
-        fingerprint=(metadata.get("configuration") or {}).get("fingerprint"),
-        recorded_bytes={k: int(v) for k, v in (storage.get("bytes") or {}).items()},
+        timestamp=metadata.timestamp,
+        timing={k: float(v) for k, v in metadata.timing.items()},
+        source=source_label(metadata.source_dataset.to_dict()),
+        fingerprint=metadata.configuration.fingerprint,
+        recorded_bytes=dict(metadata.storage.bytes or {}),
     )
 
 
@@ -76,15 +76,18 @@ def read_complete_volumes(
         path = os.path.join(directory, name)
         try:
             with open(path, "rb") as f:
-                metadata = json.loads(f.read())
+                metadata = VolumeMetadata.from_dict(json.loads(f.read()), name)
         except FileNotFoundError:
             continue  # replaced by an --overwrite run between listing and reading
         except (OSError, ValueError) as e:
             problems.append({"index": index, "problem": f"metadata file {name} is unreadable ({e})"})
             continue
+        except MetadataError as e:
+            problems.append({"index": index, "problem": str(e)})
+            continue
         summary = summarise_volume(index, metadata)
         summaries.append(summary)
-        configs.setdefault(summary.fingerprint, metadata.get("configuration") or {})
+        configs.setdefault(summary.fingerprint, metadata.configuration.to_dict())
     return summaries, problems, configs
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from dinov3_cache.errors import first_line
-from dinov3_cache.layout import VolumePaths, iter_files, metadata_is_intact, read_json
+from dinov3_cache.layout import VolumePaths, iter_files
+from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 from dinov3_cache.zarr_arrays import (
     chunk_key,
     chunk_slices,
@@ -64,21 +65,20 @@ def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeC
     if not paths.metadata.is_file():
         return VolumeCheck(index, False, [f"{paths.name}: not complete (no {paths.metadata.name}); nothing to verify"])
     try:
-        metadata = read_json(paths.metadata)
-    except (OSError, ValueError) as e:
-        return VolumeCheck(index, False, [f"{paths.name}: metadata file {paths.metadata} is unreadable ({e})"])
+        metadata = load_volume_metadata(paths.metadata)
+    except MetadataError as e:
+        return VolumeCheck(index, False, [f"{paths.name}: {e}"])
     problems = []
-    if not metadata_is_intact(metadata):
+    if not metadata.is_intact:
         problems.append(f"{paths.name}: metadata file {paths.metadata} was edited after it was written (digest mismatch)")
-    integrity = metadata.get("integrity") or {}
-    if not integrity.get("crc32"):
+    if metadata.integrity is None or not metadata.integrity.crc32:
         problems.append(f"{paths.name}: metadata records no chunk checksums (written by an older version?)")
     context = ts_context(num_threads)
     arrays = {}
-    for name in metadata.get("dtypes") or {}:
+    for name in metadata.dtypes or {}:
         array_problems, arrays[name] = verify_array(paths, name, metadata, context)
         problems += array_problems
-    if not metadata.get("dtypes"):
+    if not metadata.dtypes:
         problems.append(f"{paths.name}: metadata lists no arrays (no 'dtypes')")
     return VolumeCheck(index, not problems, problems, arrays, round(time.perf_counter() - started, 3))
 
@@ -129,14 +129,14 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
     return problems[:MAX_PROBLEMS_PER_ARRAY] + [f"{where}: ... and {len(problems) - MAX_PROBLEMS_PER_ARRAY} more chunk problems"]
 
 
-def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tuple[list[str], dict]:
+def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, context) -> tuple[list[str], dict]:
     path = paths.array(name)
     where = f"{paths.name} {name}"
     info: dict[str, Any] = {"path": str(path)}
     if not path.is_dir():
         return [f"{where}: array {path} is missing"], info
     problems = []
-    integrity = metadata.get("integrity") or {}
+    integrity = metadata.integrity
     try:
         attributes = read_attributes(path)
     except (OSError, ValueError) as e:
@@ -151,13 +151,14 @@ def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tupl
     info.update(shape=shape, dtype=dtype)
     chunks = storage_chunks(path)
     layout_problems = []
-    if shape != list((metadata.get("shapes") or {}).get(name, [])):
-        layout_problems.append(f"{where}: shape {shape} differs from the metadata's {metadata.get('shapes', {}).get(name)}")
-    if dtype != (metadata.get("dtypes") or {}).get(name):
-        layout_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata['dtypes'].get(name)}")
-    recorded_chunks = (integrity.get("chunks") or {}).get(name)
+    recorded_shape = metadata.shapes.get(name)
+    if shape != list(recorded_shape or ()):
+        layout_problems.append(f"{where}: shape {shape} differs from the metadata's {recorded_shape and list(recorded_shape)}")
+    if dtype != metadata.dtypes.get(name):
+        layout_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata.dtypes.get(name)}")
+    recorded_chunks = integrity.chunks.get(name) if integrity else None
     if recorded_chunks is not None and list(chunks) != list(recorded_chunks):
-        layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {recorded_chunks}")
+        layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {list(recorded_chunks)}")
     if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
         return problems + layout_problems, info
 
@@ -175,25 +176,26 @@ def verify_array(paths: VolumePaths, name: str, metadata: dict, context) -> tupl
             )
     problems += _chunk_problems_limit(file_problems, where)
 
-    recorded = (integrity.get("crc32") or {}).get(name) or {}
+    recorded = (integrity.crc32.get(name) if integrity else None) or {}
     data_problems, stats = check_chunk_data(store, shape, chunks, layout, missing_files, recorded, where, path)
     problems += _chunk_problems_limit(data_problems, where)
     info.update(stats, chunk_files=len(files), chunks=list(chunks))
     return problems, info
 
 
-def attribute_problems(where: str, name: str, attributes: dict, metadata: dict) -> list[str]:
+def attribute_problems(where: str, name: str, attributes: dict, metadata: VolumeMetadata) -> list[str]:
     """The array must come from the run that wrote the metadata, and sit where it says."""
     problems = []
     commit = (attributes.get("dinov3_cache") or {}).get("commit_id")
-    expected = (metadata.get("integrity") or {}).get("commit_id")
+    expected = metadata.integrity.commit_id if metadata.integrity else None
     if commit != expected:
         problems.append(f"{where}: array was written by another run (commit id {commit}, metadata says {expected})")
-    configuration = metadata.get("configuration") or {}
-    voxel = (configuration.get("voxel_size_nm") or {}).get("raw" if name == "raw" else "features")
+    configuration = metadata.configuration
+    voxel = (configuration.voxel_size_nm or {}).get("raw" if name == "raw" else "features")
+    voxel = list(voxel) if voxel is not None else None
     if voxel is not None and attributes.get("voxel_size") not in (None, voxel):
         problems.append(f"{where}: voxel_size attribute {attributes.get('voxel_size')} differs from the metadata's {voxel}")
-    offset = configuration.get("offset_nm")
+    offset = list(configuration.offset_nm) if configuration.offset_nm is not None else None
     if offset is not None and attributes.get("offset") not in (None, offset):
         problems.append(f"{where}: offset attribute {attributes.get('offset')} differs from the metadata's {offset}")
     return problems

@@ -113,8 +113,9 @@ def stored_nbytes(batch, dataset: PreprocessedDINOv3Dataset) -> int:
     """Bytes of the batch in the stored dtypes (what was read)."""
     features, gt = batch[0], batch[1]
     volume = dataset.volumes[0]
-    item = np.dtype(volume.metadata["dtypes"]["features"] if volume.metadata["dtypes"]["features"] != "bfloat16" else "u2").itemsize
-    label = np.dtype(volume.metadata["dtypes"]["gt"]).itemsize
+    dtypes = volume.metadata.dtypes
+    item = np.dtype(dtypes["features"] if dtypes["features"] != "bfloat16" else "u2").itemsize
+    label = np.dtype(dtypes["gt"]).itemsize
     mask = 0 if batch[2] is None else batch[2].numel()
     return features.numel() * item + gt.numel() * label + mask
 

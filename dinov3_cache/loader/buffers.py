@@ -127,12 +127,12 @@ def read_samples(
                 failures.append(e)
         if failures and sys.exc_info()[0] is None:
             raise failures[0]
-    metadata = [dict(s.volume.metadata, sample=s.describe()) for s in samples] if with_metadata else None
+    metadata = [s.volume.metadata.to_dict() | {"sample": s.describe()} for s in samples] if with_metadata else None
     return RawBatch(features, gt, mask, metadata, has_mask)
 
 
 def common_dtype(samples: list[Sample], array: str) -> torch.dtype:
-    names = {s.volume.metadata["dtypes"][array] for s in samples}
+    names = {s.volume.metadata.dtypes[array] for s in samples}
     if len(names) > 1:
         raise CacheError(
             f"a batch mixes {array} stored as {', '.join(sorted(names))} (volumes "

@@ -25,7 +25,7 @@ def volume_files(volumes: Iterable) -> list[Path]:
     """Every file of the given cache volumes (CachedVolume): array chunks, array metadata, metadata file."""
     files: list[Path] = []
     for volume in volumes:
-        for array in volume.metadata["paths"]:
+        for array in volume.metadata.paths:
             files += [Path(e.path) for e in iter_files(volume.array_path(array))]
         files.append(volume.paths.metadata)
     return files

@@ -26,7 +26,6 @@ Compressed or zarr v3 (sharded) arrays go through TensorStore (`TensorStoreReade
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +39,8 @@ import torch
 
 from dinov3_cache.errors import CacheToolError, first_line
 from dinov3_cache.indices import format_some
-from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_metadata
+from dinov3_cache.layout import VolumePaths, committed_volume_indices
+from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 from dinov3_cache.zarr_arrays import chunk_key, open_array, read_zarr_metadata, ts_context
 
 READER_CHOICES = ("auto", "tensorstore")
@@ -77,7 +77,7 @@ class CachedVolume:
     """One committed volume: where its arrays are and what its metadata says."""
 
     paths: VolumePaths
-    metadata: dict
+    metadata: VolumeMetadata
 
     @property
     def index(self) -> int:
@@ -85,15 +85,15 @@ class CachedVolume:
 
     @property
     def fingerprint(self) -> str | None:
-        return self.metadata.get("configuration", {}).get("fingerprint")
+        return self.metadata.configuration.fingerprint
 
     @property
     def has_mask(self) -> bool:
-        return "mask" in self.metadata["paths"]
+        return self.metadata.has_mask
 
     @property
     def features_shape(self) -> tuple[int, ...]:
-        return tuple(self.metadata["shapes"]["features"])
+        return tuple(self.metadata.shapes["features"])
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -135,18 +135,13 @@ def find_volumes(
     return volumes
 
 
-def load_metadata(root: Path, index: int) -> dict:
+def load_metadata(root: Path, index: int) -> VolumeMetadata:
     try:
-        metadata = read_metadata(root, index)
-    except (OSError, json.JSONDecodeError) as e:
+        return load_volume_metadata(VolumePaths(root, index).metadata)
+    except MetadataError as e:
         raise CacheError(
-            f"volume {index}: metadata file {VolumePaths(root, index).metadata} is unreadable ({e}); "
-            f"recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
+            f"volume {index}: {e}; recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
         ) from None
-    for key in ("paths", "shapes"):
-        if key not in metadata:
-            raise CacheError(f"volume {index}: metadata has no '{key}' entry; the file is not a cache volume's metadata")
-    return metadata
 
 
 def check_one_configuration(volumes: Sequence[CachedVolume]) -> None:
@@ -325,7 +320,7 @@ class VolumeReader:
                 self.readers[array] = open_reader(path, mode, context, executor)
             except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
                 raise volume_read_error(volume.index, array, path, first_line(e)) from None
-            expected = tuple(volume.metadata["shapes"][array])
+            expected = tuple(volume.metadata.shapes[array])
             if self.readers[array].shape != expected:
                 raise volume_read_error(
                     volume.index, array, path, f"shape {list(self.readers[array].shape)} on disk, metadata says {list(expected)}"
