@@ -70,9 +70,9 @@ def test_features_equal_independent_recomputation(tmp_path, tiny_model_dir, plan
 
 def test_small_blocks_tile_the_volume_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Blocks smaller than a slab (channel units x tiles x slabs) give the same features."""
-    import dinov3_cache.extraction.pipeline as dinov3_preprocessing
+    import dinov3_cache.extraction.features as features
 
-    monkeypatch.setattr(dinov3_preprocessing, "BLOCK_BYTES", 1)  # one chunk row per tile
+    monkeypatch.setattr(features, "BLOCK_BYTES", 1)  # one chunk row per tile
     call_main("preprocess_volume", *preprocess_args(tmp_path, 5, tiny_model_dir, "--save-raw", "--chunks", "16,8,8,8",
                                                     "--features-dtype", "float32", "--batch-size", "3"), check=True)
     paths = VolumePaths(tmp_path, 5)
