@@ -26,7 +26,8 @@ import torch
 from benchmarks.bench_common import FixedSource
 from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.config import ExtractionConfig
-from dinov3_cache.extraction.pipeline import normalise, plane_slices, preprocess_volume
+from dinov3_cache.extraction.features import normalise, plane_slices
+from dinov3_cache.extraction.pipeline import preprocess_volume
 from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SyntheticSource
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov3_cache.extraction.pipeline import AsyncBlockWriter
+from dinov3_cache.extraction.writer import AsyncBlockWriter
 from dinov3_cache.zarr_arrays import StorageOptions, create_array, feature_chunks, ts_context, write_unit
 
 LAYOUTS = [

@@ -70,7 +70,7 @@ def clamp_chunks(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]
 def feature_chunks(shape: Sequence[int], requested: Sequence[int]) -> tuple[int, ...]:
     """Feature chunks for a (C, D, H, W) array: spatial sizes clamped to the array, and the
     channel chunk the largest divisor of C not above the request, so that no channel chunk
-    is padded (C = 384 with 256 asked gives 128)."""
+    is padded (C = 384 with 256 asked gives 192)."""
     c = min(int(requested[0]), int(shape[0]))
     while shape[0] % c:
         c -= 1
@@ -99,22 +99,31 @@ def ts_context(num_threads: int) -> ts.Context:
     )
 
 
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element (numpy has no bfloat16: it is 2)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+# lz4 goes through blosc with byte shuffle over elements of the array's itemsize (bytes of
+# equal significance together), the same in both formats; zstd compresses the plain bytes.
 def _v2_compressor(compression: str) -> dict | None:
+    """zarr v2 keeps no blosc typesize: readers (numcodecs, TensorStore) take it from the dtype."""
     if compression == "none":
         return None
     if compression == "lz4":
-        return {"id": "blosc", "cname": "lz4", "clevel": 3, "shuffle": 2, "blocksize": 0}
+        return {"id": "blosc", "cname": "lz4", "clevel": 3, "shuffle": 1, "blocksize": 0}
     return {"id": "zstd", "level": 3}
 
 
-def _v3_codecs(compression: str, chunks: Sequence[int], shard: Sequence[int]) -> list[dict]:
-    inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+def _v3_codecs(compression: str, dtype: str, chunks: Sequence[int], shard: Sequence[int]) -> list[dict]:
+    """The codec chain as TensorStore writes it to zarr.json (so the metadata records what is on disk)."""
+    # single-byte types have no byte order to record
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}} if dtype_itemsize(dtype) > 1 else {"name": "bytes"}]
     if compression == "lz4":
-        inner.append(
-            {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 3, "shuffle": "shuffle", "typesize": 2}}
-        )
+        inner.append({"name": "blosc", "configuration": {
+            "cname": "lz4", "clevel": 3, "shuffle": "shuffle", "typesize": dtype_itemsize(dtype), "blocksize": 0}})
     elif compression == "zstd":
-        inner.append({"name": "zstd", "configuration": {"level": 3}})
+        inner.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
     inner.append({"name": "crc32c"})
     if tuple(chunks) == tuple(shard):
         return inner
@@ -130,11 +139,14 @@ def _v3_codecs(compression: str, chunks: Sequence[int], shard: Sequence[int]) ->
     ]
 
 
-def codec_description(storage: StorageOptions, shape: Sequence[int], chunks: Sequence[int]) -> dict:
+def codec_description(storage: StorageOptions, shape: Sequence[int], chunks: Sequence[int], dtype: str) -> dict:
     """Recorded in metadata: how an array's bytes on disk are encoded."""
     if storage.zarr_format == 2:
-        return {"zarr_format": 2, "compressor": _v2_compressor(storage.compression)}
-    return {"zarr_format": 3, "codecs": _v3_codecs(storage.compression, chunks, shard_shape(shape, chunks))}
+        compressor = _v2_compressor(storage.compression)
+        if compressor and compressor["id"] == "blosc":  # what readers take from the dtype, made explicit
+            compressor = {**compressor, "typesize": dtype_itemsize(dtype)}
+        return {"zarr_format": 2, "compressor": compressor}
+    return {"zarr_format": 3, "codecs": _v3_codecs(storage.compression, dtype, chunks, shard_shape(shape, chunks))}
 
 
 def create_spec(
@@ -165,7 +177,7 @@ def create_spec(
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
         "data_type": dtype,
         "fill_value": 0,
-        "codecs": _v3_codecs(storage.compression, chunks, shard),
+        "codecs": _v3_codecs(storage.compression, dtype, chunks, shard),
         "dimension_names": list(dimension_names),
         "attributes": attributes,
     }

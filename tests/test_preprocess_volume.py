@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,9 +71,9 @@ def test_features_equal_independent_recomputation(tmp_path, tiny_model_dir, plan
 
 def test_small_blocks_tile_the_volume_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Blocks smaller than a slab (channel units x tiles x slabs) give the same features."""
-    import dinov3_cache.extraction.pipeline as dinov3_preprocessing
+    import dinov3_cache.extraction.features as features
 
-    monkeypatch.setattr(dinov3_preprocessing, "BLOCK_BYTES", 1)  # one chunk row per tile
+    monkeypatch.setattr(features, "BLOCK_BYTES", 1)  # one chunk row per tile
     call_main("preprocess_volume", *preprocess_args(tmp_path, 5, tiny_model_dir, "--save-raw", "--chunks", "16,8,8,8",
                                                     "--features-dtype", "float32", "--batch-size", "3"), check=True)
     paths = VolumePaths(tmp_path, 5)
@@ -270,17 +271,51 @@ def test_concurrent_runs_of_one_index(tmp_path, tiny_model_dir):
     assert paths.metadata.exists()
 
 
-def test_old_volume_stays_valid_during_overwrite(tmp_path, tiny_model_dir):
+def test_old_volume_stays_valid_during_overwrite(tmp_path, tiny_model_dir, monkeypatch):
+    """An overwrite paused after its first features block (deterministically mid-run): the
+    old volume is still the committed one, whole and readable."""
+    import preprocess_volume as script
+    from dinov3_cache.extraction import pipeline, writer
+    from dinov3_cache.extraction.config import config_from_args
+    from dinov3_cache.sources.base import source_from_args
+
     paths = VolumePaths(tmp_path, 0)
-    call_main("preprocess_volume", *slow_args(tmp_path, tiny_model_dir), check=True)
+    args = preprocess_args(tmp_path, 0, tiny_model_dir)
+    call_main("preprocess_volume", *args, check=True)
     old = read_json(paths.metadata)
-    proc = start_slow_run(tmp_path, tiny_model_dir, "--overwrite")
-    wait_for(lambda: len(features_chunk_files(paths)) > 0 or proc.poll() is not None)
-    if proc.poll() is None:  # mid-way: the old volume is still committed and readable
+    old_features = read(paths.array("features"))
+
+    paused, checked = threading.Event(), threading.Event()
+    write = writer.AsyncBlockWriter.write
+
+    def write_then_pause(self, name, *rest, **kwargs):
+        write(self, name, *rest, **kwargs)
+        if name == "features" and not paused.is_set():
+            paused.set()
+            checked.wait(120)
+
+    monkeypatch.setattr(writer.AsyncBlockWriter, "write", write_then_pause)
+    options = script.build_parser().parse_args([*map(str, args), "--overwrite"])
+    result: dict = {}
+
+    def overwrite() -> None:
+        try:
+            result["outcome"] = pipeline.preprocess_volume(config_from_args(options), source_from_args(options))
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    thread = threading.Thread(target=overwrite)
+    thread.start()
+    try:
+        assert paused.wait(120), "the overwrite never wrote a features block"
+        assert paths.staging.exists() and read_json(paths.status)["state"] == "running"
         assert read_json(paths.metadata)["integrity"]["commit_id"] == old["integrity"]["commit_id"]
-        assert open_array(paths.array("features")).read().result().shape == (32, 64, 64, 64)
-    proc.communicate(timeout=300)
-    assert proc.returncode == 0
+        np.testing.assert_array_equal(read(paths.array("features")), old_features)
+    finally:
+        checked.set()
+        thread.join(300)
+    assert "error" not in result, result.get("error")
+    assert result["outcome"].state == "complete"
     assert read_json(paths.metadata)["integrity"]["commit_id"] != old["integrity"]["commit_id"]
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dinov3_cache.errors import CacheToolError
-from dinov3_cache.extraction.model import normalization_for
+from dinov3_cache.extraction.model import normalization_for, weights_identity
 from dinov3_cache.extraction.options import DEFAULT_MODEL_ID, PLANES
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.layout import VolumePaths
@@ -60,7 +60,7 @@ class ExtractionConfig:
         before the model loads so that a rerun can be skipped cheaply."""
         return {
             "model_id": self.model_id,
-            "model_revision": self.model_revision,
+            "weights": weights_identity(self.model_id, self.model_revision),
             "normalization": normalization_for(self.model_id),
             "geometry": asdict(self.geometry),
             "sampling": self.sampling.fingerprint_values(),
