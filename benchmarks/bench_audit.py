@@ -33,10 +33,10 @@ from dinov3_cache.layout import (
     ARRAY_NAMES,
     VolumePaths,
     read_json,
-    seal_metadata,
     write_json_atomic,
     write_submission_record,
 )
+from dinov3_cache.schema import seal_metadata
 
 OOM_LOG = (
     "INFO volume {i}: 16/48 slices\n"

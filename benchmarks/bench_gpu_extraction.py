@@ -122,7 +122,7 @@ def bench_volume(batch_size: int) -> None:
             started = time.perf_counter()
             outcome = preprocess_volume(config, FixedSource(crop), loaded)
             walls.append(time.perf_counter() - started)
-        timing = outcome.metadata["timing"]
+        timing = outcome.metadata.timing
     x = torch.randn(batch_size, 3, 512, 512, device="cuda", dtype=loaded.compute_dtype)
 
     @torch.inference_mode()

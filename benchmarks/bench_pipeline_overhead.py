@@ -76,7 +76,7 @@ def main() -> int:
         print(f"  run {repeat}: bare forward {bare[-1]:.2f} s, whole volume {pipeline[-1]:.2f} s, "
               f"ratio {pipeline[-1] / bare[-1]:.3f}")
     ratio = statistics.median(p / b for p, b in zip(pipeline, bare))
-    print(f"last volume's timing: {outcome.metadata['timing']}")
+    print(f"last volume's timing: {outcome.metadata.timing}")
     print(f"pipeline / bare forward (median of {args.repeats}): {ratio:.3f}  (target <= 1.15)")
     return 0
 

@@ -39,15 +39,6 @@ from typing import Any, Iterator
 
 from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 
-# Defined in schema.py; re-exported until every reader and the writer import them from there.
-from dinov3_cache.schema import (  # noqa: F401
-    METADATA_DIGEST_KEY,
-    canonical_json,
-    config_fingerprint,
-    metadata_digest,
-    metadata_is_intact,
-    seal_metadata,
-)
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
@@ -130,6 +121,11 @@ def committed_volume_indices(output_dir: Path | str) -> list[int]:
 # ----------------------------------------------------------------------------- json
 
 
+def canonical_json(value: Any) -> str:
+    """One spelling of a JSON value (sorted keys, no spaces): what digests and fingerprints hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,13 +150,6 @@ def fsync_directory(directory: Path) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-# ----------------------------------------------------------------------------- metadata
-
-
-def read_metadata(output_dir: Path | str, volume_index: int) -> dict:
-    return read_json(VolumePaths(Path(output_dir), volume_index).metadata)
 
 
 # ----------------------------------------------------------------------------- status records

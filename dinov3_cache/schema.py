@@ -22,6 +22,7 @@ from typing import Any
 
 from dinov3_cache.errors import EXIT_DAMAGED, CacheToolError
 from dinov3_cache.geometry import VoxelGrid
+from dinov3_cache.layout import canonical_json
 
 SCHEMA_VERSION = 2
 METADATA_DIGEST_KEY = "metadata_digest"
@@ -34,10 +35,6 @@ class MetadataError(CacheToolError):
 
 
 # ----------------------------------------------------------------------------- digest and fingerprint
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def metadata_digest(metadata: dict) -> str:

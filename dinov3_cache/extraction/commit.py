@@ -4,7 +4,6 @@ The metadata file, written last by the caller, is the commit marker."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -13,14 +12,8 @@ from typing import Callable
 
 from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
 from dinov3_cache.extraction.model import weights_identity_resolved
-from dinov3_cache.layout import (
-    VolumePaths,
-    config_fingerprint,
-    fsync_directory,
-    partial_debris,
-    read_json,
-    remove_tree,
-)
+from dinov3_cache.layout import VolumePaths, fsync_directory, partial_debris, remove_tree
+from dinov3_cache.schema import MetadataError, VolumeMetadata, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import VolumeSource
 
 log = logging.getLogger("dinov3_preprocessing")
@@ -30,7 +23,7 @@ log = logging.getLogger("dinov3_preprocessing")
 class VolumeOutcome:
     state: str  # complete | skipped
     message: str
-    metadata: dict | None = None
+    metadata: VolumeMetadata | None = None
 
 
 def ensure_writable(output_dir: Path) -> None:
@@ -53,17 +46,16 @@ def existing_volume_check(
     if not paths.metadata.exists() or config.overwrite:
         return None
     try:
-        metadata = read_json(paths.metadata)
-    except (OSError, json.JSONDecodeError) as e:
+        metadata = load_volume_metadata(paths.metadata)
+    except MetadataError as e:
         raise PreprocessingError(
-            f"volume {config.volume_index} has an unreadable metadata file {paths.metadata} ({e}); "
-            "inspect it, or pass --overwrite to recompute the volume"
+            f"volume {config.volume_index}: {e}; inspect it, or pass --overwrite to recompute the volume"
         ) from None
     values = config.fingerprint_values(source)
     if not weights_identity_resolved(values["weights"]):
         load_model()
         values = config.fingerprint_values(source)
-    existing = metadata.get("configuration", {}).get("fingerprint")
+    existing = metadata.configuration.fingerprint
     wanted = config_fingerprint(values)
     if existing != wanted:
         raise PreprocessingError(

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -50,10 +51,10 @@ from dinov3_cache.layout import (
     bytes_on_disk,
     now_iso,
     remove_tree,
-    seal_metadata,
     write_json_atomic,
     write_status,
 )
+from dinov3_cache.schema import VolumeMetadata
 from dinov3_cache.sources.base import VolumeSource
 from dinov3_cache.zarr_arrays import ts_context
 
@@ -145,11 +146,11 @@ def preprocess_volume(
             write_status(paths, "failed", finished=now_iso(), error=named_first_line(e))
             remove_tree(paths.staging)
             raise
-        write_status(paths, "complete", finished=now_iso(), timing=metadata["timing"])
+        write_status(paths, "complete", finished=now_iso(), timing=metadata.timing)
         return VolumeOutcome("complete", f"volume {config.volume_index} complete: {paths.metadata}", metadata)
 
 
-def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand) -> dict:
+def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand) -> VolumeMetadata:
     paths = config.paths
     timing: dict[str, float] = {}
     loaded = model.get()
@@ -191,11 +192,16 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: Mode
     storage = {name: bytes_on_disk(paths.staged_array(name)) for name in staged.stores}
     # after the load: the fingerprint records the weights actually loaded
     fingerprint_values = config.fingerprint_values(source)
-    metadata = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
+    body = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
+    # checked against the schema before anything of an existing volume is touched
+    metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
     commit_volume(paths, list(staged.stores))
     timing["total_seconds"] = time.perf_counter() - t_volume
-    metadata["timing"] = {k: round(v, 4) for k, v in timing.items()}
-    sealed = seal_metadata(metadata)
-    write_json_atomic(paths.metadata, sealed)
+    metadata = replace(metadata, timing=rounded(timing)).sealed()
+    write_json_atomic(paths.metadata, metadata.to_dict())
     remove_tree(paths.staging)
-    return sealed
+    return metadata
+
+
+def rounded(timing: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in timing.items()}
