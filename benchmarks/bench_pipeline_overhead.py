@@ -27,7 +27,8 @@ from benchmarks.bench_common import FixedSource
 from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.pipeline import normalise, plane_slices, preprocess_volume
-from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SyntheticSource
+from dinov3_cache.sources.base import CropGeometry, SamplingOptions
+from dinov3_cache.sources.synthetic import SyntheticSource
 
 
 def bare_forward_seconds(loaded, pixel_batches) -> float:
