@@ -30,6 +30,10 @@ INFERENCE_DIR = f"{RECON}/labels/inference/segmentations"
 INFERENCE_CROP = "inference"  # the crop name of a dataset's inference labels
 
 
+def label_kind(crop: str) -> str:
+    return "inference" if crop == INFERENCE_CROP else "groundtruth"
+
+
 @dataclass(frozen=True, order=True)
 class LabelEntry:
     organelle: str
@@ -38,7 +42,7 @@ class LabelEntry:
 
     @property
     def kind(self) -> str:
-        return "inference" if self.crop == INFERENCE_CROP else "groundtruth"
+        return label_kind(self.crop)
 
 
 @dataclass(frozen=True, order=True)

@@ -10,7 +10,7 @@ import numpy as np
 
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.sources.base import SamplingOptions, SourceError
-from dinov3_cache.sources.cellmap.catalog import INFERENCE_CROP, Catalog
+from dinov3_cache.sources.cellmap.catalog import INFERENCE_CROP, Catalog, label_kind
 from dinov3_cache.sources.cellmap.ome_ngff import TOLERANCE, LevelArray
 
 
@@ -25,7 +25,7 @@ class CropUnit:
 
     @property
     def kind(self) -> str:
-        return "inference" if self.crop == INFERENCE_CROP else "groundtruth"
+        return label_kind(self.crop)
 
 
 def crop_name(text: str) -> str:
