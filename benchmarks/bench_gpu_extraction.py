@@ -107,7 +107,8 @@ def bench_volume(batch_size: int) -> None:
     from dinov3_cache.extraction.model import load_model
     from dinov3_cache.extraction.config import ExtractionConfig
     from dinov3_cache.extraction.pipeline import preprocess_volume
-    from dinov3_cache.sources.base import SyntheticSource, CropGeometry, SamplingOptions
+    from dinov3_cache.sources.base import CropGeometry, SamplingOptions
+    from dinov3_cache.sources.synthetic import SyntheticSource
     from benchmarks.bench_common import FixedSource
 
     loaded = load_model("random:vitl16", device="cuda")

@@ -20,15 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from benchmarks.bench_common import FixedSource
-from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.features import normalise, plane_slices
+from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.pipeline import preprocess_volume
-from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SyntheticSource
+from dinov3_cache.sources.base import CropGeometry, SamplingOptions
+from dinov3_cache.sources.synthetic import SyntheticSource
 
 
 def bare_forward_seconds(loaded, pixel_batches) -> float:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from dinov3_cache.errors import UsageError
 
 SPATIAL_AXES = ("z", "y", "x")
@@ -112,3 +114,56 @@ class VoxelGrid:
     @classmethod
     def from_record(cls, record: dict) -> VoxelGrid:
         return cls(tuple(record["voxel_size_nm"]), tuple(record["offset_nm"]), tuple(record["shape"]))
+
+
+@dataclass(frozen=True)
+class AxisTransform:
+    """Where a stored cube's voxels sit relative to its grid: the stored array is
+    flip(transpose(unmoved, axis_order), axes with flip true). Identity for an unaugmented
+    crop. A transpose or flip keeps a cube's bounding box, so the grid's offset stays true
+    for the box; this says which world voxel each stored index shows."""
+
+    axis_order: tuple[int, int, int] = (0, 1, 2)
+    flip: tuple[bool, bool, bool] = (False, False, False)
+
+    RULE = "stored = flip(transpose(unmoved, axis_order), axes where flip); affine_nm maps stored (z, y, x, 1) to the world nm of that voxel's centre"
+
+    def __post_init__(self) -> None:
+        if sorted(self.axis_order) != [0, 1, 2] or len(self.flip) != 3:
+            raise ValueError(f"AxisTransform needs a permutation of 0, 1, 2 and 3 flips, got {self.axis_order}, {self.flip}")
+        object.__setattr__(self, "axis_order", tuple(int(a) for a in self.axis_order))
+        object.__setattr__(self, "flip", tuple(bool(f) for f in self.flip))
+
+    def apply(self, unmoved: np.ndarray) -> np.ndarray:
+        """The stored array for an unmoved (z, y, x) one."""
+        moved = np.transpose(unmoved, self.axis_order)
+        flipped = [a for a, f in enumerate(self.flip) if f]
+        return np.ascontiguousarray(np.flip(moved, flipped) if flipped else moved)
+
+    def undo(self, stored: np.ndarray) -> np.ndarray:
+        """The unmoved array for a stored one: each voxel back at its grid position."""
+        flipped = [a for a, f in enumerate(self.flip) if f]
+        unflipped = np.flip(stored, flipped) if flipped else stored
+        return np.ascontiguousarray(np.transpose(unflipped, np.argsort(self.axis_order)))
+
+    def affine_nm(self, grid: VoxelGrid) -> list[list[float]]:
+        """4x4 matrix: stored voxel index (z, y, x, 1) -> world nm (z, y, x, 1) of its centre."""
+        matrix = [[0.0] * 4 for _ in range(3)] + [[0.0, 0.0, 0.0, 1.0]]
+        for stored_axis, world_axis in enumerate(self.axis_order):
+            size, n = grid.voxel_size_nm[world_axis], grid.shape[world_axis]
+            flipped = self.flip[stored_axis]
+            matrix[world_axis][stored_axis] = -size if flipped else size
+            matrix[world_axis][3] = grid.offset_nm[world_axis] + size * (0.5 + (n - 1 if flipped else 0))
+        return matrix
+
+    def to_record(self, grids: dict[str, VoxelGrid]) -> dict:
+        return {
+            "axis_order": list(self.axis_order),
+            "flip": list(self.flip),
+            "rule": self.RULE,
+            "affine_nm": {name: self.affine_nm(grid) for name, grid in grids.items()},
+        }
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> AxisTransform:
+        return cls() if record is None else cls(tuple(record["axis_order"]), tuple(record["flip"]))

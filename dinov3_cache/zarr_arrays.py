@@ -211,44 +211,63 @@ def write_zattrs(path: Path, attributes: dict) -> None:
         json.dump(attributes, f, indent=2)
 
 
+ZARR_DRIVERS = {2: "zarr", 3: "zarr3"}  # TensorStore driver per zarr format
+METADATA_FILES = {2: ".zarray", 3: "zarr.json"}  # an array's metadata document per format
+ATTRIBUTE_FILES = {2: ".zattrs", 3: "zarr.json"}  # a node's (array or group) user attributes per format
+
+
 def zarr_format_of(path: Path) -> int:
-    if (path / "zarr.json").is_file():
-        return 3
-    if (path / ".zarray").is_file():
-        return 2
+    for zarr_format in (3, 2):
+        if (path / METADATA_FILES[zarr_format]).is_file():
+            return zarr_format
     raise FileNotFoundError(f"{path} is not a zarr array (no .zarray or zarr.json)")
 
 
-def read_zarr_metadata(path: Path) -> dict:
-    """The array's metadata document as stored: `.zarray` (zarr v2) or `zarr.json` (v3)."""
-    name = "zarr.json" if zarr_format_of(path) == 3 else ".zarray"
-    return json.loads((Path(path) / name).read_text())
+def attributes_in(zarr_format: int, document: dict) -> dict:
+    """The user attributes in a node's attribute document: all of .zattrs (v2), the
+    'attributes' member of zarr.json (v3)."""
+    return document.get("attributes", {}) if zarr_format == 3 else document
+
+
+@dataclass(frozen=True)
+class ArrayMetadata:
+    """What an array's .zarray / zarr.json says, for v2 and v3 alike."""
+
+    zarr_format: int
+    shape: tuple[int, ...]
+    dtype: str  # v2: numpy-style string ('<f2', 'bfloat16'); v3: data_type ('float16')
+    chunks: tuple[int, ...]  # the read/write chunk (a v3 shard's inner chunk)
+    document: dict  # the parsed metadata document, for format-specific keys
+
+
+def read_array_metadata(path: Path) -> ArrayMetadata:
+    """Parse the metadata document of the local array at path (the one parser of it)."""
+    zarr_format = zarr_format_of(path)
+    document = json.loads((path / METADATA_FILES[zarr_format]).read_text())
+    if zarr_format == 2:
+        return ArrayMetadata(2, tuple(document["shape"]), document["dtype"], tuple(document["chunks"]), document)
+    chunks = document["chunk_grid"]["configuration"]["chunk_shape"]
+    for codec in document.get("codecs", []):
+        if codec["name"] == "sharding_indexed":
+            chunks = codec["configuration"]["chunk_shape"]
+    return ArrayMetadata(3, tuple(document["shape"]), document["data_type"], tuple(chunks), document)
 
 
 def open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore:
     """Open an existing array read-only, v2 or v3, with caching off (reads go to the files)."""
-    driver = "zarr3" if zarr_format_of(path) == 3 else "zarr"
-    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}, "open": True}
+    spec = {"driver": ZARR_DRIVERS[zarr_format_of(path)], "kvstore": {"driver": "file", "path": str(path)}, "open": True}
     return ts.open(spec, context=context or ts.Context(), read=True, write=False).result()
 
 
 def read_attributes(path: Path) -> dict:
-    if zarr_format_of(path) == 3:
-        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    zattrs = path / ".zattrs"
-    return json.loads(zattrs.read_text()) if zattrs.is_file() else {}
+    zarr_format = zarr_format_of(path)
+    document = path / ATTRIBUTE_FILES[zarr_format]
+    return attributes_in(zarr_format, json.loads(document.read_text())) if document.is_file() else {}
 
 
 def storage_chunks(path: Path) -> tuple[int, ...]:
     """The read/write chunk shape of an array (the inner chunk of a v3 shard)."""
-    if zarr_format_of(path) == 2:
-        return tuple(json.loads((path / ".zarray").read_text())["chunks"])
-    meta = json.loads((path / "zarr.json").read_text())
-    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    for codec in meta.get("codecs", []):
-        if codec["name"] == "sharding_indexed":
-            return tuple(codec["configuration"]["chunk_shape"])
-    return tuple(outer)
+    return read_array_metadata(path).chunks
 
 
 # ----------------------------------------------------------------------------- checksums

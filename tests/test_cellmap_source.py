@@ -10,6 +10,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -351,6 +352,39 @@ def test_augmentation_is_one_transform_of_raw_and_labels(catalog):
     assert len(params_seen) == len(INDICES)
 
 
+def unmove_by_affine(stored: np.ndarray, affine, grid) -> np.ndarray:
+    """Put each stored voxel where the recorded affine says its centre lies in the world,
+    on the crop's unaugmented grid (offset, voxel size): the reader's way back."""
+    a = np.asarray(affine, float)
+    index = np.indices(stored.shape).reshape(3, -1)
+    world = a[:3, :3] @ index + a[:3, 3:]
+    unmoved = (world - np.asarray(grid["offset_nm"])[:, None]) / np.asarray(grid["voxel_size_nm"])[:, None] - 0.5
+    target = np.rint(unmoved).astype(int)
+    assert np.allclose(unmoved, target) and target.min() >= 0 and target.max() < stored.shape[0]
+    out = np.zeros_like(stored)
+    out[tuple(target)] = stored.reshape(-1)
+    assert np.unique(np.ravel_multi_index(tuple(target), stored.shape)).size == stored.size  # one voxel each
+    return out
+
+
+def test_recorded_world_transform_maps_augmented_crops_back(catalog):
+    for index in INDICES:
+        plain, augmented = sample(catalog, index), sample(catalog, index, augment=True)
+        identity = plain.description["world_transform"]
+        assert identity["axis_order"] == [0, 1, 2] and identity["flip"] == [False] * 3
+        record = augmented.description["world_transform"]
+        params = augmented.description["augmentation"]
+        assert (record["axis_order"], record["flip"]) == (params["axis_order"], params["flip"])
+        assert augmented.label_grid == plain.label_grid and augmented.raw_grid == plain.raw_grid
+        labels = {"offset_nm": list(plain.offset_nm), "voxel_size_nm": [GEOMETRY.base_resolution] * 3}
+        np.testing.assert_array_equal(unmove_by_affine(augmented.gt, record["affine_nm"]["labels"], labels), plain.gt)
+        np.testing.assert_array_equal(unmove_by_affine(augmented.mask, record["affine_nm"]["labels"], labels), plain.mask)
+        raw = {"offset_nm": list(plain.offset_nm), "voxel_size_nm": [GEOMETRY.min_resolution_for_raw] * 3}
+        positions = np.arange(S**3).reshape(S, S, S)  # which voxel went where, free of the intensity change
+        np.testing.assert_array_equal(unmove_by_affine(transform_geometry(positions, params), record["affine_nm"]["raw"], raw), positions)
+        np.testing.assert_array_equal(augmented.world_transform.undo(augmented.gt), plain.gt)
+
+
 # ----------------------------------------------------------------------------- metadata parsing
 
 
@@ -534,18 +568,26 @@ def test_cli_reads_s3_through_the_endpoint_option(moto_s3, cellmap_root, tiny_mo
     assert read_json(out / CATALOG_FILE_NAME)["root"] == "s3://cellmap-test/data"
 
 
+def run_catalog_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dinov3_cache.sources.cellmap", *args],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+
+
 def test_catalog_command_builds_and_reports(cellmap_root, tmp_path, monkeypatch):
     monkeypatch.delenv("DINOV3_DATA_ROOT", raising=False)
-    result = run_script("cellmap_source.py", "--data-root", str(cellmap_root[0]), "--output-dir", str(tmp_path), check=True)
+    result = run_catalog_command("--data-root", str(cellmap_root[0]), "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
     assert "3 dataset(s)" in result.stdout and (tmp_path / CATALOG_FILE_NAME).is_file()
-    failed = run_script("cellmap_source.py", "--output-dir", str(tmp_path))
+    failed = run_catalog_command("--output-dir", str(tmp_path))
     assert failed.returncode == 1 and failed.stderr.startswith("error: the CellMap source needs --data-root")
 
 
 def test_a_read_too_large_for_memory_is_refused(catalog, monkeypatch):
-    import dinov3_cache.sources.cellmap as cellmap_source
+    import dinov3_cache.sources.cellmap.reading as reading
 
-    monkeypatch.setattr(cellmap_source, "MAX_RAW_READ_BYTES", 64**3)  # beta's resampled raw needs more
+    monkeypatch.setattr(reading, "MAX_RAW_READ_BYTES", 64**3)  # beta's resampled raw needs more
     with pytest.raises(SourceError, match=r"is much finer than 32 nm: one crop would read .* GiB"):
         sample(catalog, 0, crop_filter=("crop3",))
     sample(catalog, 0, crop_filter=("crop2",))  # an exact level reads exactly 64^3

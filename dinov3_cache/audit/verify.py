@@ -8,7 +8,6 @@ Imports numpy and TensorStore: the report imports this module only when verifyin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,10 +27,10 @@ from dinov3_cache.zarr_arrays import (
     chunk_slices,
     crc32_of,
     open_array,
+    read_array_metadata,
     read_attributes,
     storage_chunks,
     ts_context,
-    zarr_format_of,
 )
 
 MAX_PROBLEMS_PER_ARRAY = 20
@@ -97,11 +96,11 @@ class StoredLayout:
 
 
 def stored_layout(path: Path, itemsize: int) -> StoredLayout:
-    if zarr_format_of(path) == 2:
-        meta = json.loads((path / ".zarray").read_text())
-        size = math.prod(meta["chunks"]) * itemsize if meta.get("compressor") is None and not meta.get("filters") else None
-        return StoredLayout(tuple(meta["chunks"]), "", meta.get("dimension_separator", "."), size)
-    meta = json.loads((path / "zarr.json").read_text())
+    array = read_array_metadata(path)
+    meta = array.document
+    if array.zarr_format == 2:
+        size = math.prod(array.chunks) * itemsize if meta.get("compressor") is None and not meta.get("filters") else None
+        return StoredLayout(array.chunks, "", meta.get("dimension_separator", "."), size)
     encoding = meta.get("chunk_key_encoding") or {"name": "default"}
     default = encoding.get("name") == "default"
     separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")

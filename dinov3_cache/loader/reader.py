@@ -41,7 +41,7 @@ from dinov3_cache.errors import CacheToolError, first_line
 from dinov3_cache.indices import format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
-from dinov3_cache.zarr_arrays import chunk_key, open_array, read_zarr_metadata, ts_context
+from dinov3_cache.zarr_arrays import chunk_key, open_array, read_array_metadata, ts_context
 
 READER_CHOICES = ("auto", "tensorstore")
 TORCH_DTYPES = {
@@ -269,9 +269,10 @@ def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPool
 
 def raw_readable_zarray(path: Path) -> dict | None:
     """The .zarray of an array whose chunk files are plain C-order bytes, else None."""
-    zarray = read_zarr_metadata(path)
-    if zarray.get("zarr_format") != 2:
+    metadata = read_array_metadata(path)
+    if metadata.zarr_format != 2:
         return None
+    zarray = metadata.document
     plain = (
         zarray.get("compressor") is None
         and not zarray.get("filters")

@@ -1,0 +1,156 @@
+"""The CellMap source: crops drawn from a catalog's crop units, read and resampled at the
+requested geometry, optionally augmented; and its command-line options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+
+from dinov3_cache.geometry import AxisTransform, CropGeometry
+from dinov3_cache.sources.base import (
+    DATA_ROOT_ENV,
+    SamplingOptions,
+    SourceCrop,
+    SourceError,
+    VolumeSource,
+    combine_organelle_labels,
+    draw_passing_crop,
+)
+from dinov3_cache.sources.cellmap.augment import augment_crop
+from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME, Catalog, prepare_catalog
+from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_units, window_start
+from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
+from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
+from dinov3_cache.sources.cellmap.store import S3Options, Storage
+
+
+def add_cellmap_arguments(parser: argparse.ArgumentParser, add_pass_through) -> None:
+    """The CellMap source's options; all but --refresh-catalog travel to every job."""
+    add_pass_through(
+        parser, "--data-root", default=None,
+        help=f"CellMap-layout data: a directory or s3://bucket/prefix (default ${DATA_ROOT_ENV})",
+    )
+    add_pass_through(parser, "--catalog", default=None, help="JSON or CSV file listing raw and label arrays per dataset")
+    add_pass_through(
+        parser, "--s3-endpoint", default=None,
+        help="endpoint URL of an S3-compatible store (default AWS); credentials from AWS_* variables, else anonymous",
+    )
+    add_pass_through(
+        parser, "--augment", action="store_true",
+        help="flips, axis swaps and intensity changes seeded by the volume index, recorded in metadata",
+    )
+    parser.add_argument(
+        "--refresh-catalog", action="store_true",
+        help=f"rescan --data-root and rewrite OUTPUT_DIR/{CATALOG_FILE_NAME} before sampling",
+    )
+
+
+class CellMapSource(VolumeSource):
+    """Crops from a catalog of CellMap-layout (or catalogued) multiscale arrays."""
+
+    name = "cellmap"
+
+    def __init__(self, catalog: Catalog, storage: Storage | None = None, augment: bool = False):
+        self.catalog = catalog
+        self.storage = storage or Storage()
+        self.augment = augment
+        self._multiscales: dict[str, Multiscale] = {}
+
+    def fingerprint_values(self) -> dict:
+        return {"source": self.name, "root": self.catalog.root, "catalog_sha256": self.catalog.sha256(), "augment": self.augment}
+
+    def sample(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
+        units = eligible_units(self.catalog, options)
+        remaining = list(range(len(units)))
+        resolved: dict[int, ResolvedUnit] = {}
+
+        def draw(rng: np.random.Generator) -> SourceCrop:
+            while remaining:
+                position = int(rng.integers(len(remaining)))
+                index = remaining[position]
+                unit = resolved.get(index) or resolved.setdefault(index, self.resolve(units[index], geometry))
+                start = window_start(unit, geometry, options.gt_extension, rng)
+                if start is not None:
+                    return self.read_crop(unit, index, start, geometry, options)
+                remaining.pop(position)  # this crop cannot hold the window: never draw it again
+            raise SourceError(
+                f"no candidate crop can hold a {geometry.extent_nm:g} nm window inside its raw array"
+                + ("" if options.gt_extension else " and annotated box (--no-gt-extension)")
+                + f" among {len(units)} crop(s); lower --output-image-dim or --base-resolution"
+                + ("" if options.gt_extension else ", or allow GT extension")
+            )
+
+        crop = draw_passing_crop(volume_index, options, draw)
+        if self.augment:
+            return augment_crop(crop, volume_index)
+        crop.description["augmentation"] = None
+        crop.record_world_transform(AxisTransform())
+        return crop
+
+    def multiscale(self, url: str) -> Multiscale:
+        if url not in self._multiscales:
+            self._multiscales[url] = read_multiscale(url, self.storage)
+        return self._multiscales[url]
+
+    def resolve(self, unit: CropUnit, geometry: CropGeometry) -> ResolvedUnit:
+        raw = open_level(self.multiscale(unit.raw), geometry.min_resolution_for_raw, "raw", "--min-resolution-for-raw", self.storage)
+        labels = {
+            organelle: open_level(self.multiscale(url), geometry.base_resolution, f"{organelle} labels", "--base-resolution", self.storage)
+            for organelle, url in unit.labels
+        }
+        return ResolvedUnit(unit, raw, labels)
+
+    def read_crop(self, resolved: ResolvedUnit, index: int, start: np.ndarray, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
+        unit = resolved.unit
+        n = geometry.output_image_dim
+        raw = read_raw(resolved.raw, start, geometry.min_resolution_for_raw, geometry.slice_size)
+        per_organelle, mask = {}, np.ones((n, n, n), bool)
+        for organelle, array in resolved.labels.items():
+            labels, valid = read_labels(array, start, geometry.base_resolution, n)
+            per_organelle[organelle] = as_instance_ids(labels, array.url)
+            mask &= valid
+        gt = combine_organelle_labels(per_organelle, options.organelles)
+        if not mask.all():
+            gt = np.where(mask, gt, 0).astype(gt.dtype)
+        box_lo, box_hi = resolved.box
+        return SourceCrop(
+            raw=raw,
+            gt=gt,
+            mask=mask.astype(np.uint8) if options.gt_extension else None,
+            raw_range=raw_intensity_range(raw.dtype),
+            offset_nm=tuple(float(v) for v in start),
+            description={
+                "index": index,
+                "name": unit.dataset,
+                "dataset": unit.dataset,
+                "crop": unit.crop,
+                "label_kind": unit.kind,
+                "paths": {"raw": resolved.raw.url} | {o: a.url for o, a in resolved.labels.items()},
+                "levels": {"raw": resolved.raw.describe()} | {o: a.describe() for o, a in resolved.labels.items()},
+                "voxel_size_nm": {"raw": [geometry.min_resolution_for_raw] * 3, "labels": [geometry.base_resolution] * 3},
+                "offset_nm": [float(v) for v in start],
+                "extent_nm": [geometry.extent_nm] * 3,
+                "annotated_box_nm": {"offset": box_lo.tolist(), "extent": (box_hi - box_lo).tolist()},
+                "label_rule": "instance ids" if len(options.organelles) == 1 else "classes 1..n in --organelles order, later organelle wins overlaps",
+                "resampling": {"raw": "area mean", "labels": "nearest (voxel holding the centre)"},
+                "catalog_root": self.catalog.root,
+                "catalog_sha256": self.catalog.sha256(),
+            },
+            geometry=geometry,
+        )
+
+
+def source_from_args(args: Any) -> CellMapSource:
+    """The CellMap source that preprocess_volume.py options ask for."""
+    storage = Storage(S3Options(endpoint=getattr(args, "s3_endpoint", None)), getattr(args, "num_threads", 8))
+    catalog = prepare_catalog(
+        getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV),
+        getattr(args, "catalog", None),
+        getattr(args, "output_dir", None),
+        storage,
+        refresh=getattr(args, "refresh_catalog", False),
+    )
+    return CellMapSource(catalog, storage, augment=getattr(args, "augment", False))
