@@ -145,7 +145,7 @@ def stage_arrays(config: ExtractionConfig, crop: SourceCrop, n_channels: int, co
         shapes["raw"], dtypes["raw"], chunks["raw"] = crop.raw.shape, crop.raw.dtype.name, clamp_chunks(crop.raw.shape, DEFAULT_RAW_CHUNKS)
     stores = {}
     for name in shapes:
-        grid = config.geometry.raw_grid(crop.offset_nm) if name == "raw" else config.geometry.label_grid(crop.offset_nm)
+        grid = crop.raw_grid if name == "raw" else crop.label_grid
         attributes = grid.array_attributes(channel_axis=name == "features")
         attributes["dinov3_cache"] = {"commit_id": commit_id, "volume_index": config.volume_index, "array": name}
         dims = (["c"] if name == "features" else []) + ["z", "y", "x"]
