@@ -122,3 +122,11 @@ def test_slug_rules():
     assert github_slug("Audit report vs `du -s`") == "audit-report-vs-du--s"
     assert github_slug("Random 64^3 crops") == "random-643-crops"
     assert github_slug("Commit, resume, safety") == "commit-resume-safety"
+
+
+def test_cache_format_metadata_table_is_generated_from_the_schema():
+    from dinov3_cache.schema import schema_reference
+
+    text = (ROOT / "docs" / "cache-format.md").read_text()
+    table = text.split("<!-- schema-reference -->\n", 1)[1].split("<!-- /schema-reference -->", 1)[0]
+    assert table == schema_reference(), "regenerate docs/cache-format.md's table from dinov3_cache.schema.schema_reference()"
