@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -12,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dinov3_cache.errors import OneLineParser, UsageError, report_error
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
@@ -19,7 +19,7 @@ from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Benchmark loading a preprocessed cache: cold first batch (page cache evicted), then warm batches."
     )
     parser.add_argument("--preprocessed-dir", required=True, help="cache directory (preprocess_volume.py --output-dir)")
@@ -45,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     if args.batch_size < 1 or args.num_batches < 1:
-        print("error: --batch-size and --num-batches must be at least 1", file=sys.stderr)
-        return 1
+        return report_error(UsageError("--batch-size and --num-batches must be at least 1"))
     features_dtype = None if args.features_dtype == "stored" else TORCH_DTYPES[args.features_dtype]
     try:
         loader = create_preprocessed_dataloader(
@@ -64,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (" (eviction skipped)" if args.no_evict else " (after posix_fadvise DONTNEED)"))
         report = time_batches(loader, args.num_batches, args.device)
     except CacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     print_report(report)
     return 0
 
