@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from dinov3_cache.errors import CacheToolError, first_line
-from dinov3_cache.layout import read_json
+from dinov3_cache.extraction.normalization import normalization_for
 
 log = logging.getLogger("dinov3_model")
 
@@ -18,10 +17,6 @@ log = logging.getLogger("dinov3_model")
 class ModelError(CacheToolError, ValueError):
     """A model or device that cannot be used; the message is one line saying what to do."""
 
-
-# Normalisation constants by pretraining data (DINOv3 model cards).
-SAT493M_NORMALIZATION = {"family": "SAT-493M", "mean": [0.430, 0.411, 0.296], "std": [0.213, 0.156, 0.143]}
-IMAGENET_NORMALIZATION = {"family": "LVD-1689M (ImageNet)", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 # Offline demo models: random weights, built from DINOv3ViTConfig. 'random:tiny' is the default demo.
 RANDOM_MODEL_PRESETS = {
@@ -113,18 +108,6 @@ def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn
     commit = getattr(model.config, "_commit_hash", None)
     identity = {"model_id": model_id, "revision": revision or commit, "commit_hash": commit, "pretrained": True}
     return model, identity
-
-
-def normalization_for(model_id: str) -> dict:
-    """Mean/std of the pretraining data: the local preprocessor config if any, else the model family."""
-    if model_id.startswith("random"):
-        return IMAGENET_NORMALIZATION
-    preprocessor = Path(model_id) / "preprocessor_config.json"
-    if preprocessor.is_file():
-        cfg = read_json(preprocessor)
-        if "image_mean" in cfg and "image_std" in cfg:
-            return {"family": "preprocessor_config.json", "mean": cfg["image_mean"], "std": cfg["image_std"]}
-    return SAT493M_NORMALIZATION if "sat493m" in model_id.lower() else IMAGENET_NORMALIZATION
 
 
 @torch.inference_mode()
