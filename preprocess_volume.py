@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    # torch loads here, once the options are known to be good (--help and bad options stay fast)
     from dinov3_cache.extraction.pipeline import Terminated, preprocess_volume, raise_on_sigterm
     from dinov3_cache.layout import VolumeLocked
     from dinov3_cache.sources.base import source_from_args

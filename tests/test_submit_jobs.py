@@ -21,6 +21,7 @@ from dinov3_cache.layout import (
     read_json,
     read_submission_records,
     scheduler_logs_dir,
+    write_json_atomic,
 )
 from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
 from dinov3_cache.cluster.jobs import JobSpec, split_arrays
@@ -179,7 +180,9 @@ def test_lsf_job_script_maps_lsb_jobindex_to_the_volume(tmp_path, tiny_model_dir
     script = result.stdout.split("# job-script:\n", 1)[1].split("\ndry run:", 1)[0]
     script_file = tmp_path / "job.sh"
     script_file.write_text(script)
-    out.joinpath("logs").mkdir(parents=True)  # bsub's caller creates it at submission
+    # a real submission writes the settings file the dry run prints; do it here, as submit would
+    settings_path = Path(re.search(r"^# settings file (\S+) \(written at submission\):", result.stdout, re.MULTILINE).group(1))
+    write_json_atomic(settings_path, dry_run_settings(result.stdout))
 
     env = {**os.environ, "LSB_JOBID": "777", "LSB_JOBINDEX": "2"}
     ran = subprocess.run(["/bin/sh", str(script_file)], env=env, capture_output=True, text=True, timeout=300)
