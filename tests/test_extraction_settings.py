@@ -4,10 +4,8 @@ its precedence (command line > settings file > defaults), and login-node imports
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -121,19 +119,3 @@ def test_help_and_dry_run_do_not_import_torch(tmp_path):
     assert "argparse" in help_modules and "dinov3_cache" in dry_run_modules  # the listing is real
     for name in NOT_ON_LOGIN_NODES:
         assert name not in help_modules and name not in dry_run_modules
-
-
-def median_seconds(argv: list[str], runs: int = 5) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, capture_output=True, check=True, cwd=REPO)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def test_help_starts_in_well_under_a_second_more_than_bare_python():
-    """torch alone costs a second or more; the options must not pull it in."""
-    bare = median_seconds([sys.executable, "-c", "pass"])
-    help_ = median_seconds([sys.executable, str(REPO / "submit_preprocessing_jobs.py"), "--help"])
-    assert help_ - bare < 1.0, f"--help took {help_:.2f} s, bare python {bare:.2f} s"

@@ -28,7 +28,9 @@ from typing import Any, Mapping
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
+from dinov3_cache.layout import write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
+from dinov3_cache.sources.cellmap import add_cellmap_arguments
 from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
@@ -151,7 +153,7 @@ def _field_types() -> dict[str, Any]:
 def argparse_kwargs(f) -> dict[str, Any]:
     """The add_argument keywords of one settings field, derived from its type and metadata."""
     kwargs = {"help": f.metadata["help"], **f.metadata["argparse"]}
-    kind, optional = _base_type(_field_types()[f.name])
+    kind, _ = _base_type(_field_types()[f.name])
     if kind is bool:
         return {**kwargs, "action": "store_true"}
     if typing.get_origin(kind) is tuple:
@@ -175,8 +177,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser, add_pass_through) -> None:
-    from dinov3_cache.sources.cellmap import add_cellmap_arguments
-
+    """The data source declares its own options; add_pass_through marks those every job gets."""
     add_cellmap_arguments(parser, add_pass_through)
 
 
@@ -216,8 +217,6 @@ def _plain(value: Any) -> Any:
 
 
 def write_settings_file(path: Path, settings: ExtractionSettings) -> None:
-    from dinov3_cache.layout import write_json_atomic
-
     write_json_atomic(path, settings_document(settings))
 
 
