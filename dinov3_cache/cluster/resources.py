@@ -52,7 +52,7 @@ class Resources:
 
     num_processors: int = DEFAULT_NUM_PROCESSORS
     memory_gb: float = DEFAULT_MEMORY_GB
-    walltime_minutes: int = 120  # DEFAULT_WALLTIME
+    walltime_minutes: int = parse_walltime(DEFAULT_WALLTIME)
     gpu: bool = True
     gpu_memory_gb: float | None = None
     queue: str | None = None
