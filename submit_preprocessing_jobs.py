@@ -5,7 +5,9 @@
     python submit_preprocessing_jobs.py --output-dir OUT --indices 10 15 23-40 [options]
     python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 --missing-only [options]
 
-Every option of preprocess_volume.py is accepted and passed to each job unchanged.
+Every option of preprocess_volume.py is accepted. The submission writes them once, as
+OUT/logs/submissions/settings_STAMP.json, and every job runs
+`preprocess_volume.py --settings FILE --volume-index N`.
 Exit status (docs/exit-status.md): 0 submitted (local: all complete), 1 a submission or a
 local volume failed, 2 bad input (nothing submitted).
 """
@@ -14,23 +16,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import json
 from pathlib import Path
 
-from dinov3_cache.cluster.schedulers import (
-    JobSpec,
-    LocalScheduler,
-    SchedulerError,
-    add_scheduler_arguments,
-    array_ranges,
-    choose_scheduler,
-    resources_from_args,
-    split_arrays,
+from dinov3_cache.cluster.base import SchedulerError
+from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
+from dinov3_cache.cluster.local import LocalScheduler
+from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
+from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
+from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
+from dinov3_cache.extraction.settings import (
+    ExtractionSettings,
+    add_extraction_arguments,
+    settings_document,
+    settings_from_args,
+    write_settings_file,
 )
-from dinov3_cache.errors import EXIT_FAILED, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
-from dinov3_cache.extraction.options import add_extraction_arguments, extraction_argv
-from dinov3_cache.extraction.config import config_from_args
 from dinov3_cache.indices import format_ranges, parse_index_list
-from dinov3_cache.layout import committed_volume_indices, now_iso, write_submission_record
+from dinov3_cache.layout import (
+    committed_volume_indices,
+    now_iso,
+    settings_file_path,
+    submission_stamp,
+    write_submission_record,
+)
 from dinov3_cache.sources.base import source_from_args, source_name_from_args
 
 
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--start-index", type=int, default=0, help="first index with --num-volumes (default 0)")
     which.add_argument("--missing-only", action="store_true", help="only the indices that have no complete volume")
     which.add_argument("--dry-run", action="store_true", help="print the commands and job scripts; submit and create nothing")
-    add_scheduler_arguments(parser)
+    add_scheduler_arguments(parser, sorted(SCHEDULERS))
     add_extraction_arguments(parser)
     return parser
 
@@ -61,14 +70,15 @@ def missing_indices(output_dir: str, indices: list[int]) -> list[int]:
     return [i for i in indices if i not in complete]
 
 
-def check_extraction_options(args: argparse.Namespace, first_index: int, prepare_source: bool) -> None:
+def checked_settings(args: argparse.Namespace, first_index: int, prepare_source: bool) -> ExtractionSettings:
     """Refuse bad extraction options before submitting thousands of jobs, and prepare the
     source once (a data root's catalog is built here and saved for every job to read)."""
-    job_args = argparse.Namespace(**vars(args), volume_index=first_index)
-    config_from_args(job_args)
-    source_name_from_args(job_args)
+    settings = settings_from_args(args)
+    settings.config(first_index)
+    source_name_from_args(args)
     if prepare_source:
-        source_from_args(job_args)
+        source_from_args(args)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.check_resources(resources)
     except CacheToolError as e:
         report_error(e)
-        return EXIT_USAGE
+        return EXIT_USAGE  # every error so far is bad input: nothing was submitted
 
     indices = missing_indices(args.output_dir, requested) if args.missing_only else requested
     if args.missing_only:
@@ -91,41 +101,46 @@ def main(argv: list[str] | None = None) -> int:
               + (f": {format_ranges(indices)}" if indices else ""))
     if not indices:
         print("nothing to submit")
-        return 0
+        return EXIT_OK
 
     try:
-        check_extraction_options(args, indices[0], prepare_source=not args.dry_run)
+        settings = checked_settings(args, indices[0], prepare_source=not args.dry_run)
     except CacheToolError as e:
         report_error(e)
         return EXIT_USAGE
 
-    spec = JobSpec.preprocess_volume(Path(args.output_dir), extraction_argv(args, parser), args.job_name)
+    stamp = submission_stamp()
+    settings_file = settings_file_path(args.output_dir, stamp)
+    spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file, args.job_name)
     try:
         arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None)
-    except SchedulerError as e:
-        report_error(e)
-        return EXIT_USAGE
+    except CacheToolError as e:
+        return report_error(e)
     if len(arrays) > 1:
         print(f"{len(indices)} volumes exceed the array size limit of {args.max_array_size}: split into {len(arrays)} arrays")
     rendered = [scheduler.render(array, resources) for array in arrays]
 
     if args.dry_run:
+        print(f"# settings file {settings_file} (written at submission):")
+        print(json.dumps(settings_document(settings), indent=2))
         for r in rendered:
             print(r.printable())
         print(f"dry run: {len(indices)} volumes in {len(rendered)} array(s); nothing submitted or created")
-        return 0
-    return submit(args, scheduler, rendered, resources, indices)
+        return EXIT_OK
+    return submit(args, scheduler, rendered, resources, settings, stamp)
 
 
-def submit(args, scheduler, rendered, resources, indices) -> int:
+def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, stamp: str) -> int:
     try:
         scheduler.check_installed()
-        scheduler.prepare_directories(Path(args.output_dir))
     except SchedulerError as e:
         report_error(e)
-        return EXIT_USAGE
+        return EXIT_USAGE  # nothing was submitted
+    try:
+        scheduler.prepare_directories(Path(args.output_dir))
+        write_settings_file(settings_file_path(args.output_dir, stamp), settings)
     except OSError as e:
-        print(f"error: cannot create the log directories under {args.output_dir} ({e.strerror}); choose a writable --output-dir", file=sys.stderr)
+        print(f"error: cannot write the log directories under {args.output_dir} ({e.strerror}); choose a writable --output-dir", file=sys.stderr)
         return EXIT_FAILED
     submitted, error = [], None
     for r in rendered:
@@ -147,7 +162,8 @@ def submit(args, scheduler, rendered, resources, indices) -> int:
             "job_command": list(rendered[0].array.spec.volume_argv("{volume_index}")),
             "resources": resources.to_record(),
             "arrays": [r.to_record() for r in submitted],
-        })
+            "settings_file": str(settings_file_path(args.output_dir, stamp)),
+        }, stamp)
         print(f"recorded in {record}")
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
@@ -156,7 +172,7 @@ def submit(args, scheduler, rendered, resources, indices) -> int:
         return run_locally(args, scheduler, resources)
     print(f"watch: {scheduler.watch_command([r.job_id for r in submitted])}")
     print(f"progress: python check_preprocessing.py --output-dir {args.output_dir}")
-    return 0
+    return EXIT_OK
 
 
 def run_locally(args, scheduler: LocalScheduler, resources) -> int:
@@ -175,7 +191,7 @@ def run_locally(args, scheduler: LocalScheduler, resources) -> int:
         print(f"failed: volume {failure.volume_index} ({why}): {failure.last_error_line}")
     print(f"summary: {len(summary.results) - len(summary.failed)} succeeded, {len(summary.failed)} failed"
           + ("; rerun them with --missing-only" if summary.failed else ""))
-    return EXIT_FAILED if summary.failed else 0
+    return EXIT_FAILED if summary.failed else EXIT_OK
 
 
 if __name__ == "__main__":

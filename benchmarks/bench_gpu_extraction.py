@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 import torch
@@ -105,7 +104,7 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
 
 def bench_volume(batch_size: int) -> None:
     from dinov3_cache.extraction.model import load_model
-    from dinov3_cache.extraction.config import ExtractionConfig
+    from dinov3_cache.extraction.settings import ExtractionSettings
     from dinov3_cache.extraction.pipeline import preprocess_volume
     from dinov3_cache.sources.base import CropGeometry, SamplingOptions
     from dinov3_cache.sources.synthetic import SyntheticSource
@@ -117,8 +116,8 @@ def bench_volume(batch_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         walls = []
         for repeat in range(2):
-            config = ExtractionConfig(volume_index=repeat, output_dir=Path(tmp), model_id="random:vitl16",
-                                      batch_size=batch_size, device="cuda")
+            config = ExtractionSettings(output_dir=tmp, model_id="random:vitl16", batch_size=batch_size,
+                                        device="cuda").config(repeat)
             torch.cuda.synchronize()
             started = time.perf_counter()
             outcome = preprocess_volume(config, FixedSource(crop), loaded)

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_common import FixedSource
-from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.features import normalise, plane_slices
 from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.pipeline import preprocess_volume
+from dinov3_cache.extraction.settings import ExtractionSettings
 from dinov3_cache.sources.base import CropGeometry, SamplingOptions
 from dinov3_cache.sources.synthetic import SyntheticSource
 
@@ -66,8 +66,8 @@ def main() -> int:
         bare.append(bare_forward_seconds(loaded, pixel_batches))
         out = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
         try:
-            config = ExtractionConfig(volume_index=repeat, output_dir=out, model_id=args.model_id,
-                                      geometry=geometry, batch_size=args.batch_size, device="cpu")
+            config = ExtractionSettings(output_dir=str(out), model_id=args.model_id, batch_size=args.batch_size, device="cpu",
+                                        output_image_dim=geometry.output_image_dim).config(repeat)
             started = time.perf_counter()
             outcome = preprocess_volume(config, FixedSource(crop), loaded)
             pipeline.append(time.perf_counter() - started)

@@ -16,8 +16,8 @@ Layout of an output directory::
     logs/volume_000000.lock       held by the run that owns the index
     logs/volume_000000.out|.err   scheduler job output
     logs/scheduler/               the batch scheduler's own files per array element (kill notices)
-    logs/submissions/             one record per submission
-    PREVIEW_DIR/volume_000000_preview.png   the audit's preview image (wherever --preview points)
+    logs/submissions/             one record and one settings file per submission
+    PREVIEW_DIR/volume_000000_preview.png   the audit\'s preview image (wherever --preview points)
 
 A volume exists for readers exactly when its metadata file exists.
 """
@@ -288,10 +288,19 @@ def submissions_dir(output_dir: Path | str) -> Path:
     return Path(output_dir) / LOGS_DIR / SUBMISSIONS_DIR
 
 
-def write_submission_record(output_dir: Path | str, record: dict) -> Path:
+def submission_stamp() -> str:
+    """A name part unique to one submission: its record and its settings file share it."""
+    return time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def settings_file_path(output_dir: Path | str, stamp: str) -> Path:
+    """The extraction settings a submission writes once and every one of its jobs reads."""
+    return submissions_dir(output_dir) / f"settings_{stamp}.json"
+
+
+def write_submission_record(output_dir: Path | str, record: dict, stamp: str | None = None) -> Path:
     """Record one submission: {"submitted", "indices", "scheduler", "job_ids", "options", "command", ...}."""
-    stamp = time.strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}_{uuid.uuid4().hex[:6]}"  # unique per call
-    path = submissions_dir(output_dir) / f"submission_{stamp}.json"
+    path = submissions_dir(output_dir) / f"submission_{stamp or submission_stamp()}.json"
     write_json_atomic(path, record)
     return path
 

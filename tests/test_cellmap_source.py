@@ -508,14 +508,14 @@ def test_cli_end_to_end_from_a_data_root(cellmap_root, tiny_model_dir, tmp_path)
 
 
 def test_cellmap_options_pass_through_to_jobs():
-    from dinov3_cache.extraction.options import add_extraction_arguments, extraction_argv
+    from dinov3_cache.extraction.settings import add_extraction_arguments, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_extraction_arguments(parser)
     args = parser.parse_args(["--output-dir", "o", "--data-root", "s3://b/p", "--s3-endpoint", "http://h:1", "--augment", "--refresh-catalog"])
-    argv = extraction_argv(args, parser)
-    assert argv[argv.index("--data-root") + 1] == "s3://b/p" and argv[argv.index("--s3-endpoint") + 1] == "http://h:1"
-    assert "--augment" in argv and "--refresh-catalog" not in argv  # jobs read the saved catalog
+    values = settings_from_args(args).values()  # what the submission's settings file holds
+    assert values["data_root"] == "s3://b/p" and values["s3_endpoint"] == "http://h:1"
+    assert values["augment"] is True and "refresh_catalog" not in values  # jobs read the saved catalog
 
 
 @pytest.fixture(scope="module")

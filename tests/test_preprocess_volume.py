@@ -340,32 +340,40 @@ def file(tmp_path: Path) -> Path:
     return path
 
 
+BEFORE_WORK, DURING_WORK = 2, 1  # bad options found before anything ran; a run that failed
+
+
 @pytest.mark.parametrize(
-    "change, message",
+    "change, message, status",
     [
-        (lambda a, t, m: a.__setitem__(1, "-1"), "--volume-index must be >= 0"),
-        (lambda a, t, m: a.__setitem__(3, str(file(t) / "out")), "cannot create output directory"),
-        (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi"),
-        (lambda a, t, m: a.extend(["--chunks", "256,16,16"]), "--chunks needs 4 positive integers"),
-        (lambda a, t, m: a.extend(["--chunks", "a,b,c,d"]), "--chunks needs 4 positive integers"),
-        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size"),
-        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model"),
-        (lambda a, t, m: a.extend(["--base-resolution", "100"]), "must be a whole multiple"),
-        (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source"),
-        (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none"),
-        (lambda a, t, m: a.extend(["--min-label-fraction", "1.1"]), "none of 100 candidate crops passed the filters"),
-        (lambda a, t, m: a.extend(["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"]), "--device"),
+        (lambda a, t, m: a.__setitem__(1, "-1"), "--volume-index must be >= 0", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--chunks", "256,16,16"]), "--chunks needs 4 positive integers", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--chunks", "a,b,c,d"]), "--chunks needs 4 positive integers", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--base-resolution", "100"]), "must be a whole multiple", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--batch-size", "0"]), "--batch-size must be positive", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--planes", "xy", "xy"]), "--planes lists a plane twice", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(3, str(file(t) / "out")), "cannot create output directory", DURING_WORK),
+        (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi", DURING_WORK),
+        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", DURING_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model", DURING_WORK),
+        # the source is built (and says what it cannot do) only once the run has started
+        (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source", DURING_WORK),
+        (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none", DURING_WORK),
+        (lambda a, t, m: a.extend(["--min-label-fraction", "1.1"]), "none of 100 candidate crops passed the filters", DURING_WORK),
+        (lambda a, t, m: a.extend(["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"]), "--device", DURING_WORK),
     ],
 )
-def test_bad_input_gets_one_clear_line(tmp_path, tiny_model_dir, built_cache, change, message):
+def test_bad_input_gets_one_clear_line(tmp_path, tiny_model_dir, built_cache, change, message, status):
     args = preprocess_args(tmp_path / "out", 0, tiny_model_dir)
     change(args, tmp_path, tiny_model_dir)
     result = call_main("preprocess_volume", *args)
-    assert result.returncode == 1
+    assert result.returncode == status
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert not list((tmp_path / "out").glob("volume_*")) if (tmp_path / "out").exists() else True
+    if status == BEFORE_WORK:  # nothing was done: not even the output directory
+        assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_from_the_command_line_exits_without_traceback(tmp_path, tiny_model_dir):
@@ -379,5 +387,5 @@ def test_bad_input_leaves_existing_volume_intact(tmp_path, tiny_model_dir, built
     shutil.copytree(built_cache, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
     result = call_main("preprocess_volume", *preprocess_args(out, 0, tiny_model_dir, "--chunks", "0,1,1,1", "--overwrite"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts} == before

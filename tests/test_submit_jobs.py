@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -17,18 +18,16 @@ from dinov3_cache.layout import (
     VolumePaths,
     is_volume_complete,
     read_status,
+    read_json,
     read_submission_records,
     scheduler_logs_dir,
+    write_json_atomic,
 )
 from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
-from dinov3_cache.cluster.schedulers import (
-    JobSpec,
-    LsfScheduler,
-    Resources,
-    SlurmScheduler,
-    parse_walltime,
-    split_arrays,
-)
+from dinov3_cache.cluster.jobs import JobSpec, split_arrays
+from dinov3_cache.cluster.lsf import LsfScheduler
+from dinov3_cache.cluster.resources import Resources, parse_walltime
+from dinov3_cache.cluster.slurm import SlurmScheduler
 
 SUBMIT = "submit_preprocessing_jobs.py"
 START_SLURM = REPO / "tests" / "slurm" / "start_slurm.sh"
@@ -104,6 +103,10 @@ def test_slurm_array_runs_every_volume_and_missing_only_resubmits_the_failed_one
     assert record["indices"] == [0, 1, 2] and record["scheduler"] == "slurm" and record["job_ids"] == [job]
     assert record["options"]["model_id"] == str(tiny_model_dir) and record["options"]["no_gpu"] is True
     assert "--array=1-3" in record["arrays"][0]["submit_command"]
+    # the settings were written once; every job read them from that file
+    settings = read_json(Path(record["settings_file"]))
+    assert settings["format"] == "dinov3_cache.extraction_settings" and settings["settings"]["model_id"] == str(tiny_model_dir)
+    assert record["job_command"][2:4] == ["--settings", record["settings_file"]]
 
     second = run_script(SUBMIT, "--num-volumes", "3", "--missing-only", *args, check=True)
     assert "missing-only: 1 of 3 volumes have no complete volume: 1" in second.stdout
@@ -177,7 +180,9 @@ def test_lsf_job_script_maps_lsb_jobindex_to_the_volume(tmp_path, tiny_model_dir
     script = result.stdout.split("# job-script:\n", 1)[1].split("\ndry run:", 1)[0]
     script_file = tmp_path / "job.sh"
     script_file.write_text(script)
-    out.joinpath("logs").mkdir(parents=True)  # bsub's caller creates it at submission
+    # a real submission writes the settings file the dry run prints; do it here, as submit would
+    settings_path = Path(re.search(r"^# settings file (\S+) \(written at submission\):", result.stdout, re.MULTILINE).group(1))
+    write_json_atomic(settings_path, dry_run_settings(result.stdout))
 
     env = {**os.environ, "LSB_JOBID": "777", "LSB_JOBINDEX": "2"}
     ran = subprocess.run(["/bin/sh", str(script_file)], env=env, capture_output=True, text=True, timeout=300)
@@ -199,7 +204,7 @@ def test_dry_run_prints_and_creates_nothing(tmp_path):
         result = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", scheduler, "--dry-run", "--output-dir", out, "--source", "synthetic")
         assert result.returncode == 0, result.stderr
         assert "nothing submitted or created" in result.stdout
-        assert "preprocess_volume.py" in result.stdout and "--source synthetic" in result.stdout
+        assert "preprocess_volume.py --settings " in result.stdout and '"source": "synthetic"' in result.stdout
     assert not out.exists()
     lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--source", "synthetic").stdout
     assert "bsub -J 'dinov3_preprocess[1-4]'" in lsf and "-gpu num=1" in lsf  # a GPU by default
@@ -294,16 +299,52 @@ def test_argparse_errors_are_one_line_too(tmp_path):
     assert "not allowed with argument" in only_line(result.stderr)
 
 
-def test_extraction_options_pass_through_unchanged(tmp_path):
+def dry_run_settings(stdout: str) -> dict:
+    """The settings document a dry run prints (the file a real submission writes)."""
+    text = stdout.split("(written at submission):\n", 1)[1].split("\n# array of", 1)[0]
+    return json.loads(text)
+
+
+def test_extraction_options_reach_every_job_through_one_settings_file(tmp_path):
     options = ["--organelles", "cell", "nucleus", "--inference-filter", "jrc_a", "jrc_b", "--compression", "zstd",
                "--zarr-format", "3", "--save-raw", "--planes", "xy", "--features-dtype", "float32", "--batch-size", "3"]
     result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path, "--source", "synthetic", *options)
     assert result.returncode == 0, result.stderr
+    settings = dry_run_settings(result.stdout)["settings"]
+    assert settings["organelles"] == ["cell", "nucleus"] and settings["inference_filter"] == ["jrc_a", "jrc_b"]
+    assert settings["compression"] == "zstd" and settings["zarr_format"] == 3 and settings["save_raw"] is True
+    assert settings["planes"] == ["xy"] and settings["features_dtype"] == "float32" and settings["batch_size"] == 3
+    assert settings["output_dir"] == str(tmp_path.absolute()) and settings["source"] == "synthetic"
     job_line = next(line for line in result.stdout.splitlines() if "preprocess_volume.py" in line)
     job_argv = shlex.split(job_line.split(" < /dev/null")[0])
-    for flag, *values in (o.split("|") for o in
-                          ["--organelles|cell|nucleus", "--inference-filter|jrc_a|jrc_b", "--compression|zstd",
-                           "--zarr-format|3", "--planes|xy", "--features-dtype|float32", "--batch-size|3"]):
-        position = job_argv.index(flag)
-        assert job_argv[position + 1 : position + 1 + len(values)] == values
-    assert "--save-raw" in job_argv and job_argv[-2:] == ["--volume-index", "$VOLUME_INDEX"]
+    # the job's command line is the settings file and the volume index, nothing else
+    assert job_argv[1].endswith("preprocess_volume.py") and job_argv[2] == "--settings"
+    assert re.fullmatch(r".*/logs/submissions/settings_\S+\.json", job_argv[3])
+    assert job_argv[4:] == ["--volume-index", "$VOLUME_INDEX"]
+
+
+# ----------------------------------------------------------------------------- golden files
+
+
+GOLDEN = REPO / "tests" / "golden"
+
+
+def golden_spec() -> JobSpec:
+    """A fixed job: no path of this machine in it, so the rendering is the same everywhere."""
+    command = ("/opt/venv/bin/python", "/opt/dinov3/preprocess_volume.py", "--settings", "/cache/logs/submissions/settings_S.json")
+    return JobSpec("dinov3_preprocess", Path("/cache"), command, Path("/opt/dinov3"))
+
+
+GOLDEN_RESOURCES = dict(num_processors=4, memory_gb=8, walltime_minutes=90, queue="gpu", project="lab", max_concurrent=2)
+
+
+@pytest.mark.parametrize("name, scheduler, resources", [
+    ("sbatch_array.txt", SlurmScheduler(), Resources(**GOLDEN_RESOURCES)),
+    ("bsub_array.txt", LsfScheduler(), Resources(**GOLDEN_RESOURCES, gpu_memory_gb=40, scheduler_args=("-app", "dinov3"))),
+])
+def test_rendered_submission_matches_its_golden_file(name, scheduler, resources):
+    """The exact submission command and job script, pinned. After a deliberate change, replace
+    the golden file with the 'got' text the failure prints."""
+    (array,) = split_arrays(golden_spec(), [5, 7, 8], 1000)
+    got = scheduler.render(array, resources).printable() + "\n"
+    assert got == (GOLDEN / name).read_text(), f"rendering changed; got:\n{got}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
-from dinov3_cache.extraction.model import weights_identity_resolved
+from dinov3_cache.extraction.weights import weights_identity_resolved
 from dinov3_cache.layout import VolumePaths, fsync_directory, partial_debris, remove_tree
 from dinov3_cache.schema import MetadataError, VolumeMetadata, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import VolumeSource

@@ -1,21 +1,23 @@
-"""What one volume's extraction is asked to do: `ExtractionConfig`, built from the command
-line by `config_from_args`, and the settings that decide the feature values (its fingerprint)."""
+"""What one volume's extraction is asked to do: `ExtractionConfig`, built from
+`ExtractionSettings` (settings.py, where every default lives) and a volume index, and the
+values that decide the features (its fingerprint)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dinov3_cache.errors import CacheToolError
-from dinov3_cache.extraction.model import normalization_for, weights_identity
-from dinov3_cache.extraction.options import DEFAULT_MODEL_ID, PLANES
+from dinov3_cache.errors import CacheToolError, UsageError
+from dinov3_cache.extraction.normalization import normalization_for
+from dinov3_cache.extraction.weights import weights_identity
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.layout import VolumePaths
-from dinov3_cache.sources.base import LabelFilters, SamplingOptions, VolumeSource
-from dinov3_cache.zarr_arrays import StorageOptions, parse_chunks
+from dinov3_cache.sources.base import SamplingOptions, VolumeSource
+from dinov3_cache.zarr_arrays import StorageOptions
 
 UPSAMPLING = "bilinear, align_corners=False, separable per axis"
 PLANE_AXES = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}  # normal axis, image axes (z=0, y=1, x=2)
+PLANES = tuple(PLANE_AXES)
 
 
 class PreprocessingError(CacheToolError):
@@ -24,32 +26,32 @@ class PreprocessingError(CacheToolError):
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """Everything that decides one volume's output. Defaults live in preprocess_options."""
+    """Everything that decides one volume's output; no defaults here (ExtractionSettings has them)."""
 
     volume_index: int
     output_dir: Path
-    model_id: str = DEFAULT_MODEL_ID
-    model_revision: str | None = None
-    geometry: CropGeometry = field(default_factory=CropGeometry)
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    planes: tuple[str, ...] = PLANES
-    batch_size: int = 8
-    features_dtype: str = "float16"
-    save_raw: bool = False
-    overwrite: bool = False
-    device: str = "auto"
+    model_id: str
+    model_revision: str | None
+    geometry: CropGeometry
+    sampling: SamplingOptions
+    storage: StorageOptions
+    planes: tuple[str, ...]
+    batch_size: int
+    features_dtype: str
+    save_raw: bool
+    overwrite: bool
+    device: str
 
     def __post_init__(self) -> None:
         if self.volume_index < 0:
-            raise PreprocessingError(f"--volume-index must be >= 0, got {self.volume_index}")
+            raise UsageError(f"--volume-index must be >= 0, got {self.volume_index}")
         if self.batch_size <= 0:
-            raise PreprocessingError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         unknown = [p for p in self.planes if p not in PLANE_AXES]
         if unknown or not self.planes:
-            raise PreprocessingError(f"--planes must be some of {' '.join(PLANES)}, got {' '.join(self.planes)}")
+            raise UsageError(f"--planes must be some of {' '.join(PLANES)}, got {' '.join(self.planes)}")
         if len(set(self.planes)) != len(self.planes):
-            raise PreprocessingError(f"--planes lists a plane twice: {' '.join(self.planes)}")
+            raise UsageError(f"--planes lists a plane twice: {' '.join(self.planes)}")
 
     @property
     def paths(self) -> VolumePaths:
@@ -69,33 +71,3 @@ class ExtractionConfig:
             "upsampling": UPSAMPLING,
             "features_dtype": self.features_dtype,
         }
-
-
-def config_from_args(args) -> ExtractionConfig:
-    """The ExtractionConfig for parsed preprocess_volume.py options (see preprocess_options)."""
-    return ExtractionConfig(
-        volume_index=args.volume_index,
-        output_dir=Path(args.output_dir),
-        model_id=args.model_id,
-        model_revision=args.model_revision,
-        geometry=CropGeometry(args.base_resolution, args.min_resolution_for_raw, args.output_image_dim),
-        sampling=SamplingOptions(
-            organelles=tuple(args.organelles),
-            filters=LabelFilters(args.min_label_fraction, args.min_unique_ids, args.min_ground_truth_fraction),
-            gt_extension=not args.no_gt_extension,
-            crop_filter=tuple(args.crop_filter),
-            inference_filter=tuple(args.inference_filter),
-        ),
-        storage=StorageOptions(
-            zarr_format=args.zarr_format,
-            compression=args.compression,
-            feature_chunks=parse_chunks(args.chunks),
-            num_threads=args.num_threads,
-        ),
-        planes=tuple(args.planes),
-        batch_size=args.batch_size,
-        features_dtype=args.features_dtype,
-        save_raw=args.save_raw,
-        overwrite=args.overwrite,
-        device=args.device,
-    )
