@@ -277,7 +277,7 @@ def test_old_volume_stays_valid_during_overwrite(tmp_path, tiny_model_dir, monke
     old volume is still the committed one, whole and readable."""
     import preprocess_volume as script
     from dinov3_cache.extraction import pipeline, writer
-    from dinov3_cache.extraction.config import config_from_args
+    from dinov3_cache.extraction.settings import config_from_args
     from dinov3_cache.sources.base import source_from_args
 
     paths = VolumePaths(tmp_path, 0)
