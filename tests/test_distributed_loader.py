@@ -3,6 +3,7 @@ worker processes), and prefetching that runs across epoch boundaries. Real cache
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -34,9 +35,9 @@ def tensors(batch) -> tuple:
 
 def assert_same_batches(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert identities(x) == identities(y)
-        assert all((p is None and q is None) or torch.equal(p, q) for p, q in zip(tensors(x), tensors(y)))
+        assert all((p is None and q is None) or torch.equal(p, q) for p, q in zip(tensors(x), tensors(y), strict=True))
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -192,3 +193,15 @@ def test_a_state_from_another_dataset_or_world_size_is_refused(built_cache):
         loader.load_state_dict({"epoch": 1})
     with pytest.raises(CacheError, match="invalid position"):
         loader.load_state_dict(dict(state, epoch=-1))
+
+
+def test_a_dropped_loader_stops_the_stream_it_carried_into_the_next_epoch(built_cache):
+    loader = create_preprocessed_dataloader(built_cache, batch_size=2, **CROPS)
+    epoch_pass = iter(loader)
+    list(epoch_pass)
+    thread = epoch_pass.thread
+    assert thread.is_alive()  # reading epoch 1 ahead
+    del loader, epoch_pass
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()

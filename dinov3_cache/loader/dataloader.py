@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
