@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,6 @@ import torch
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
-
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
