@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import preprocess_args, run_script
 
 from dinov3_cache.layout import VolumePaths
-from conftest import preprocess_args, run_script
+from dinov3_cache.loader.reader import read_fully
+from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import (
     CacheError,
     PreprocessedDINOv3Dataset,
@@ -21,8 +23,6 @@ from preprocessed_dataloader import (
     collate_samples,
     create_preprocessed_dataloader,
 )
-from dinov3_cache.loader.reader import read_fully
-from dinov3_cache.zarr_arrays import open_array
 
 SMALL_CHUNKS = ["--chunks", "16,4,4,4"]  # many chunks per tiny volume, so crops cross chunk borders
 READERS = ["auto", "tensorstore"]
@@ -206,7 +206,7 @@ def test_crops_are_reproducible_inside_bounds_and_hold_the_stored_values(mixed_c
         sample = first.sample(i)
         assert sample == second.sample(i)
         volume_shape = sample.volume.spatial_shape
-        assert all(0 <= o and o + c <= s for o, c, s in zip(sample.offset, crop, volume_shape))
+        assert all(0 <= o and o + c <= s for o, c, s in zip(sample.offset, crop, volume_shape, strict=False))
         offsets.add(sample.offset)
         features, gt, mask = first[i]
         assert torch.equal(features, second[i][0])
@@ -247,8 +247,8 @@ def test_two_spawned_workers_give_the_same_batches_as_threads(mixed_cache):
     with_threads = list(create_preprocessed_dataloader(mixed_cache, num_workers=0, **kwargs))
     with_workers = list(create_preprocessed_dataloader(mixed_cache, num_workers=2, **kwargs))
     assert len(with_workers) == len(with_threads) == 2
-    for a, b in zip(with_threads, with_workers):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(with_threads, with_workers, strict=False):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 def test_fork_is_refused_for_workers(built_cache):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,6 @@ from dinov3_cache.errors import OneLineParser, UsageError, report_error
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
-
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

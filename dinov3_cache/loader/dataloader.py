@@ -6,8 +6,18 @@
         ...
 
 Batches are read straight into one preallocated batch array per array kind (buffers.py), a
-background thread reads the next batches while the training step runs (prefetch.py), and
-`device=` hands over tensors already on the GPU (copied in the stored dtype, converted there).
+background thread reads the next batches while the training step runs (prefetch.py), also
+across epoch boundaries (epochs.py), and `device=` hands over tensors already on the GPU
+(copied in the stored dtype, converted there).
+
+Several processes (torch.distributed, or rank= / world_size=) each read a disjoint, equally
+long share of every epoch (sampler.py). A run resumes mid-epoch from `state_dict()` (resume.py):
+
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            ...
+            checkpoint["loader"] = loader.state_dict()   # later: loader.load_state_dict(...)
 """
 
 from __future__ import annotations
@@ -15,17 +25,19 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_cache.loader.buffers import RawBatch
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+from dinov3_cache.loader.epochs import BatchStream, EpochPass
 from dinov3_cache.loader.prefetch import PrefetchIterator
 from dinov3_cache.loader.reader import CacheError
-from dinov3_cache.loader.sampler import EpochBatchSampler
+from dinov3_cache.loader.resume import check_state, loader_identity, make_state
+from dinov3_cache.loader.sampler import EpochBatchSampler, resolve_ranks
 
 DATASET_OPTIONS = (
     "transform", "return_metadata", "features_dtype", "gt_dtype", "crop_size", "samples_per_volume", "seed",
@@ -50,9 +62,50 @@ def _keep(batch):
     return batch
 
 
+class _StreamSampler:
+    """Every batch from a position on, across epochs (what one BatchStream reads)."""
+
+    def __init__(self, sampler: EpochBatchSampler, epoch: int, batch: int):
+        self.sampler, self.epoch, self.batch = sampler, epoch, batch
+
+    def __iter__(self):
+        return self.sampler.batches_from(self.epoch, self.batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+@dataclasses.dataclass
+class _BatchFinisher:
+    """Pins, moves and converts a read batch; holds no reference to the loader, so a loader
+    dropped while its prefetch thread runs is collected (and stops the thread)."""
+
+    dataset: PreprocessedDINOv3Dataset
+    pin_batches: bool
+    device: torch.device | None
+
+    def __call__(self, raw: RawBatch) -> tuple:
+        if self.pin_batches and not raw.features.is_pinned():
+            raw = dataclasses.replace(
+                raw, features=raw.features.pin_memory(), gt=raw.gt.pin_memory(),
+                mask=None if raw.mask is None else raw.mask.pin_memory(),
+            )
+        device = self.device if self.device is not None and self.device.type != "cpu" else None
+        return self.dataset.finish(raw, device)
+
+
 class PreprocessedDataLoader(DataLoader):
     """A torch DataLoader whose batches are read whole into preallocated arrays, prefetched
-    by a background thread, optionally pinned and moved to `device`."""
+    by a background thread (across epoch boundaries), optionally pinned and moved to `device`.
+
+    rank / world_size: this process's share of every epoch (default: from an initialised
+    torch.distributed, else the whole epoch). Each rank reads ceil(samples / world_size)
+    samples per epoch, the order padded by repeating its start as DistributedSampler does;
+    with drop_last, floor(samples / world_size) samples and only full batches.
+    Each pass (`for batch in loader`) delivers epoch `set_epoch(n)` if called, else the epoch
+    after the previous pass's; the epoch decides the order and the random crops.
+    state_dict() / load_state_dict() save and restore the position within the epoch.
+    """
 
     def __init__(
         self,
@@ -65,6 +118,8 @@ class PreprocessedDataLoader(DataLoader):
         device: str | torch.device | None = None,
         prefetch_batches: int = 2,
         multiprocessing_context=None,
+        rank: int | None = None,
+        world_size: int | None = None,
         **loader_kwargs,
     ):
         if batch_size < 1:
@@ -87,31 +142,88 @@ class PreprocessedDataLoader(DataLoader):
                 "multiprocessing_context 'fork' cannot be used: TensorStore aborts in fork()ed children of a process "
                 "that used it; leave multiprocessing_context unset (forkserver) or pass 'spawn'"
             )
-        super().__init__(
-            _BatchReading(
-                dataset,
-                pin_memory=self.pin_batches and num_workers == 0,
-                convert_on_host=self.device is None or self.device.type != "cuda",
-            ),
-            batch_size=None,
-            sampler=EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed),
-            num_workers=num_workers,
-            collate_fn=_keep,
-            multiprocessing_context=multiprocessing_context,
-            **loader_kwargs,
+        rank, world_size = resolve_ranks(rank, world_size)
+        reading = _BatchReading(
+            dataset,
+            pin_memory=self.pin_batches and num_workers == 0,
+            convert_on_host=self.device is None or self.device.type != "cuda",
         )
+        # the options of the torch DataLoader behind each BatchStream
+        self._stream_options = dict(
+            dataset=reading, batch_size=None, num_workers=num_workers, collate_fn=_keep,
+            multiprocessing_context=multiprocessing_context, **loader_kwargs,
+        )
+        super().__init__(
+            sampler=EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed, rank, world_size),
+            **self._stream_options,
+        )
+        self._finisher = _BatchFinisher(dataset, self.pin_batches, self.device)
+        self._carried: BatchStream | None = None  # the stream a finished pass left running
+        self._position: tuple[int, int, bool] | None = None  # (epoch, batches delivered, finished) of the last pass
+        self._resume: tuple[int, int] | None = None  # (epoch, batches delivered) from load_state_dict
 
-    def __iter__(self):
-        return PrefetchIterator(super().__iter__(), self._finish, self.prefetch_batches, self.device)
+    # ------------------------------------------------------------------ passes
 
-    def _finish(self, raw: RawBatch) -> tuple:
-        if self.pin_batches and not raw.features.is_pinned():
-            raw = dataclasses.replace(
-                raw, features=raw.features.pin_memory(), gt=raw.gt.pin_memory(),
-                mask=None if raw.mask is None else raw.mask.pin_memory(),
-            )
-        device = self.device if self.device is not None and self.device.type != "cpu" else None
-        return self.source_dataset.finish(raw, device)
+    def __iter__(self) -> EpochPass:
+        epoch = self.sampler.epoch
+        first = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        self.sampler.epoch = epoch + 1  # the next pass's epoch, unless set_epoch says otherwise
+        return EpochPass(self, self._stream_at(epoch, first), epoch, first, len(self))
+
+    def _stream_at(self, epoch: int, batch: int) -> BatchStream | None:
+        """The carried stream if it is at (epoch, batch) (the predicted next epoch), else a new one."""
+        carried, self._carried = self._carried, None
+        if carried is not None and carried.is_at(epoch, batch):
+            return carried
+        if carried is not None:
+            carried.close()  # it read ahead for another epoch: its batches are discarded
+        if len(self) == 0:
+            return None
+        source = iter(DataLoader(sampler=_StreamSampler(self.sampler, epoch, batch), **self._stream_options))
+        prefetch = PrefetchIterator(source, self._finisher, self.prefetch_batches, self.device)
+        return BatchStream(prefetch, epoch, batch, len(self))
+
+    def record_position(self, epoch: int, delivered: int, finished: bool) -> None:
+        self._position = (epoch, delivered, finished)
+
+    def carry_stream(self, stream: BatchStream) -> None:
+        if self._carried is not None:
+            self._carried.close()
+        self._carried = stream
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass delivers (its order and crops), as DistributedSampler.set_epoch.
+        Without calls, each pass delivers the epoch after the previous one."""
+        self.sampler.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ resuming
+
+    def state_dict(self) -> dict:
+        """Where the run is: the epoch and how many of its batches were delivered (by a pass in
+        progress; after a finished pass, the next pass's epoch and 0), plus the seed and what the
+        position is valid for (volumes, configuration fingerprint, batch size, world size...)."""
+        if self._position is not None and not self._position[2]:
+            epoch, delivered = self._position[:2]
+        elif self._resume is not None and self._resume[0] == self.sampler.epoch:
+            epoch, delivered = self._resume
+        else:
+            epoch, delivered = self.sampler.epoch, 0
+        return make_state(self._identity(), epoch, delivered, self.sampler.seed)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(): the next pass delivers the rest of the saved epoch,
+        with the saved seed. Refused (CacheError) for another dataset, batch size or world size."""
+        epoch, delivered, seed = check_state(state, self._identity(), len(self))
+        if self._carried is not None:
+            self._carried.close()
+            self._carried = None
+        self.sampler.seed = self.source_dataset.seed = seed
+        self.sampler.set_epoch(epoch)
+        self._resume, self._position = (epoch, delivered), None
+
+    def _identity(self) -> dict:
+        return loader_identity(self.source_dataset, self.sampler)
 
 
 def start_method(context) -> str | None:
@@ -138,8 +250,8 @@ def create_preprocessed_dataloader(
     """A DataLoader of (features (B, C, D, H, W), gt (B, D, H, W), mask (B, D, H, W) or None).
 
     Dataset options (see PreprocessedDINOv3Dataset) and loader options (pin_memory, device,
-    prefetch_batches, drop_last, multiprocessing_context, and any torch DataLoader argument)
-    are passed as keywords. num_workers > 0 starts forkserver/spawn worker processes that
+    prefetch_batches, drop_last, multiprocessing_context, rank, world_size, and any torch
+    DataLoader argument) are passed as keywords. num_workers > 0 starts forkserver/spawn worker processes that
     each open their own stores; num_workers=0 reads with num_threads threads in this process.
     """
     dataset_kwargs = {k: kwargs.pop(k) for k in DATASET_OPTIONS if k in kwargs}

@@ -5,16 +5,16 @@ reads, errors that name the volume) lives in reader.py; batch memory in buffers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from dinov3_cache.loader.buffers import BatchBuffers, FreshBuffers, RawBatch, SharedBuffers, collate_samples, read_samples
-from dinov3_cache.loader.reader import READER_CHOICES, CacheError, CachedVolume, ReadResources, find_volumes
+from dinov3_cache.loader.reader import READER_CHOICES, CachedVolume, CacheError, ReadResources, find_volumes
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Sample:
 
     @property
     def spatial(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape))
+        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape, strict=False))
 
     def describe(self) -> dict:
         return {"offset": list(self.offset), "shape": list(self.shape), "epoch": self.epoch, "has_mask": self.volume.has_mask}
@@ -148,7 +148,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         if self.crop_size is None:
             return Sample(volume, (0, 0, 0), tuple(shape), epoch)
         rng = np.random.default_rng([self.seed, epoch, index])
-        offset = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.crop_size))
+        offset = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.crop_size, strict=False))
         return Sample(volume, offset, self.crop_size, epoch)
 
     # ------------------------------------------------------------------ reading
@@ -212,7 +212,7 @@ def check_crop_size(crop_size, volumes: Sequence[CachedVolume]) -> tuple[int, in
     if len(crop) != 3 or min(crop) <= 0:
         raise CacheError(f"crop_size needs 3 positive integers (d, h, w), got {list(crop_size)}")
     for volume in volumes:
-        if any(c > s for c, s in zip(crop, volume.spatial_shape)):
+        if any(c > s for c, s in zip(crop, volume.spatial_shape, strict=False)):
             raise CacheError(
                 f"crop_size {list(crop)} does not fit volume {volume.index} of spatial shape {list(volume.spatial_shape)}; "
                 "choose a smaller crop_size or leave that volume out"

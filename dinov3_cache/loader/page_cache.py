@@ -11,8 +11,8 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from dinov3_cache.layout import iter_files
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -69,6 +69,7 @@ class PrefetchIterator:
         self.producer = _BatchProducer(source, finish, depth, device)
         self.device, self.depth = device, depth
         self.wait_seconds = 0.0
+        self.closed = False
         self.thread = threading.Thread(target=self.producer.run, name="batch-prefetch", daemon=True)
         if depth > 0:
             self.thread.start()
@@ -99,6 +100,7 @@ class PrefetchIterator:
         return len(self.producer.source)
 
     def close(self) -> None:
+        self.closed = True
         self.producer.stop.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             while self.thread.is_alive():
