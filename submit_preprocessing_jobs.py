@@ -15,8 +15,8 @@ local volume failed, 2 bad input (nothing submitted).
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 from pathlib import Path
 
 from dinov3_cache.cluster.base import SchedulerError

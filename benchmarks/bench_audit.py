@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from dinov3_cache.layout import (
     ARRAY_NAMES,
     VolumePaths,
@@ -37,6 +35,8 @@ from dinov3_cache.layout import (
     write_submission_record,
 )
 from dinov3_cache.schema import seal_metadata
+
+REPO = Path(__file__).resolve().parents[1]
 
 OOM_LOG = (
     "INFO volume {i}: 16/48 slices\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from dinov3_cache.sources.base import CropGeometry, SamplingOptions, SourceCrop, VolumeSource
 

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-
 import torch
 
 
@@ -103,12 +102,12 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
 
 
 def bench_volume(batch_size: int) -> None:
+    from benchmarks.bench_common import FixedSource
     from dinov3_cache.extraction.model import load_model
-    from dinov3_cache.extraction.settings import ExtractionSettings
     from dinov3_cache.extraction.pipeline import preprocess_volume
+    from dinov3_cache.extraction.settings import ExtractionSettings
     from dinov3_cache.sources.base import CropGeometry, SamplingOptions
     from dinov3_cache.sources.synthetic import SyntheticSource
-    from benchmarks.bench_common import FixedSource
 
     loaded = load_model("random:vitl16", device="cuda")
     geometry = CropGeometry()

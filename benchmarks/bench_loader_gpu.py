@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 
@@ -52,6 +51,7 @@ def main() -> int:
         return 0
 
     from loader_bench_cache import ensure_cache
+
     from preprocessed_dataloader import create_preprocessed_dataloader
 
     cache = ensure_cache("c1024", 2, args.cache, device="cuda")
@@ -67,7 +67,7 @@ def main() -> int:
         pass
     torch.cuda.synchronize()
     count, started = 0, time.perf_counter()
-    for features, gt, mask in loader:
+    for features, _gt, _mask in loader:  # noqa: B007 - the last batch is described below
         torch.cuda.current_stream().synchronize()  # the batch is really there
         count += 1
         if count == args.batches:

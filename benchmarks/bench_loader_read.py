@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import numpy as np
 import tensorstore as ts
 import torch
@@ -36,8 +35,8 @@ import zarr
 
 from benchmarks.loader_bench_cache import ensure_cache
 from dinov3_cache.loader.page_cache import describe_residency, volume_files
-from preprocessed_dataloader import PreprocessedDINOv3Dataset
 from dinov3_cache.zarr_arrays import open_array, ts_context
+from preprocessed_dataloader import PreprocessedDINOv3Dataset
 
 ARRAYS = ("features", "gt", "mask")
 

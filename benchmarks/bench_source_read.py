@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-from tests.cellmap_data import crop_group, level_translation, ome_multiscales, raw_group, write_array, write_group_attributes
-from dinov3_cache.sources.cellmap import CellMapSource, Storage, eligible_units, prepare_catalog
 from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions
+from dinov3_cache.sources.cellmap import CellMapSource, Storage, eligible_units, prepare_catalog
+from tests.cellmap_data import crop_group, level_translation, ome_multiscales, raw_group, write_array, write_group_attributes
+
+REPO = Path(__file__).resolve().parents[1]
 
 RAW_VOXELS, RAW_NM = 576, 32.0
 LABEL_VOXELS, LABEL_NM = 144, 128.0

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import numpy as np
 
 from dinov3_cache.extraction.writer import AsyncBlockWriter

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from dinov3_cache.layout import committed_volume_indices
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_ROOT = Path("/tmp/dinov3_loader_bench")
 

@@ -8,8 +8,8 @@ covers [offset + i * voxel_size, offset + (i + 1) * voxel_size) along each axis.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

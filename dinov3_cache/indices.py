@@ -4,7 +4,7 @@ writing a list back (for people, and for a scheduler's array)."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from dinov3_cache.errors import UsageError
 

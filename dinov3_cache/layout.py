@@ -33,12 +33,12 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
-
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
@@ -210,7 +210,7 @@ class VolumeLock:
         self.paths = paths
         self.fd: int | None = None
 
-    def __enter__(self) -> "VolumeLock":
+    def __enter__(self) -> VolumeLock:
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:

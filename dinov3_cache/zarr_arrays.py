@@ -9,14 +9,14 @@ from __future__ import annotations
 import itertools
 import json
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
+import tensorstore as ts
 
 from dinov3_cache.errors import CacheToolError
-import tensorstore as ts
 
 COMPRESSIONS = ("none", "lz4", "zstd")
 ZARR_FORMATS = (2, 3)

@@ -9,9 +9,9 @@ be checked on any crop without trusting the code under test.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorstore as ts

@@ -15,11 +15,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cellmap_data as data
 import numpy as np
 import pytest
+from conftest import TINY_GEOMETRY_ARGS, run_script
 
-import cellmap_data as data
 from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions, SourceError
 from dinov3_cache.sources.cellmap import (
     CATALOG_FILE_NAME,
     Catalog,
@@ -35,8 +37,6 @@ from dinov3_cache.sources.cellmap import (
     transform_geometry,
     transform_intensity,
 )
-from conftest import TINY_GEOMETRY_ARGS, run_script
-from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions, SourceError
 from dinov3_cache.zarr_arrays import open_array
 
 GEOMETRY = CropGeometry(128.0, 32.0, 16)  # window 2048 nm, raw 64^3, labels 16^3
@@ -112,7 +112,7 @@ def test_scan_finds_every_dataset_crop_and_container(catalog, cellmap_root):
     root, _ = cellmap_root
     assert catalog.root == str(root.resolve())
     assert catalog.dataset_names() == ["jrc_alpha", "jrc_beta", "jrc_gamma"]
-    labels = {(d.name, l.crop, l.organelle, l.kind) for d in catalog.datasets for l in d.labels}
+    labels = {(d.name, entry.crop, entry.organelle, entry.kind) for d in catalog.datasets for entry in d.labels}
     assert labels == {
         ("jrc_alpha", "crop1", "mito", "groundtruth"), ("jrc_alpha", "crop1", "nuc", "groundtruth"),
         ("jrc_alpha", "crop2", "mito", "groundtruth"), ("jrc_alpha", "crop2", "cell", "groundtruth"),

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_GEOMETRY_ARGS, call_main, run_script
+
 from dinov3_cache.extraction.settings import (
     SETTINGS_FORMAT,
     SETTINGS_VERSION,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import call_main, preprocess_args
+
 from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.weights import RANDOM_MODEL_SEED, ModelError, weights_identity, weights_identity_resolved
 from dinov3_cache.layout import VolumePaths, read_json

@@ -6,8 +6,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray, array_ranges, job_script
 from dinov3_cache.cluster.resources import DEFAULT_MAX_ARRAY_SIZE, Resources
@@ -35,7 +36,7 @@ class Scheduler(ABC):
                 "run this on a submission host, choose another --scheduler, or use --dry-run to see the jobs"
             )
 
-    def check_resources(self, resources: Resources) -> None:
+    def check_resources(self, resources: Resources) -> None:  # noqa: B027 - most backends accept every request
         """Refuse a resource request this backend cannot honour."""
 
     def script(self, array: ArrayJob) -> str:

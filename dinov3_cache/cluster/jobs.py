@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from dinov3_cache.errors import UsageError
 from dinov3_cache.indices import format_ranges
@@ -39,7 +39,7 @@ class JobSpec:
     workdir: Path
 
     @classmethod
-    def preprocess_volume(cls, output_dir: Path, settings_file: Path, name: str = DEFAULT_JOB_NAME) -> "JobSpec":
+    def preprocess_volume(cls, output_dir: Path, settings_file: Path, name: str = DEFAULT_JOB_NAME) -> JobSpec:
         """Run the repository's preprocess_volume.py with this interpreter and the submission's
         settings file (written once, read by every element)."""
         script = REPO_ROOT / "preprocess_volume.py"

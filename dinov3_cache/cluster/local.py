@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
-from typing import Sequence
 
 from dinov3_cache.cluster.base import Scheduler
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from dinov3_cache.cluster.base import Scheduler, SchedulerError
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray

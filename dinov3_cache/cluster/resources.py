@@ -7,8 +7,8 @@ import argparse
 import math
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from dinov3_cache.cluster.jobs import DEFAULT_JOB_NAME
 from dinov3_cache.errors import UsageError

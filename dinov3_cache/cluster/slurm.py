@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from dinov3_cache.cluster.base import Scheduler, SchedulerError
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray

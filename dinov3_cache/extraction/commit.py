@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
 from dinov3_cache.extraction.weights import weights_identity_resolved

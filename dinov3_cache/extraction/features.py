@@ -10,7 +10,8 @@ volume is never in memory.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 import torch

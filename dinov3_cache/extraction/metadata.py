@@ -59,7 +59,7 @@ def volume_metadata(
     config: ExtractionConfig,
     loaded: LoadedModel,
     crop: SourceCrop,
-    staged: "StagedArrays",
+    staged: StagedArrays,
     checksums: dict,
     storage_bytes: dict[str, int],
     stats: FeatureStatistics,

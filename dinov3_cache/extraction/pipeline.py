@@ -21,8 +21,8 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import tensorstore as ts

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         return report_error(e)
     catalog = source.catalog
-    n_crops = sum(len({l.crop for l in d.labels}) for d in catalog.datasets)
+    n_crops = sum(len({entry.crop for entry in d.labels}) for d in catalog.datasets)
     print(
         f"catalog of {catalog.root}: {len(catalog.datasets)} dataset(s), {n_crops} label set(s), "
         f"organelles {', '.join(catalog.organelles())}; saved to {Path(args.output_dir) / CATALOG_FILE_NAME}"

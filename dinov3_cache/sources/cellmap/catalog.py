@@ -9,9 +9,10 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dinov3_cache.layout import canonical_json, write_json_atomic
 from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
@@ -60,7 +61,7 @@ class Catalog:
     datasets: tuple[DatasetEntry, ...]
 
     @classmethod
-    def of(cls, root: str | None, datasets: Iterable[DatasetEntry]) -> "Catalog":
+    def of(cls, root: str | None, datasets: Iterable[DatasetEntry]) -> Catalog:
         merged: dict[str, DatasetEntry] = {}
         for d in datasets:
             if d.name in merged and merged[d.name].raw != d.raw:
@@ -79,7 +80,7 @@ class Catalog:
             "version": CATALOG_VERSION,
             "root": self.root,
             "datasets": [
-                {"name": d.name, "raw": rel(d.raw), "labels": [{"organelle": l.organelle, "crop": l.crop, "url": rel(l.url)} for l in d.labels]}
+                {"name": d.name, "raw": rel(d.raw), "labels": [{"organelle": entry.organelle, "crop": entry.crop, "url": rel(entry.url)} for entry in d.labels]}
                 for d in self.datasets
             ],
         }
@@ -91,7 +92,7 @@ class Catalog:
         return [d.name for d in self.datasets]
 
     def organelles(self) -> list[str]:
-        return sorted({l.organelle for d in self.datasets for l in d.labels})
+        return sorted({entry.organelle for d in self.datasets for entry in d.labels})
 
 
 def catalog_from_json(document: Any, where: str, base: str | None) -> Catalog:
@@ -113,11 +114,11 @@ def catalog_from_json(document: Any, where: str, base: str | None) -> Catalog:
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise SourceError(f"catalog {where}: a dataset entry without 'name'")
         labels = []
-        for l in d.get("labels", []):
-            if not isinstance(l, dict) or not isinstance(l.get("organelle"), str):
+        for entry in d.get("labels", []):
+            if not isinstance(entry, dict) or not isinstance(entry.get("organelle"), str):
                 raise SourceError(f"catalog {where}: dataset {d['name']} has a label entry without 'organelle'")
-            crop = str(l.get("crop") or INFERENCE_CROP)
-            labels.append(LabelEntry(l["organelle"], crop, resolve(l.get("url"), f"label {l['organelle']} of {d['name']}")))
+            crop = str(entry.get("crop") or INFERENCE_CROP)
+            labels.append(LabelEntry(entry["organelle"], crop, resolve(entry.get("url"), f"label {entry['organelle']} of {d['name']}")))
         datasets.append(DatasetEntry(d["name"], resolve(d.get("raw"), f"raw of {d['name']}"), tuple(labels)))
     return Catalog.of(document.get("root"), datasets)
 

@@ -49,16 +49,16 @@ def eligible_units(catalog: Catalog, options: SamplingOptions) -> list[CropUnit]
             f"(known: {', '.join(catalog.organelles()[:40]) or 'none'}); check --organelles"
         )
     crops = {crop_name(c) for c in options.crop_filter}
-    unknown_crops = sorted(crops - {l.crop for d in catalog.datasets for l in d.labels})
+    unknown_crops = sorted(crops - {entry.crop for d in catalog.datasets for entry in d.labels})
     if unknown_crops:
         raise SourceError(f"crop(s) {', '.join(unknown_crops)} named by --crop-filter are in no dataset of the catalog; check the names")
     units = []
     for d in catalog.datasets:
         use_inference = d.name in options.inference_filter
         by_crop: dict[str, dict[str, str]] = {}
-        for l in d.labels:
-            if (l.kind == "inference") == use_inference and (use_inference or not crops or l.crop in crops):
-                by_crop.setdefault(l.crop, {})[l.organelle] = l.url
+        for entry in d.labels:
+            if (entry.kind == "inference") == use_inference and (use_inference or not crops or entry.crop in crops):
+                by_crop.setdefault(entry.crop, {})[entry.organelle] = entry.url
         for crop, arrays in sorted(by_crop.items()):
             if all(o in arrays for o in options.organelles):
                 units.append(CropUnit(d.name, crop, d.raw, tuple((o, arrays[o]) for o in options.organelles)))

@@ -8,8 +8,9 @@ k's translation is level 0's plus (scale_k - scale_0) / 2), so voxel i of a leve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts

@@ -53,13 +53,13 @@ def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) 
     edges = [(start_nm[a] + np.arange(n + 1) * target_nm - array.lo[a]) / scale[a] for a in range(3)]
     first = [max(0, int(math.floor(e[0] + TOLERANCE))) for e in edges]
     last = [min(int(array.shape[a]), int(math.ceil(e[-1] - TOLERANCE))) for a, e in enumerate(edges)]
-    nbytes = int(np.prod([l - f for f, l in zip(first, last)])) * array.store.dtype.numpy_dtype.itemsize
+    nbytes = int(np.prod([entry - f for f, entry in zip(first, last)])) * array.store.dtype.numpy_dtype.itemsize
     if nbytes > MAX_RAW_READ_BYTES:
         raise SourceError(
             f"raw level {array.url} ({format_voxel(array.level.scale)} nm) is much finer than {target_nm:g} nm: one crop would read "
             f"{nbytes / 2**30:.1f} GiB; add coarser levels to the pyramid or raise --min-resolution-for-raw"
         )
-    block = array.store[tuple(slice(f, l) for f, l in zip(first, last))].read().result()
+    block = array.store[tuple(slice(f, entry) for f, entry in zip(first, last))].read().result()
     # whole-voxel axes first: they shrink the block before any fractional axis needs float copies
     for axis in sorted(range(3), key=lambda a: regular_step(edges[a] - first[a]) is None):
         block = area_mean_axis(block, axis, edges[axis] - first[axis])
