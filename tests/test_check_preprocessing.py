@@ -246,7 +246,7 @@ def test_gaps_at_both_ends_from_submissions_and_arguments(cache):
 
 
 def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
-    """Each state as the jobs of job_schedulers leave it: per-volume logs from the job script,
+    """Each state as the jobs of the cluster backends leave it: per-volume logs from the job script,
     the scheduler's own files (where kill notices land) under logs/scheduler/, named
     NAME_JOB_ELEMENT, and submission records that map array elements to volumes."""
     logs, sched = VolumePaths(cache, 0).logs, scheduler_logs_dir(cache)

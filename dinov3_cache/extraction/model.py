@@ -20,7 +20,7 @@ from dinov3_cache.extraction.weights import (
     weights_identity,
 )
 
-log = logging.getLogger("dinov3_model")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Reading a feature cache: which volumes are visible, and fast reads of their arrays.
 
-`find_volumes` lists the committed volumes (metadata present, see cache_layout) and
+`find_volumes` lists the committed volumes (metadata present, see dinov3_cache.layout) and
 refuses volumes made with different configurations. `VolumeReader` reads any region of
 a volume's features / gt / mask into arrays the caller allocated (a batch slot, pinned
 memory), so no array is allocated or copied twice.

@@ -18,7 +18,7 @@ from dinov3_cache.layout import canonical_json, write_json_atomic
 from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
 from dinov3_cache.sources.cellmap.store import Storage, is_absolute, is_s3, join_url
 
-log = logging.getLogger("cellmap_source")
+log = logging.getLogger(__name__)
 
 CATALOG_FILE_NAME = "cellmap_catalog.json"
 CATALOG_FORMAT = "dinov3-cellmap-catalog"
