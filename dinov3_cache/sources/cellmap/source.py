@@ -21,8 +21,8 @@ from dinov3_cache.sources.base import (
 )
 from dinov3_cache.sources.cellmap.augment import augment_crop
 from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME, Catalog, prepare_catalog
-from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_units, window_start
+from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
 from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
