@@ -88,6 +88,7 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
     layers sit at their true world positions."""
     pytest.importorskip("neuroglancer")
     import neuroglancer.webdriver
+    from PIL import Image
 
     from dinov3_cache.audit.view import open_viewer
 
@@ -103,6 +104,7 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
             s.layout = "xy"
             s.show_axis_lines = False
             s.show_scale_bar = False
+            s.cross_section_background_color = "#000000"
             s.cross_section_scale = 2048 / 512 / 32  # the 2048 nm crop fills 512 px (in units of the 32 nm raw voxel)
             for layer in s.layers:
                 layer.visible = layer.name == "raw"
@@ -118,13 +120,13 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
     assert not errors, errors
     bright = raw.mean(axis=-1) > 128
     labelled = gt.max(axis=-1) > 0
+    for name, image in (("raw", raw), ("gt", gt), ("both", both)):
+        Image.fromarray(image).save(tmp_path.parent / f"view_{name}.png")
     assert 0.05 < bright.mean() < 0.95 and labelled.any()
-    inside = bright | labelled
-    agreement = float((bright == labelled)[inside].mean())
-    shifted = float((np.roll(bright, 24, axis=1) == labelled)[inside].mean())  # 24 px = 96 nm off
-    assert agreement > 0.8 and agreement > shifted + 0.1, (agreement, shifted)
+    # gt is 128 nm voxels on 32 nm raw: most labelled pixels are bright; moved 96 nm, far fewer
+    on_raw = float(bright[labelled].mean())
+    shifted = float(np.roll(bright, 24, axis=1)[labelled].mean())
+    assert on_raw > 0.7 and on_raw > shifted + 0.1, (on_raw, shifted)
     if os.environ.get("DINOV3_WRITE_DOCS_SCREENSHOT"):
-        from PIL import Image
-
         Image.fromarray(both).resize((384, 384)).save(SCREENSHOT, optimize=True)
     shutil.rmtree(tmp_path, ignore_errors=True)

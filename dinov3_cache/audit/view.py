@@ -74,13 +74,20 @@ def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[st
 
 
 def add_volume_layers(neuroglancer, state, arrays: dict[str, tuple[np.ndarray, dict]]) -> None:
-    """Layers in world nm: each LocalVolume's voxel_offset is the array's offset in its voxels."""
+    """Layers in world nm: each source's transform translates by the array's offset in its
+    voxels (LocalVolume's voxel_offset is whole voxels only; crop offsets need not be)."""
     for name, (data, attributes) in arrays.items():
         voxel, offset = attributes["voxel_size"], attributes["offset"]
         channels = name == "features"
-        volume = neuroglancer.LocalVolume(
-            data, dimensions=world_space(neuroglancer, voxel, channels),
-            voxel_offset=[o / v for o, v in zip(offset, voxel)] + ([0] if channels else []),
+        dimensions = world_space(neuroglancer, voxel, channels)
+        shift = [o / v for o, v in zip(offset, voxel)] + ([0.0] if channels else [])
+        rank = len(shift)
+        volume = neuroglancer.LayerDataSource(
+            url=neuroglancer.LocalVolume(data, dimensions=dimensions),
+            transform=neuroglancer.CoordinateSpaceTransform(
+                output_dimensions=dimensions,
+                matrix=[[1.0 if j == i else 0.0 for j in range(rank)] + [shift[i]] for i in range(rank)],
+            ),
         )
         if name == "gt":
             state.layers[name] = neuroglancer.SegmentationLayer(source=volume)
@@ -93,8 +100,9 @@ def add_volume_layers(neuroglancer, state, arrays: dict[str, tuple[np.ndarray, d
             state.layers[name].visible = False  # on demand: it hides the others
     finest = min(arrays.values(), key=lambda a: a[1]["voxel_size"][0])[1]["voxel_size"]
     state.dimensions = world_space(neuroglancer, finest)
-    _, attributes = arrays["gt"]
-    state.position = [o + n * v / 2 for o, n, v in zip(attributes["offset"], arrays["gt"][0].shape, attributes["voxel_size"])]
+    gt, attributes = arrays["gt"]
+    # the centre of the crop's middle gt voxel, in the global dimensions' units (the finest voxel)
+    state.position = [(o + (n // 2 + 0.5) * v) / f for o, n, v, f in zip(attributes["offset"], gt.shape, attributes["voxel_size"], finest)]
 
 
 def open_viewer(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS):
