@@ -100,12 +100,17 @@ class VoxelGrid:
 
     def array_attributes(self, channel_axis: bool) -> dict:
         """Attributes that place the array in world space for funlib.persistence, zarr-python
-        and xarray readers: voxel_size, offset, axis_names, units and axis types."""
+        and xarray readers: voxel_size, offset, axis_names, units and axis types. `types` is
+        funlib.persistence >= 0.7's axis typing; the `c^` name stays for older readers.
+        `_ARRAY_DIMENSIONS` names the axes for xarray and neuroglancer (zarr v2; v3 arrays
+        carry `dimension_names` in their metadata)."""
         return {
             "voxel_size": list(self.voxel_size_nm),
             "offset": list(self.offset_nm),
             "axis_names": (["c^"] if channel_axis else []) + list(SPATIAL_AXES),
             "units": [UNIT] * len(SPATIAL_AXES),
+            "types": (["channel"] if channel_axis else []) + ["space"] * len(SPATIAL_AXES),
+            "_ARRAY_DIMENSIONS": self.axis_names(channel_axis),
         }
 
     def to_record(self) -> dict:

@@ -37,6 +37,7 @@ from dinov3_cache.sources.cellmap import (
     transform_geometry,
     transform_intensity,
 )
+from dinov3_cache.sources.cellmap.encoding import AnnotationEncoding, parse_encoding
 from dinov3_cache.zarr_arrays import open_array
 
 GEOMETRY = CropGeometry(128.0, 32.0, 16)  # window 2048 nm, raw 64^3, labels 16^3
@@ -77,6 +78,7 @@ def voxel_index(offset: float, corner: float, scale: float, j: int, target: floa
 
 
 def reference_labels(array: np.ndarray, corner, scale, offset, n=N, target=128.0):
+    """Labels and mask from the stored values; 'unknown' voxels (data.UNKNOWN) are 0 and masked."""
     labels = np.zeros((n, n, n), array.dtype)
     mask = np.zeros((n, n, n), bool)
     idx = [[voxel_index(offset[a], corner[a], scale[a], j, target) for j in range(n)] for a in range(3)]
@@ -84,7 +86,7 @@ def reference_labels(array: np.ndarray, corner, scale, offset, n=N, target=128.0
         for y in range(n):
             for x in range(n):
                 i = (idx[0][z], idx[1][y], idx[2][x])
-                if all(0 <= i[a] < array.shape[a] for a in range(3)):
+                if all(0 <= i[a] < array.shape[a] for a in range(3)) and array[i] != data.UNKNOWN:
                     labels[z, y, x] = array[i]
                     mask[z, y, x] = True
     return labels, mask
@@ -304,12 +306,74 @@ def test_without_gt_extension_crops_stay_inside_the_box(catalog, cellmap_root):
     alpha = cellmap_root[1]["jrc_alpha"]
     lo = alpha["crop2"]["corner"]
     hi = lo + alpha["crop2"]["extent"]
+    unknown_voxels = set()
     for index in INDICES:
         crop = sample(catalog, index, crop_filter=("crop2",), gt_extension=False)
         offset = np.asarray(crop.offset_nm)
-        assert crop.mask is None and (offset >= lo).all() and (offset + 2048 <= hi).all()
+        assert (offset >= lo).all() and (offset + 2048 <= hi).all()
+        # every voxel is annotated; only crop2's 'unknown' slab needs a mask
+        known_z = offset[0] + (np.arange(N) + 0.5) * 128 >= alpha["crop2"]["unknown_below_z"]
+        if known_z.all():
+            assert crop.mask is None
+        else:
+            unknown_voxels.add(index)
+            np.testing.assert_array_equal(crop.mask, np.broadcast_to(known_z[:, None, None], (N, N, N)).astype(np.uint8))
+    assert unknown_voxels  # some windows reached the unknown slab
     with pytest.raises(SourceError, match="no candidate crop can hold a 2048 nm window.*allow GT extension"):
         sample(catalog, 0, crop_filter=("crop1",), gt_extension=False)
+
+
+def test_unknown_voxels_are_masked_absent_and_left_out_of_the_filters(catalog, cellmap_root):
+    """crop2 mito stores 255 ('unknown' in its cellmap encoding) in its first 512 nm of z."""
+    alpha = cellmap_root[1]["jrc_alpha"]
+    seen_unknown = 0
+    for index in INDICES:
+        crop = sample(catalog, index, crop_filter=("crop2",))
+        d = crop.description
+        assert d["annotation_encodings"]["mito"]["encoding"] == data.INSTANCE_ENCODING
+        assert d["annotation_encodings"]["mito"]["from"].endswith("crop2/mito/s1")  # the array's own attributes
+        centres_z = crop.offset_nm[0] + (np.arange(N) + 0.5) * 128
+        unknown = np.broadcast_to((centres_z < alpha["crop2"]["unknown_below_z"])[:, None, None], crop.gt.shape)
+        assert not crop.mask[unknown].any() and not crop.gt[unknown].any()
+        assert d["unknown_voxels"] == int((unknown & reference_labels(alpha["crop2"]["cell"]["s1"], alpha["crop2"]["corner"], [64] * 3, crop.offset_nm)[1]).sum())
+        assert data.UNKNOWN not in np.unique(crop.gt)
+        valid = crop.mask.astype(bool)
+        measured = d["filter_measurements"]
+        assert measured["ground_truth_fraction"] == valid.mean()
+        assert measured["label_fraction"] == (crop.gt[valid] > 0).mean()
+        assert measured["unique_ids"] == np.unique(crop.gt[valid]).size
+        seen_unknown += d["unknown_voxels"]
+    assert seen_unknown > 0
+    # semantic encodings decode too, and arrays without cellmap attributes read as stored
+    nuc = sample(catalog, 0, organelles=("nuc",))
+    assert nuc.description["annotation_encodings"]["nuc"]["type"] == "semantic"
+    inference = sample(catalog, 0, inference_filter=("jrc_alpha",), crop_filter=())
+    if inference.description["dataset"] == "jrc_alpha":
+        assert inference.description["annotation_encodings"]["mito"] is None
+
+
+def test_encoding_decodes_each_possibility():
+    semantic = AnnotationEncoding("semantic", {"absent": 7, "present": 3, "unknown": 0}, "here")
+    labels, known = semantic.decode(np.array([7, 3, 0, 3], np.uint8))
+    assert labels.tolist() == [0, 1, 0, 1] and known.tolist() == [True, True, False, True]
+    instance = AnnotationEncoding("instance", {"absent": 0, "unknown": 255}, "here")
+    labels, known = instance.decode(np.array([0, 9, 255, 2**40], np.uint64))
+    assert labels.tolist() == [0, 9, 0, 2**40] and known.tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "annotation_type, why",
+    [
+        ({"type": "boxes", "encoding": {}}, "type is not one of"),
+        ({"type": "instance_segmentation"}, "no 'encoding' object"),
+        ({"type": "instance_segmentation", "encoding": {"present": 1}}, "has key"),
+        ({"type": "semantic_segmentation", "encoding": {"absent": 0, "present": 0}}, "the same value"),
+    ],
+)
+def test_corrupt_encodings_are_named(annotation_type, why):
+    with pytest.raises(SourceError, match=f"corrupt cellmap annotation metadata at here: .*{why}"):
+        parse_encoding({"cellmap": {"annotation": {"annotation_type": annotation_type}}}, "here")
+    assert parse_encoding({"multiscales": []}, "here") is None
 
 
 @pytest.mark.parametrize(

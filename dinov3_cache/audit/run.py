@@ -121,6 +121,8 @@ def print_report(report: Report, as_json: bool) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     """The whole audit for check_preprocessing.py's parsed arguments; its exit status."""
     try:
+        if getattr(args, "view", None) is not None:
+            return run_view(args)
         options = options_from_args(args)
         report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
     except CacheToolError as e:
@@ -129,3 +131,14 @@ def run_audit(args: argparse.Namespace) -> int:
     finish_report(report, checks)
     print_report(report, options.as_json)
     return report.exit_status
+
+
+def run_view(args: argparse.Namespace) -> int:
+    """--view INDEX: serve the volume in neuroglancer, or write its state (--view-state)."""
+    from dinov3_cache.audit import view
+
+    if args.view_state:
+        print(view.write_state(Path(args.output_dir), args.view, Path(args.view_state), args.bind_address))
+        return 0
+    view.serve(view.open_viewer(Path(args.output_dir), args.view, args.bind_address))
+    return 0

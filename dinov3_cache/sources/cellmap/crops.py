@@ -11,6 +11,7 @@ import numpy as np
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.sources.base import SamplingOptions, SourceError
 from dinov3_cache.sources.cellmap.catalog import INFERENCE_CROP, Catalog, label_kind
+from dinov3_cache.sources.cellmap.encoding import AnnotationEncoding
 from dinov3_cache.sources.cellmap.ome_ngff import TOLERANCE, LevelArray
 
 
@@ -83,6 +84,7 @@ class ResolvedUnit:
     unit: CropUnit
     raw: LevelArray
     labels: dict[str, LevelArray]
+    encodings: dict[str, AnnotationEncoding | None]  # per organelle; None: values as stored
 
     @property
     def box(self) -> tuple[np.ndarray, np.ndarray]:

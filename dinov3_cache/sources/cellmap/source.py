@@ -22,6 +22,7 @@ from dinov3_cache.sources.base import (
 from dinov3_cache.sources.cellmap.augment import augment_crop
 from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME, Catalog, prepare_catalog
 from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_units, window_start
+from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
 from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
@@ -101,17 +102,26 @@ class CellMapSource(VolumeSource):
             organelle: open_level(self.multiscale(url), geometry.base_resolution, f"{organelle} labels", "--base-resolution", self.storage)
             for organelle, url in unit.labels
         }
-        return ResolvedUnit(unit, raw, labels)
+        encodings = {
+            organelle: read_encoding(array.multiscale.url, array.url, array.multiscale.driver, self.storage)
+            for organelle, array in labels.items()
+        }
+        return ResolvedUnit(unit, raw, labels, encodings)
 
     def read_crop(self, resolved: ResolvedUnit, index: int, start: np.ndarray, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
         unit = resolved.unit
         n = geometry.output_image_dim
         raw = read_raw(resolved.raw, start, geometry.min_resolution_for_raw, geometry.slice_size)
-        per_organelle, mask = {}, np.ones((n, n, n), bool)
+        per_organelle, mask, known = {}, np.ones((n, n, n), bool), np.ones((n, n, n), bool)
         for organelle, array in resolved.labels.items():
             labels, valid = read_labels(array, start, geometry.base_resolution, n)
+            encoding = resolved.encodings[organelle]
+            if encoding is not None:
+                labels, known_here = encoding.decode(labels)
+                known &= known_here | ~valid  # outside the array the read gave zeros, not values
             per_organelle[organelle] = as_instance_ids(labels, array.url)
             mask &= valid
+        mask &= known  # an 'unknown' voxel in any organelle leaves the class unknown there
         gt = combine_organelle_labels(per_organelle, options.organelles)
         if not mask.all():
             gt = np.where(mask, gt, 0).astype(gt.dtype)
@@ -119,7 +129,8 @@ class CellMapSource(VolumeSource):
         return SourceCrop(
             raw=raw,
             gt=gt,
-            mask=mask.astype(np.uint8) if options.gt_extension else None,
+            # without GT extension every voxel is annotated, so a mask is needed only for unknown ones
+            mask=mask.astype(np.uint8) if options.gt_extension or not known.all() else None,
             raw_range=raw_intensity_range(raw.dtype),
             offset_nm=tuple(float(v) for v in start),
             description={
@@ -136,6 +147,8 @@ class CellMapSource(VolumeSource):
                 "annotated_box_nm": {"offset": box_lo.tolist(), "extent": (box_hi - box_lo).tolist()},
                 "label_rule": "instance ids" if len(options.organelles) == 1 else "classes 1..n in --organelles order, later organelle wins overlaps",
                 "resampling": {"raw": "area mean", "labels": "nearest (voxel holding the centre)"},
+                "annotation_encodings": {o: e.to_record() if e else None for o, e in resolved.encodings.items()},
+                "unknown_voxels": int((~known).sum()),
                 "catalog_root": self.catalog.root,
                 "catalog_sha256": self.catalog.sha256(),
             },

@@ -1,0 +1,165 @@
+"""One cached volume in neuroglancer: raw (when saved), gt as segmentation, mask, and the
+features as RGB of their first three principal components, placed in world nm from the
+cache's geometry (each array's `voxel_size` and `offset`), so every layer sits where its
+voxels lie in the source dataset. Augmented volumes are shown unmoved (their recorded
+world transform undone).
+
+`neuroglancer` is an optional dependency, imported on use (pip install neuroglancer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dinov3_cache.audit.previews import pca_rgb
+from dinov3_cache.errors import CacheToolError
+from dinov3_cache.geometry import SPATIAL_AXES, UNIT, AxisTransform
+from dinov3_cache.layout import VolumePaths
+from dinov3_cache.schema import load_volume_metadata
+from dinov3_cache.zarr_arrays import open_array, read_array_metadata, read_attributes
+
+DEFAULT_BIND_ADDRESS = "127.0.0.1"
+MAX_FEATURE_VALUES = 2**26  # features read for the PCA view; larger volumes are strided
+# --view-state: neuroglancer reads the arrays over HTTP; serve OUTPUT_DIR here with CORS on
+STATE_BASE_URL = "http://{host}:8000"
+RGB_SHADER = "void main() { emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)), toNormalized(getDataValue(2)))); }"
+MASK_SHADER = "void main() { emitRGBA(vec4(0.0, 0.6, 1.0, 0.35 * float(getDataValue() == 0u))); }"
+
+
+class ViewError(CacheToolError):
+    """The volume cannot be shown; one actionable line."""
+
+
+def import_neuroglancer():
+    try:
+        import neuroglancer
+    except ImportError:
+        raise ViewError("--view needs the neuroglancer package: pip install neuroglancer") from None
+    return neuroglancer
+
+
+def world_space(neuroglancer, voxel_size: list[float], channels: bool = False):
+    names, units, scales = list(SPATIAL_AXES), [UNIT] * 3, list(voxel_size)
+    if channels:
+        names, units, scales = [*names, "c^"], [*units, ""], [*scales, 1]
+    return neuroglancer.CoordinateSpace(names=names, units=units, scales=scales)
+
+
+def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[str, tuple[np.ndarray, dict]]:
+    """name -> (unmoved z, y, x[, rgb] array, its attributes) for every array of the volume."""
+    paths = VolumePaths(Path(output_dir), index)
+    if not paths.metadata.is_file():
+        raise ViewError(f"volume {index} is not complete in {output_dir} (no {paths.metadata.name}); run check_preprocessing.py to see why")
+    metadata = load_volume_metadata(paths.metadata)
+    transform = AxisTransform.from_record(metadata.source_dataset.to_dict().get("world_transform"))
+    arrays = {}
+    for name in ("raw", "gt", "mask"):
+        if paths.array(name).is_dir():
+            arrays[name] = (transform.undo(open_array(paths.array(name)).read().result()), read_attributes(paths.array(name)))
+    features = open_array(paths.array("features"))
+    attributes = read_attributes(paths.array("features"))
+    step = max(1, math.ceil((features.size / MAX_FEATURE_VALUES) ** (1 / 3)))
+    values = np.asarray(features[:, ::step, ::step, ::step].read().result(), np.float32)
+    c, d, h, w = values.shape
+    rgb = pca_rgb(values.reshape(c, d * h, w)).reshape(d, h, w, 3)
+    rgb = np.stack([transform.undo(rgb[..., k]) for k in range(3)], axis=-1) if step == 1 else rgb
+    attributes = {**attributes, "voxel_size": [v * step for v in attributes["voxel_size"]]}
+    arrays["features"] = (rgb, attributes)
+    return arrays
+
+
+def add_volume_layers(neuroglancer, state, arrays: dict[str, tuple[np.ndarray, dict]]) -> None:
+    """Layers in world nm: each source's transform translates by the array's offset in its
+    voxels (LocalVolume's voxel_offset is whole voxels only; crop offsets need not be)."""
+    for name, (data, attributes) in arrays.items():
+        voxel, offset = attributes["voxel_size"], attributes["offset"]
+        channels = name == "features"
+        dimensions = world_space(neuroglancer, voxel, channels)
+        shift = [o / v for o, v in zip(offset, voxel)] + ([0.0] if channels else [])
+        rank = len(shift)
+        volume = neuroglancer.LayerDataSource(
+            url=neuroglancer.LocalVolume(data, dimensions=dimensions),
+            transform=neuroglancer.CoordinateSpaceTransform(
+                output_dimensions=dimensions,
+                matrix=[[1.0 if j == i else 0.0 for j in range(rank)] + [shift[i]] for i in range(rank)],
+            ),
+        )
+        if name == "gt":
+            state.layers[name] = neuroglancer.SegmentationLayer(source=volume)
+        elif name == "raw":
+            state.layers[name] = neuroglancer.ImageLayer(source=volume)
+        elif name == "mask":
+            state.layers[name] = neuroglancer.ImageLayer(source=volume, shader=MASK_SHADER)
+        else:
+            state.layers[name] = neuroglancer.ImageLayer(source=volume, shader=RGB_SHADER)
+            state.layers[name].visible = False  # on demand: it hides the others
+    finest = min(arrays.values(), key=lambda a: a[1]["voxel_size"][0])[1]["voxel_size"]
+    state.dimensions = world_space(neuroglancer, finest)
+    gt, attributes = arrays["gt"]
+    # the centre of the crop's middle gt voxel, in the global dimensions' units (the finest voxel)
+    state.position = [(o + (n // 2 + 0.5) * v) / f for o, n, v, f in zip(attributes["offset"], gt.shape, attributes["voxel_size"], finest)]
+
+
+def open_viewer(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS):
+    """A neuroglancer viewer showing the volume (served from this process)."""
+    neuroglancer = import_neuroglancer()
+    arrays = volume_arrays(output_dir, index)
+    neuroglancer.set_server_bind_address(bind_address)
+    viewer = neuroglancer.Viewer()
+    with viewer.txn() as state:
+        add_volume_layers(neuroglancer, state, arrays)
+    return viewer
+
+
+def serve(viewer) -> None:
+    """Print the URL and keep the server up until interrupted."""
+    print(f"neuroglancer: {viewer}", flush=True)
+    print("serving until stopped (Ctrl-C)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS) -> dict:
+    """Viewer state for a neuroglancer the user runs: raw, gt and mask read as zarr over
+    HTTP from STATE_BASE_URL (neuroglancer cannot open the float16 features)."""
+    paths = VolumePaths(Path(output_dir), index)
+    if not paths.metadata.is_file():
+        raise ViewError(f"volume {index} is not complete in {output_dir} (no {paths.metadata.name})")
+    base = STATE_BASE_URL.format(host=bind_address)
+    layers, gt_attributes = [], None
+    for name, kind in (("raw", "image"), ("gt", "segmentation"), ("mask", "image")):
+        array = paths.array(name)
+        if not array.is_dir():
+            continue
+        attributes = read_attributes(array)
+        gt_attributes = attributes if name == "gt" else gt_attributes
+        voxel, offset = attributes["voxel_size"], attributes["offset"]
+        layers.append({
+            "type": kind, "name": name,
+            "source": {
+                "url": f"zarr://{base}/{array.name}",
+                "transform": {
+                    "outputDimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, voxel)},
+                    "matrix": [[1.0 if j == i else 0.0 for j in range(3)] + [o / v] for i, (o, v) in enumerate(zip(offset, voxel))],
+                },
+            },
+        })
+    return {
+        "dimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, gt_attributes["voxel_size"])},
+        "position": [o / v + n / 2 for o, v, n in zip(gt_attributes["offset"], gt_attributes["voxel_size"], read_array_metadata(paths.array("gt")).shape)],
+        "layers": layers,
+        "layout": "4panel",
+    }
+
+
+def write_state(output_dir: Path, index: int, path: Path, bind_address: str = DEFAULT_BIND_ADDRESS) -> Path:
+    Path(path).write_text(json.dumps(state_document(output_dir, index, bind_address), indent=2))
+    return Path(path)
