@@ -16,6 +16,7 @@ import sys
 
 from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
+from dinov3_cache.indices import check_index
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        check_index(args.volume_index)
         config = settings_from_args(args).config(args.volume_index)
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
+    from dinov3_cache.extraction.commit import keep_running_on_sigterm
     from dinov3_cache.extraction.pipeline import Terminated, preprocess_volume, raise_on_sigterm
     from dinov3_cache.layout import VolumeLocked
     from dinov3_cache.sources.base import source_from_args
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: volume {args.volume_index} interrupted; rerun to finish it", file=sys.stderr)
         return 130
+    keep_running_on_sigterm()  # the volume is complete: a late SIGTERM must not turn that into 143
     print(outcome.message)
     return 0
 

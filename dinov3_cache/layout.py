@@ -12,6 +12,7 @@ Layout of an output directory::
     volume_000000_raw.zarr        raw crop at slice resolution (only with --save-raw)
     volume_000000_metadata.json   the commit marker, written last and atomically
     volume_000000.partial/        staging area of a run in progress (debris if killed)
+    volume_000000.commit-ID/      arrays of commit ID until moved to the names above (see commit.py)
     logs/volume_000000.status.json  running / complete / failed, host, times, error
     logs/volume_000000.lock       held by the run that owns the index
     logs/volume_000000.out|.err   scheduler job output
@@ -43,6 +44,7 @@ from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "gt", "mask", "raw")
+COMMIT_DIR_INFIX = ".commit-"
 LOGS_DIR = "logs"
 
 
@@ -74,6 +76,26 @@ class VolumePaths:
 
     def staged_array(self, array_name: str) -> Path:
         return self.staging / f"{array_name}.zarr"
+
+    def commit_dir(self, commit_id: str) -> Path:
+        """Where a commit's arrays sit from the staging rename until they take the seed's names."""
+        return self.output_dir / f"{self.name}{COMMIT_DIR_INFIX}{commit_id}"
+
+    def commit_dirs(self) -> list[Path]:
+        return sorted(self.output_dir.glob(f"{self.name}{COMMIT_DIR_INFIX}*"))
+
+    def located_array(self, array_name: str, commit_id: str | None) -> Path:
+        """Where the committed volume's array is: in its commit directory while the commit is
+        being finished (or was killed before it finished), else under the seed's name."""
+        if commit_id:
+            moving = self.commit_dir(commit_id) / f"{array_name}.zarr"
+            if moving.is_dir():
+                return moving
+        return self.array(array_name)
+
+    def temp_files(self) -> list[Path]:
+        """Temporary files of this volume's atomic JSON writes (metadata, status)."""
+        return [p for target in (self.metadata, self.status) for p in target.parent.glob(f".{target.name}.*.tmp")]
 
     @property
     def logs(self) -> Path:
@@ -129,7 +151,7 @@ def canonical_json(value: Any) -> str:
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path, os.getpid())
     with open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=False)
         f.write("\n")
@@ -137,6 +159,14 @@ def write_json_atomic(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+def temp_path(path: Path, pid: int) -> Path:
+    """The temporary name write_json_atomic gives `path` in process `pid`."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+TEMP_PID_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -236,11 +266,52 @@ class VolumeLock:
 
 
 def partial_debris(paths: VolumePaths) -> list[Path]:
-    """What a killed run leaves: its staging area, and arrays with no metadata."""
+    """What killed runs left, judged from the files alone (the committed metadata's commit id
+    and arrays when it is readable); whether a live run still owns them, the lock says
+    (lock_is_held). Never lists what a reader of the committed volume uses."""
+    committed = committed_arrays(paths)
+    commit_id, arrays = committed if committed else (None, ())
     debris = [paths.staging] if paths.staging.exists() else []
-    if not paths.metadata.exists():
-        debris += paths.existing_arrays()
+    debris += [d for d in paths.commit_dirs() if committed is not False and (commit_id is None or d != paths.commit_dir(commit_id))]
+    if committed is not False:
+        debris += [a for name, a in ((n, paths.array(n)) for n in ARRAY_NAMES)
+                   if a.exists() and (name not in arrays or paths.located_array(name, commit_id) != a)]
+    debris += [t for t in paths.temp_files() if temp_pid(t) != os.getpid()]
     return debris
+
+
+def committed_arrays(paths: VolumePaths) -> tuple[str | None, tuple[str, ...]] | None | bool:
+    """(commit id, array names) of the committed volume; None when none is committed;
+    False when its metadata is unreadable (then no array counts as debris)."""
+    try:
+        document = read_json(paths.metadata)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return False
+    if not isinstance(document, dict) or not isinstance(document.get("dtypes"), dict):
+        return False
+    return (document.get("integrity") or {}).get("commit_id"), tuple(document["dtypes"])
+
+
+def temp_pid(path: Path) -> int | None:
+    match = TEMP_PID_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def lock_is_held(paths: VolumePaths) -> bool:
+    """True while a live process holds the volume's lock (its debris is not debris yet)."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_tree(path: Path) -> None:

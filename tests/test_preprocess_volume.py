@@ -346,7 +346,7 @@ BEFORE_WORK, DURING_WORK = 2, 1  # bad options found before anything ran; a run 
 @pytest.mark.parametrize(
     "change, message, status",
     [
-        (lambda a, t, m: a.__setitem__(1, "-1"), "--volume-index must be >= 0", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(1, "-1"), "--volume-index must be between 0 and", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--chunks", "256,16,16"]), "--chunks needs 4 positive integers", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--chunks", "a,b,c,d"]), "--chunks needs 4 positive integers", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--base-resolution", "100"]), "must be a whole multiple", BEFORE_WORK),

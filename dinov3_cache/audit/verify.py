@@ -8,26 +8,23 @@ Imports numpy and TensorStore: the report imports this module only when verifyin
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dinov3_cache.chunk_files import StoredLayout, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
-from dinov3_cache.layout import VolumePaths, iter_files
+from dinov3_cache.layout import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 from dinov3_cache.zarr_arrays import (
     chunk_key,
     chunk_slices,
     crc32_of,
     open_array,
-    read_array_metadata,
     read_attributes,
     storage_chunks,
     ts_context,
@@ -82,46 +79,6 @@ def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeC
     return VolumeCheck(index, not problems, problems, arrays, round(time.perf_counter() - started, 3))
 
 
-@dataclass
-class StoredLayout:
-    """How an array's chunks map to files: zarr v2 one file per chunk, v3 one per shard."""
-
-    unit: tuple[int, ...]  # region covered by one file
-    key_prefix: str
-    separator: str
-    uncompressed_nbytes: int | None  # exact file size where it is known (v2 without compressor)
-
-    def file_key(self, unit_index: Sequence[int]) -> str:
-        return self.key_prefix + self.separator.join(map(str, unit_index))
-
-
-def stored_layout(path: Path, itemsize: int) -> StoredLayout:
-    array = read_array_metadata(path)
-    meta = array.document
-    if array.zarr_format == 2:
-        size = math.prod(array.chunks) * itemsize if meta.get("compressor") is None and not meta.get("filters") else None
-        return StoredLayout(array.chunks, "", meta.get("dimension_separator", "."), size)
-    encoding = meta.get("chunk_key_encoding") or {"name": "default"}
-    default = encoding.get("name") == "default"
-    separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
-    prefix = "c" + separator if default else ""
-    return StoredLayout(tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
-
-
-def present_files(path: Path, layout: StoredLayout) -> dict[str, int]:
-    """Relative path -> size of every file that could hold chunks (one listing, or a walk
-    of c/ for v3)."""
-    files = {}
-    for entry in iter_files(path):
-        rel = os.path.relpath(entry.path, path).replace(os.sep, "/")
-        if not rel.startswith((".z", "zarr.json")):
-            try:
-                files[rel] = entry.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                pass
-    return files
-
-
 def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
     if len(problems) <= MAX_PROBLEMS_PER_ARRAY:
         return problems
@@ -129,7 +86,7 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
 
 
 def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, context) -> tuple[list[str], dict]:
-    path = paths.array(name)
+    path = paths.located_array(name, metadata.integrity.commit_id if metadata.integrity else None)
     where = f"{paths.name} {name}"
     info: dict[str, Any] = {"path": str(path)}
     if not path.is_dir():
@@ -163,19 +120,24 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
 
     layout = stored_layout(path, store.dtype.numpy_dtype.itemsize)
     files = present_files(path, layout)
+    recorded = (integrity.crc32.get(name) if integrity else None) or {}
+    written_but_missing = set(missing_written_chunks(path, shape, chunks, dtype, recorded)) if recorded else None
     missing_files, file_problems = set(), []
     for unit_index, _ in chunk_slices(shape, layout.unit):
         key = layout.file_key(unit_index)
         if key not in files:
             missing_files.add(key)
-            file_problems.append(f"{where}: chunk file {path / key} is missing (zarr would silently read zeros)")
+            if written_but_missing is None or any(
+                layout.file_key(tuple(int(g) * c // u for g, c, u in zip(k.split("."), chunks, layout.unit))) == key
+                for k in written_but_missing
+            ):
+                file_problems.append(f"{where}: chunk file {path / key} is missing (zarr would silently read zeros)")
         elif layout.uncompressed_nbytes is not None and files[key] != layout.uncompressed_nbytes:
             file_problems.append(
                 f"{where}: chunk file {path / key} has {files[key]} bytes, expected {layout.uncompressed_nbytes} (truncated?)"
             )
     problems += _chunk_problems_limit(file_problems, where)
 
-    recorded = (integrity.crc32.get(name) if integrity else None) or {}
     data_problems, stats = check_chunk_data(store, shape, chunks, layout, missing_files, recorded, where, path)
     problems += _chunk_problems_limit(data_problems, where)
     info.update(stats, chunk_files=len(files), chunks=list(chunks))

@@ -9,8 +9,8 @@ The pipeline, per volume:
 3. Grids are upsampled bilinearly (align_corners=False) to D x D and the planes are
    averaged into features (C, D, H, W), slab by slab (features.py).
 4. Each block is written asynchronously while the next ones are computed (writer.py).
-5. Arrays are written under OUT/volume_XXXXXX.partial/, moved into place (commit.py), and
-   the metadata file (metadata.py, the commit marker) is written last, atomically.
+5. Arrays are written under OUT/volume_XXXXXX.partial/ and committed (commit.py): the
+   metadata file (metadata.py) is the single commit point.
 
 The model itself (loading, the forward pass, the weights' identity) lives in model.py.
 """
@@ -32,7 +32,7 @@ from dinov3_cache.extraction.commit import (
     commit_volume,
     ensure_writable,
     existing_volume_check,
-    remove_debris,
+    tidy_volume,
 )
 from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.features import check_slice_size, extract_features
@@ -51,7 +51,6 @@ from dinov3_cache.layout import (
     bytes_on_disk,
     now_iso,
     remove_tree,
-    write_json_atomic,
     write_status,
 )
 from dinov3_cache.schema import VolumeMetadata
@@ -135,10 +134,10 @@ def preprocess_volume(
     ensure_writable(paths.output_dir)
     model = ModelOnDemand(config, loaded)
     with VolumeLock(paths):
+        tidy_volume(paths)
         skip = existing_volume_check(config, source, load_model=model.get)
         if skip is not None:
             return skip
-        remove_debris(paths)
         write_status(paths, "running", started=now_iso())
         try:
             metadata = build_and_commit(config, source, model)
@@ -195,11 +194,9 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: Mode
     body = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
     # checked against the schema before anything of an existing volume is touched
     metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
-    commit_volume(paths, list(staged.stores))
     timing["total_seconds"] = time.perf_counter() - t_volume
     metadata = replace(metadata, timing=rounded(timing)).sealed()
-    write_json_atomic(paths.metadata, metadata.to_dict())
-    remove_tree(paths.staging)
+    commit_volume(paths, commit_id, metadata.to_dict())
     return metadata
 
 

@@ -35,6 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="e.g. cuda: deliver batches in GPU memory")
     parser.add_argument("--pin-memory", action="store_true")
     parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument("--verify-checksums", action="store_true", help="check every chunk read against its recorded crc32")
     parser.add_argument("--no-evict", action="store_true", help="do not evict the cache files before the first batch")
     return parser.parse_args(argv)
 
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers, volume_indices=args.volume_indices, crop_size=args.crop_size,
             samples_per_volume=args.samples_per_volume, features_dtype=features_dtype, reader=args.reader,
             device=args.device, pin_memory=args.pin_memory, return_metadata=True,
+            verify_checksums=args.verify_checksums,
         )
         files = volume_files(loader.source_dataset.volumes)
         if not args.no_evict:

@@ -41,7 +41,7 @@ from dinov3_cache.loader.sampler import EpochBatchSampler, resolve_ranks
 
 DATASET_OPTIONS = (
     "transform", "return_metadata", "features_dtype", "gt_dtype", "crop_size", "samples_per_volume", "seed",
-    "allow_mixed_configurations", "reader", "reuse_memory",
+    "allow_mixed_configurations", "reader", "reuse_memory", "verify_checksums",
 )
 
 

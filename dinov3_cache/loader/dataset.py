@@ -63,6 +63,9 @@ class PreprocessedDINOv3Dataset(Dataset):
         reuse_memory: read into batch memory of earlier batches that nothing references any
             more (no tensor, view or numpy array on it), instead of fresh memory whose first
             touch costs page faults; False always allocates.
+        verify_checksums: check every chunk read against the crc32 the writer recorded, in the
+            read threads (a damaged chunk is an error naming volume, array and chunk). Missing
+            written chunks and arrays that disagree with their metadata are errors regardless.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         allow_mixed_configurations: bool = False,
         reader: str = "auto",
         reuse_memory: bool = True,
+        verify_checksums: bool = False,
     ):
         self.preprocessed_dir = Path(preprocessed_dir)
         self.volumes = find_volumes(self.preprocessed_dir, volume_indices, allow_mixed_configurations)
@@ -101,6 +105,7 @@ class PreprocessedDINOv3Dataset(Dataset):
             raise CacheError(f"num_threads must be positive, got {num_threads}")
         self.reader = reader
         self.reuse_memory = reuse_memory
+        self.verify_checksums = bool(verify_checksums)
         self._resources: ReadResources | None = None
         self._resources_lock = threading.Lock()
         self._buffers: BatchBuffers | None = None
@@ -131,7 +136,7 @@ class PreprocessedDINOv3Dataset(Dataset):
     def resources(self) -> ReadResources:
         with self._resources_lock:
             if self._resources is None:
-                self._resources = ReadResources(self.num_threads, self.reader)
+                self._resources = ReadResources(self.num_threads, self.reader, self.verify_checksums)
             return self._resources
 
     # ------------------------------------------------------------------ what each index reads

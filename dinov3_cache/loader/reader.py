@@ -37,11 +37,20 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from dinov3_cache.chunk_files import fill_chunk_crc32, missing_written_chunks
 from dinov3_cache.errors import CacheToolError, first_line
-from dinov3_cache.indices import format_some
+from dinov3_cache.indices import check_index, format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
-from dinov3_cache.zarr_arrays import chunk_key, open_array, read_array_metadata, ts_context
+from dinov3_cache.zarr_arrays import (
+    chunk_key,
+    crc32_of,
+    open_array,
+    read_array_metadata,
+    read_attributes,
+    storage_chunks,
+    ts_context,
+)
 
 READER_CHOICES = ("auto", "tensorstore")
 TORCH_DTYPES = {
@@ -99,9 +108,17 @@ class CachedVolume:
     def spatial_shape(self) -> tuple[int, ...]:
         return self.features_shape[1:]
 
+    @property
+    def commit_id(self) -> str | None:
+        return self.metadata.integrity.commit_id if self.metadata.integrity else None
+
+    def recorded_checksums(self, array: str) -> dict[str, int]:
+        integrity = self.metadata.integrity
+        return (integrity.crc32.get(array) if integrity else None) or {}
+
     def array_path(self, array: str) -> Path:
         # the directory may have moved since the metadata was written: locate files by the layout
-        return self.paths.array(array)
+        return self.paths.located_array(array, self.commit_id)
 
 
 def find_volumes(
@@ -117,7 +134,12 @@ def find_volumes(
     if volume_indices is None:
         indices = committed
     else:
-        indices = [int(i) for i in volume_indices]
+        if isinstance(volume_indices, (str, bytes)):
+            raise CacheError(
+                f"volume_indices must be a list of integers, got the string {volume_indices!r} "
+                "(a string would be read digit by digit); write e.g. volume_indices=[12]"
+            )
+        indices = [check_index(int(i), "volume_indices") for i in volume_indices]
         missing = sorted(set(indices) - set(committed))
         if missing:
             raise CacheError(
@@ -165,8 +187,9 @@ class RawChunkReader:
     copied once into the destination (one file read + one copy per chunk). The copy is
     torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
 
-    def __init__(self, path: Path, zarray: dict, executor: ThreadPoolExecutor):
+    def __init__(self, path: Path, zarray: dict, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
         self.path = path
+        self.recorded, self.verify = recorded, verify
         self.shape = tuple(zarray["shape"])
         self.chunks = tuple(zarray["chunks"])
         self.dtype = stored_torch_dtype(zarray["dtype"])
@@ -188,7 +211,8 @@ class RawChunkReader:
         try:
             fd = os.open(self.path / key, os.O_RDONLY)
         except FileNotFoundError:
-            out[dst].fill_(self.fill_value)  # never-written chunk: zarr's fill value, as TensorStore gives
+            self._check_skipped(grid_index)
+            out[dst].fill_(self.fill_value)  # a chunk the writer skipped (all fill value), as TensorStore gives
             return
         buffer = self._buffer()
         try:
@@ -200,7 +224,26 @@ class RawChunkReader:
             os.close(fd)
         if read != self.chunk_nbytes:
             raise OSError(f"chunk {key}: the file ended after {read} of {self.chunk_nbytes} bytes")
-        out[dst].copy_(torch.from_numpy(buffer).view(self.dtype).view(self.chunks)[src])
+        chunk = torch.from_numpy(buffer).view(self.dtype).view(self.chunks)
+        if self.verify:
+            self._check_crc(grid_index, chunk)
+        out[dst].copy_(chunk[src])
+
+    def _valid_extent(self, grid_index) -> tuple[slice, ...]:
+        return tuple(slice(0, min(c, s - g * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
+
+    def _check_skipped(self, grid_index) -> None:
+        """A missing chunk file is legitimate only where the writer recorded a fill-valued chunk."""
+        recorded = self.recorded.get(chunk_key(grid_index))
+        if recorded is None:
+            return  # no checksums recorded (an older cache): the fill value, as before
+        nbytes = self.dtype.itemsize * int(np.prod([s.stop for s in self._valid_extent(grid_index)]))
+        if int(recorded) != fill_chunk_crc32(nbytes) or self.fill_value:
+            raise OSError(f"chunk {chunk_key(grid_index)}: the file is missing, but the writer wrote data there")
+
+    def _check_crc(self, grid_index, chunk: torch.Tensor) -> None:
+        key = chunk_key(grid_index)
+        check_chunk_crc(key, self.recorded.get(key), chunk[self._valid_extent(grid_index)].numpy())
 
     def _buffer(self) -> np.ndarray:
         buffer = getattr(self.local, "buffer", None)
@@ -223,20 +266,48 @@ def read_fully(fd: int, buffer: np.ndarray) -> int:
     return done
 
 
+def check_chunk_crc(key: str, recorded: int | None, data: np.ndarray) -> None:
+    if recorded is None:
+        raise OSError(f"chunk {key} has no recorded checksum (verify_checksums needs one)")
+    found = crc32_of(data)
+    if found != int(recorded):
+        raise OSError(f"chunk {key} fails its checksum (crc32 {found}, recorded {recorded}): the bytes are damaged")
+
+
 class TensorStoreReader:
     """Any zarr v2/v3 array, compressed or sharded: TensorStore writes the region straight
-    into the destination array (no intermediate result array), converting the dtype."""
+    into the destination array (no intermediate result array), converting the dtype.
+    With verify, each chunk is read on its own, checked, then copied."""
 
-    def __init__(self, path: Path, context: ts.Context):
+    def __init__(self, path: Path, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
         self.store = open_array(path, context)
         self.shape = tuple(self.store.shape)
+        self.recorded, self.verify, self.executor = recorded, verify, executor
+        self.chunks = storage_chunks(path)
+        if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
+            missing = missing_written_chunks(path, self.shape, self.chunks, str(self.store.dtype.numpy_dtype), recorded)
+            if missing:
+                raise OSError(f"chunk {missing[0]} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
 
     def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
+        if self.verify:
+            return [
+                self.executor.submit(self._copy_checked_chunk, grid_index, src, dst, out)
+                for grid_index, src, dst in chunk_overlaps(region, self.chunks)
+            ]
+        return [self._destination(out).write(self.store[region])]
+
+    def _copy_checked_chunk(self, grid_index, src, dst, out: torch.Tensor) -> None:
+        extent = tuple(slice(g * c, min(s, (g + 1) * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
+        chunk = self.store[extent].read().result()
+        check_chunk_crc(chunk_key(grid_index), self.recorded.get(chunk_key(grid_index)), chunk)
+        self._destination(out[dst]).write(chunk[src]).result()
+
+    def _destination(self, out: torch.Tensor):
         array = numpy_view(out)
         if array.dtype == np.bool_ and self.store.dtype.numpy_dtype == np.uint8:
             array = array.view(np.uint8)  # masks: 0/1 bytes on disk, bool in torch
-        destination = ts.array(array, copy=False, write=True)
-        return [destination.write(self.store[region])]
+        return ts.array(array, copy=False, write=True)
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -260,11 +331,37 @@ def torch_dtype(name: str) -> torch.dtype:
         raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
 
 
-def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
+def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
     zarray = raw_readable_zarray(path) if mode == "auto" else None
     if zarray is not None:
-        return RawChunkReader(path, zarray, executor)
-    return TensorStoreReader(path, context)
+        return RawChunkReader(path, zarray, executor, recorded, verify)
+    return TensorStoreReader(path, context, executor, recorded, verify)
+
+
+def layout_problem(volume: CachedVolume, array: str, path: Path, reader) -> str | None:
+    """What makes an array not the one the metadata describes (checked at every open; the
+    numbers come from files the open reads anyway, plus the array's attributes)."""
+    metadata = volume.metadata
+    expected = tuple(metadata.shapes[array])
+    if reader.shape != expected:
+        return f"shape {list(reader.shape)} on disk, metadata says {list(expected)}"
+    stored = stored_dtype_name(reader)
+    if stored != metadata.dtypes.get(array):
+        return f"dtype {stored} on disk, metadata says {metadata.dtypes.get(array)}"
+    recorded_chunks = metadata.integrity.chunks.get(array) if metadata.integrity else None
+    if recorded_chunks is not None and tuple(reader.chunks) != tuple(recorded_chunks):
+        return f"chunk shape {list(reader.chunks)} on disk, metadata says {list(recorded_chunks)}"
+    if volume.commit_id is not None:
+        written_by = (read_attributes(path).get("dinov3_cache") or {}).get("commit_id")
+        if written_by != volume.commit_id:
+            return f"the array was written by another run (commit id {written_by}, metadata says {volume.commit_id})"
+    return None
+
+
+def stored_dtype_name(reader) -> str:
+    if isinstance(reader, RawChunkReader):
+        return "bfloat16" if reader.dtype == torch.bfloat16 else str(reader.dtype).removeprefix("torch.")
+    return str(reader.store.dtype.numpy_dtype)
 
 
 def raw_readable_zarray(path: Path) -> dict | None:
@@ -310,7 +407,9 @@ def chunk_overlaps(region: Sequence[slice], chunks: Sequence[int]):
 class VolumeReader:
     """Reads regions of one volume's arrays; every failure names the volume and array."""
 
-    def __init__(self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
+    def __init__(
+        self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor, verify: bool = False
+    ):
         self.volume = volume
         self.readers = {}
         for array in ("features", *SPATIAL_ARRAYS):
@@ -318,14 +417,12 @@ class VolumeReader:
                 continue
             path = volume.array_path(array)
             try:
-                self.readers[array] = open_reader(path, mode, context, executor)
+                self.readers[array] = open_reader(path, mode, context, executor, volume.recorded_checksums(array), verify)
+                problem = layout_problem(volume, array, path, self.readers[array])
             except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
                 raise volume_read_error(volume.index, array, path, first_line(e)) from None
-            expected = tuple(volume.metadata.shapes[array])
-            if self.readers[array].shape != expected:
-                raise volume_read_error(
-                    volume.index, array, path, f"shape {list(self.readers[array].shape)} on disk, metadata says {list(expected)}"
-                )
+            if problem is not None:
+                raise volume_read_error(volume.index, array, path, problem)
 
     def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[tuple[str, Future]]:
         """Start reading the region into outputs[array] (features get all channels)."""
@@ -355,12 +452,12 @@ class ReadResources:
     """Per-process TensorStore context and copy threads; created lazily so that nothing
     TensorStore-related exists before a worker process starts."""
 
-    def __init__(self, num_threads: int, mode: str):
+    def __init__(self, num_threads: int, mode: str, verify_checksums: bool = False):
         if mode not in READER_CHOICES:
             raise CacheError(f"reader must be one of {', '.join(READER_CHOICES)}, got {mode!r}")
         if num_threads <= 0:
             raise CacheError(f"num_threads must be positive, got {num_threads}")
-        self.num_threads, self.mode = num_threads, mode
+        self.num_threads, self.mode, self.verify_checksums = num_threads, mode, verify_checksums
         self.context = ts_context(num_threads)
         self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read")
         self.readers: dict[int, VolumeReader] = {}
@@ -369,7 +466,9 @@ class ReadResources:
     def reader(self, volume: CachedVolume) -> VolumeReader:
         with self.lock:
             if volume.index not in self.readers:
-                self.readers[volume.index] = VolumeReader(volume, self.mode, self.context, self.executor)
+                self.readers[volume.index] = VolumeReader(
+                    volume, self.mode, self.context, self.executor, self.verify_checksums
+                )
             return self.readers[volume.index]
 
     def close(self) -> None:
