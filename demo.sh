@@ -54,7 +54,7 @@ cat <<EOF
 
 == what you have now
 cache:    $OUT_ABS  (4 volumes; files per volume: docs/cache-format.md)
-preview:  $PREVIEWS/volume_000000_preview.png  (features, labels, mask and raw of volume 0)
+preview:  $PREVIEWS/volume_000000_preview.png  (a slice of volume 0: features, labels, mask)
 viewer:   $PY check_preprocessing.py --output-dir $OUT_ABS --view 0
 training: (from this directory, $(pwd))
     $(echo "$TRAINING_LINES" | sed -n 1p)
