@@ -13,17 +13,20 @@ OUT=${1:-demo_cache}
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
 install_torch() {
     # keep a torch that imports (your own build); a CUDA build only where there is a GPU
     if $PY -c "import torch" 2>/dev/null; then return; fi
     if command -v nvidia-smi >/dev/null 2>&1; then
         $PY -m pip install -q torch==2.13.0
-        return
+    elif $PY -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/', timeout=5)" "$CPU_TORCH_INDEX" 2>/dev/null; then
+        echo "== no GPU here: installing a CPU build of torch (the default one is a multi-GB CUDA build)"
+        $PY -m pip install -q torch --index-url "$CPU_TORCH_INDEX"
+    else
+        echo "== no GPU here, but $CPU_TORCH_INDEX is unreachable: installing torch from the default index"
+        $PY -m pip install -q torch==2.13.0
     fi
-    echo "== no GPU here: installing a CPU build of torch (the default one is a multi-GB CUDA build)"
-    $PY -m pip install -q --retries 1 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu \
-        || { echo "== the CPU wheel index is unreachable: installing torch from the default index"
-             $PY -m pip install -q torch==2.13.0; }
 }
 
 if [ "${DEMO_SKIP_INSTALL:-0}" != 1 ]; then
