@@ -186,11 +186,7 @@ def run_locally(args, scheduler: LocalScheduler, resources) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
         return 130
-    for failure in summary.failed:
-        why = "killed at the walltime" if failure.returncode is None else f"exit {failure.returncode}"
-        print(f"failed: volume {failure.volume_index} ({why}): {failure.last_error_line}")
-    print(f"summary: {len(summary.results) - len(summary.failed)} succeeded, {len(summary.failed)} failed"
-          + ("; rerun them with --missing-only" if summary.failed else ""))
+    print(summary.line())  # each volume's line was printed as it finished
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

@@ -439,10 +439,15 @@ def test_benchmark_cli_prints_every_field(built_cache):
         assert field in out, f"{field!r} missing from:\n{out}"
 
 
-def test_benchmark_cli_bad_directory_is_one_line(tmp_path):
-    result = run_script("preprocessed_dataloader.py", "--preprocessed-dir", tmp_path / "nowhere")
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: preprocessed directory") and "Traceback" not in result.stderr
+@pytest.mark.parametrize("extra, message", [
+    (["--preprocessed-dir", "nowhere"], "error: --preprocessed-dir nowhere is not a directory"),
+    (["--device", "bogus"], "error: --device 'bogus' is not a device"),
+    (["--batch-size", "0"], "error: --batch-size and --num-batches must be at least 1"),
+])
+def test_benchmark_cli_bad_argument_is_one_line(tmp_path, extra, message):
+    result = run_script("preprocessed_dataloader.py", "--preprocessed-dir", tmp_path, *extra)
+    assert result.returncode == 2  # bad arguments (docs/exit-status.md)
+    assert result.stderr.startswith(message) and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

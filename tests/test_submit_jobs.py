@@ -247,8 +247,9 @@ def test_local_runs_volumes_concurrently_reports_a_failure_then_missing_only_fin
         result = run_script(SUBMIT, "--num-volumes", "3", *args)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "running 3 volumes here, 2 at a time (no GPU)" in result.stdout
-    assert re.search(r"^failed: volume 1 \(exit 3\): error: volume 1 is being processed by another run", result.stdout, re.MULTILINE)
-    assert "summary: 2 succeeded, 1 failed; rerun them with --missing-only" in result.stdout
+    assert re.search(r"^volume 1: failed \(exit 3\): error: volume 1 is being processed by another run", result.stdout, re.MULTILINE)
+    assert len(re.findall(r"^volume [02]: completed in [0-9.]+ s$", result.stdout, re.MULTILINE)) == 2
+    assert "summary: 2 completed, 0 skipped (already complete), 1 failed (1); rerun them with --missing-only" in result.stdout
     assert [is_volume_complete(out, i) for i in range(3)] == [True, False, True]
     # volumes 0 and 2 ran at the same time: each one's run started before the other's finished
     s0, s2 = read_status(VolumePaths(out, 0)), read_status(VolumePaths(out, 2))
@@ -258,9 +259,14 @@ def test_local_runs_volumes_concurrently_reports_a_failure_then_missing_only_fin
     again = run_script(SUBMIT, "--num-volumes", "3", "--missing-only", *args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "missing-only: 1 of 3 volumes have no complete volume: 1" in again.stdout
-    assert "summary: 1 succeeded, 0 failed" in again.stdout
+    assert "summary: 1 completed, 0 skipped (already complete), 0 failed" in again.stdout
     assert all(is_volume_complete(out, i) for i in range(3))
     assert [r["indices"] for r in read_submission_records(out)] == [[0, 1, 2], [1]]
+
+    rerun = run_script(SUBMIT, "--indices", "0-1", *args)  # complete volumes are skipped, and counted as such
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert sorted(re.findall(r"^volume (\d): skipped, already complete", rerun.stdout, re.MULTILINE)) == ["0", "1"]
+    assert "summary: 0 completed, 2 skipped (already complete), 0 failed" in rerun.stdout
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -276,7 +282,7 @@ def test_local_runs_volumes_concurrently_reports_a_failure_then_missing_only_fin
         (["--memory-gb", "64X"], "--memory-gb '64X' is not a memory size"),
         (["--memory-gb", "0"], "--memory-gb '0' must be positive"),
         (["--scheduler", "slurm", "--gpu-memory-gb", "40"], "--gpu-memory-gb has no SLURM equivalent"),
-        (["--scheduler", "local", "--queue", "gpu"], "--queue only apply to LSF and SLURM"),
+        (["--scheduler", "local", "--queue", "gpu"], "--queue applies only to LSF and SLURM"),
         (["--scheduler", "lsf"], "bsub not found on PATH"),
         (["--scheduler", "slurm", "--max-array-size", "0"], "--max-array-size must be at least 1"),
     ],

@@ -70,7 +70,8 @@ def format_failures(report: Report, add) -> None:
     add("")
     add(f"Failures ({len(report.failed)})")
     for p in report.failed[:100]:
-        job = f" [job {p['job_id']}{' on ' + p['host'] if p['host'] else ''}]" if p["job_id"] or p["host"] else ""
+        where = " ".join(part for part in (p["job_id"] and f"job {p['job_id']}", p["host"] and f"on {p['host']}") if part)
+        job = f" [{where}]" if where else ""  # a run outside any scheduler has a host but no job id
         kill = p.get("kill")
         if kill:
             add(f"  volume {p['index']}{job}: killed: {kill['kind'].replace('_', ' ')} ({kill['scheduler']}): {kill['line']}")

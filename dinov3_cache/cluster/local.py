@@ -1,5 +1,5 @@
 """This machine as a scheduler: every array element as a process, at most `max_concurrent` at a
-time, each on its own GPU."""
+time, each on its own GPU; one line per volume as it finishes, then a summary."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from queue import Queue
 from dinov3_cache.cluster.base import Scheduler
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
+from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths
+
+COMPLETED, SKIPPED, FAILED = "completed", "skipped", "failed"
 
 
 @dataclass
@@ -28,6 +31,29 @@ class ElementResult:
     returncode: int | None  # None: killed at the walltime
     seconds: float
     last_error_line: str = ""
+    committed: bool = False  # this run wrote the volume's metadata (the commit marker)
+    present: bool = False  # the volume is complete after the run
+
+    @property
+    def state(self) -> str:
+        """A run that exits 0 either committed the volume or found it complete and skipped it."""
+        if self.returncode != 0 or not self.present:
+            return FAILED
+        return COMPLETED if self.committed else SKIPPED
+
+    def line(self) -> str:
+        """The volume's one report line, printed as it finishes."""
+        if self.state == COMPLETED:
+            return f"volume {self.volume_index}: completed in {self.seconds:.1f} s"
+        if self.state == SKIPPED:
+            return f"volume {self.volume_index}: skipped, already complete (--overwrite recomputes it)"
+        if self.returncode is None:
+            why = "killed at the walltime"
+        elif self.returncode == 0:
+            why = "exit 0 but no metadata file"
+        else:
+            why = f"exit {self.returncode}"
+        return f"volume {self.volume_index}: failed ({why}): {self.last_error_line or 'see its log in OUT/logs'}"
 
 
 @dataclass
@@ -36,7 +62,27 @@ class LocalRunSummary:
 
     @property
     def failed(self) -> list[ElementResult]:
-        return [r for r in self.results if r.returncode != 0]
+        return [r for r in self.results if r.state == FAILED]
+
+    def count(self, state: str) -> int:
+        return sum(r.state == state for r in self.results)
+
+    def line(self) -> str:
+        """Completed, skipped and failed counted apart: a rerun that skips everything says so."""
+        text = (f"summary: {self.count(COMPLETED)} completed, {self.count(SKIPPED)} skipped (already complete), "
+                f"{self.count(FAILED)} failed")
+        if self.failed:
+            text += f" ({format_ranges([r.volume_index for r in self.failed])}); rerun them with --missing-only"
+        return text
+
+
+def metadata_signature(path: Path) -> tuple[int, int] | None:
+    """Identifies one version of a metadata file: each commit writes a new file (atomic rename)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def visible_gpus() -> list[str]:
@@ -71,7 +117,7 @@ class LocalScheduler(Scheduler):
         flags = [f"--{name.replace('_', '-')}" for name in self.CLUSTER_ONLY if name in resources.explicit]
         if flags:
             raise ResourceError(
-                f"{', '.join(flags)} only apply to LSF and SLURM; the local backend runs on this machine: "
+                f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} only to LSF and SLURM; the local backend runs on this machine: "
                 "drop them or choose --scheduler lsf|slurm"
             )
 
@@ -103,6 +149,7 @@ class LocalScheduler(Scheduler):
         elements = [(rendered, k) for rendered in self.queued for k in range(1, rendered.array.size + 1)]
         summary, lock = LocalRunSummary(), threading.Lock()
         bar = _progress_bar(len(elements), progress)
+        sys.stdout.flush()  # what the submission printed shows before the first volume's line, also when piped
 
         def run_one(item: tuple[RenderedArray, int]) -> None:
             rendered, element = item
@@ -113,8 +160,10 @@ class LocalScheduler(Scheduler):
                 slots.put(slot)
             with lock:
                 summary.results.append(result)
+                bar.write(result.line(), file=sys.stdout)  # above the bar; also when stdout is piped
+                sys.stdout.flush()
                 bar.update(1)
-                if result.returncode != 0:
+                if result.state == FAILED:
                     bar.set_postfix_str(f"{len(summary.failed)} failed")
 
         pool = ThreadPoolExecutor(max_workers=workers)
@@ -139,6 +188,8 @@ class LocalScheduler(Scheduler):
         if "num_processors" in resources.explicit:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(resources.num_processors)
         timeout = resources.walltime_minutes * 60 if "walltime" in resources.explicit else None
+        paths = VolumePaths(rendered.array.spec.output_dir, volume_index)
+        before = metadata_signature(paths.metadata)
         started = time.monotonic()
         if self._stopping:
             return ElementResult(volume_index, -signal.SIGTERM, 0.0, "not started: interrupted")
@@ -153,8 +204,9 @@ class LocalScheduler(Scheduler):
             returncode = None
         finally:
             self._running.discard(process)
-        return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(VolumePaths(rendered.array.spec.output_dir, volume_index).log_err))
-
+        after = metadata_signature(paths.metadata)
+        return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(paths.log_err),
+                             committed=after is not None and after != before, present=after is not None)
 
     def _stop_running(self) -> None:
         self._stopping = True

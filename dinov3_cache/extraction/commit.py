@@ -53,7 +53,8 @@ def ensure_writable(output_dir: Path) -> None:
     try:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PreprocessingError(f"cannot create output directory {output_dir} ({e.strerror}); choose a writable --output-dir") from None
+        what = f"{output_dir / 'logs'} in output directory" if output_dir.is_dir() else "output directory"
+        raise PreprocessingError(f"cannot create {what} {output_dir} ({e.strerror}); choose a writable --output-dir") from None
     if not os.access(output_dir, os.W_OK | os.X_OK) or not os.access(output_dir / "logs", os.W_OK | os.X_OK):
         raise PreprocessingError(f"output directory {output_dir} is not writable; choose a writable --output-dir")
 

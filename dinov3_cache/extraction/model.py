@@ -88,21 +88,50 @@ def build_random_model(model_id: str) -> tuple[torch.nn.Module, dict]:
 
 
 def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn.Module, dict]:
+    """A local directory, or a hub id: from the hub when it answers, else from the local cache
+    only, so an offline machine fails at once with one line (no connection retries)."""
     from transformers import DINOv3ViTModel
 
+    if not Path(model_id).is_dir() and model_id.startswith(("/", ".", "~")):
+        raise ModelError(f"cannot load model {model_id!r}: no such directory; give a directory holding config.json and "
+                         "model.safetensors, or a Hugging Face id such as facebook/dinov3-vitl16-pretrain-sat493m")
+    offline = None if Path(model_id).is_dir() else hub_offline_reason()
+    hub_log = logging.getLogger("huggingface_hub")
+    hub_level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings only delay the one line below
     try:
-        model = DINOv3ViTModel.from_pretrained(model_id, revision=revision)
+        model = DINOv3ViTModel.from_pretrained(model_id, revision=revision, local_files_only=offline is not None)
     except (OSError, ValueError) as e:
+        cause = f"not in the local Hugging Face cache and {offline}" if offline else first_line(e, 200)
         raise ModelError(
-            f"cannot load model {model_id!r} ({first_line(e, 200)}); pass --model-id a local directory holding "
-            "config.json and model.safetensors (download it where the hub is reachable with "
-            "'hf download <id> --local-dir DIR'), or use --model-id random:tiny for an offline demo"
+            f"cannot load model {model_id!r} ({cause}); pass --model-id a local directory holding config.json and "
+            "model.safetensors (fetch it with 'hf download <id> --local-dir DIR'), run with network access to the hub, "
+            "or set HF_HUB_OFFLINE=1 with the model in the Hugging Face cache; --model-id random:tiny runs an offline demo"
         ) from None
+    finally:
+        hub_log.setLevel(hub_level)
     commit = getattr(model.config, "_commit_hash", None)
     if commit and not Path(model_id).is_dir():
         LOADED_HUB_COMMITS[(model_id, revision)] = commit
     identity = {"model_id": model_id, "revision": revision or commit, "commit_hash": commit, "pretrained": True}
     return model, identity
+
+
+HUB_PROBE_TIMEOUT_SECONDS = 3.0
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be asked (HF_HUB_OFFLINE set, or it does not answer a HEAD request
+    within a few seconds), or None when it answers."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 forbids downloading it"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_SECONDS)
+    except Exception as e:  # any failure to get an answer (DNS, refused, timeout, proxy) means unreachable
+        return f"the hub {constants.ENDPOINT} is unreachable: {first_line(e, 120)}"
+    return None
 
 
 @torch.inference_mode()

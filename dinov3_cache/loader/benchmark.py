@@ -7,6 +7,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dinov3_cache.loader.page_cache import describe_residency, evict_from_page_cache, volume_files
 
     args = parse_args(argv)
-    if args.batch_size < 1 or args.num_batches < 1:
-        return report_error(UsageError("--batch-size and --num-batches must be at least 1"))
+    try:
+        check_arguments(args)
+    except UsageError as e:
+        return report_error(e)
     features_dtype = None if args.features_dtype == "stored" else TORCH_DTYPES[args.features_dtype]
     try:
         loader = create_preprocessed_dataloader(
@@ -67,6 +70,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(e)
     print_report(report)
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Bad values are bad input (status 2), named by their command-line option."""
+    if args.batch_size < 1 or args.num_batches < 1:
+        raise UsageError("--batch-size and --num-batches must be at least 1")
+    if not Path(args.preprocessed_dir).is_dir():
+        raise UsageError(f"--preprocessed-dir {args.preprocessed_dir} is not a directory; pass the --output-dir used for extraction")
+    if args.device is None:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is visible; leave --device out or use --device cpu")
 
 
 @dataclass

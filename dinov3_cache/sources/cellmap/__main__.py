@@ -3,11 +3,10 @@ refresh) a data root's catalog once and save it in the output directory."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from dinov3_cache.errors import report_error
+from dinov3_cache.errors import OneLineParser, report_error
 from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
 from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME
 from dinov3_cache.sources.cellmap.source import source_from_args
@@ -15,7 +14,7 @@ from dinov3_cache.sources.cellmap.source import source_from_args
 
 def main(argv: list[str] | None = None) -> int:
     """Build (or refresh) the catalog of a data root once and save it in the output directory."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = OneLineParser(prog="python -m dinov3_cache.sources.cellmap", description=main.__doc__)
     parser.add_argument("--data-root", default=None, help=f"directory or s3://bucket/prefix (default ${DATA_ROOT_ENV})")
     parser.add_argument("--output-dir", required=True, help=f"where {CATALOG_FILE_NAME} is written")
     parser.add_argument("--s3-endpoint", default=None)
