@@ -38,7 +38,7 @@ from dinov3_cache.extraction.settings import (
     settings_from_args,
     write_settings_file,
 )
-from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.indices import check_index, format_ranges, parse_index_list
 from dinov3_cache.layout import (
     committed_volume_indices,
     now_iso,
@@ -69,6 +69,8 @@ def requested_indices(args: argparse.Namespace) -> list[int]:
         return parse_index_list(args.indices)
     if args.num_volumes < 1 or args.start_index < 0:
         raise UsageError("--num-volumes must be at least 1 and --start-index at least 0")
+    check_index(args.start_index, "--start-index")
+    check_index(args.start_index + args.num_volumes - 1, "--start-index + --num-volumes - 1")
     return list(range(args.start_index, args.start_index + args.num_volumes))
 
 

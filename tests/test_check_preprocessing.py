@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import preprocess_args, run_script
+from conftest import call_main, preprocess_args, run_script
 
 from dinov3_cache.audit.joblogs import last_error_line, recognise_kill
 from dinov3_cache.audit.png import MARGIN, decode_png
@@ -584,3 +584,25 @@ def test_unreadable_submission_record_is_a_warning_not_a_crash(cache):
     result = audit(cache)
     assert result.returncode == EXIT_OK and "Traceback" not in result.stderr
     assert f"WARNING: submission records under {cache / 'logs' / 'submissions'} are unreadable" in result.stdout
+
+
+
+
+HUGE = "99999999999999999999999"
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--start-index", HUGE, "--num-volumes", "2"], "--start-index must be between 0 and 999999"),
+    (["--num-volumes", HUGE], "--start-index + --num-volumes - 1 must be between 0 and 999999"),
+    (["--indices", HUGE], "--indices must be between 0 and 999999"),
+    (["--verify-indices", f"0-{HUGE}"], "--verify-indices must be between 0 and 999999"),
+    (["--view", HUGE], "--view must be between 0 and 999999"),
+])
+def test_huge_indices_are_one_error_line(tmp_path, args, option):
+    result = call_main("check_preprocessing", "--output-dir", tmp_path, *args)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and option in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if args[0] in ("--start-index", "--num-volumes"):  # the submission's spelling of the same
+        submitted = call_main("submit_preprocessing_jobs", "--output-dir", tmp_path / "o", "--scheduler", "local",
+                              "--dry-run", "--source", "synthetic", "--skip-model-check", *args)
+        assert submitted.returncode == 2 and option in submitted.stderr and not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ from dinov3_cache.audit.report import Report, finish_report, gather_report
 from dinov3_cache.audit.scan import AuditError
 from dinov3_cache.audit.text import format_report
 from dinov3_cache.errors import CacheToolError, report_error
-from dinov3_cache.indices import parse_index_list
+from dinov3_cache.indices import check_index, parse_index_list
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ def expected_from_args(args: argparse.Namespace) -> list[int] | None:
     if args.num_volumes < 0 or (args.start_index or 0) < 0:
         raise AuditError("--start-index and --num-volumes must be >= 0")
     start = args.start_index or 0
+    if args.num_volumes:
+        check_index(start, "--start-index")
+        check_index(start + args.num_volumes - 1, "--start-index + --num-volumes - 1")
     return list(range(start, start + args.num_volumes))
 
 
@@ -137,6 +140,7 @@ def run_view(args: argparse.Namespace) -> int:
     """--view INDEX: serve the volume in neuroglancer, or write its state (--view-state)."""
     from dinov3_cache.audit import view
 
+    check_index(args.view, "--view")
     if args.view_state:
         print(view.write_state(Path(args.output_dir), args.view, Path(args.view_state), args.bind_address))
         return 0
