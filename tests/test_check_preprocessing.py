@@ -606,3 +606,44 @@ def test_huge_indices_are_one_error_line(tmp_path, args, option):
         submitted = call_main("submit_preprocessing_jobs", "--output-dir", tmp_path / "o", "--scheduler", "local",
                               "--dry-run", "--source", "synthetic", "--skip-model-check", *args)
         assert submitted.returncode == 2 and option in submitted.stderr and not (tmp_path / "o").exists()
+
+
+def test_debris_of_every_kind_is_listed_and_removed_but_a_live_runs_is_not(tmp_path, built_cache):
+    import fcntl
+
+    from dinov3_cache.layout import VolumePaths, temp_path
+
+    out = tmp_path / "cache"
+    shutil.copytree(built_cache, out)
+    complete, orphan, live = VolumePaths(out, 0), VolumePaths(out, 5), VolumePaths(out, 1)
+    (complete.staging / "features.zarr").mkdir(parents=True)
+    (complete.staging / "features.zarr" / "c").write_bytes(b"x" * 5000)
+    complete.commit_dir("f" * 32).mkdir()
+    temp_path(complete.metadata, 999_999_999).write_text("{")
+    temp_path(complete.status, 999_999_998).write_text("{")
+    (orphan.array("gt") / "zarr.json").parent.mkdir()
+    (orphan.array("gt") / "zarr.json").write_text("{}")
+    (live.staging / "features.zarr").mkdir(parents=True)
+    debris_names = {complete.staging.name, complete.commit_dir("f" * 32).name, orphan.array("gt").name,
+                    temp_path(complete.metadata, 999_999_999).name, temp_path(complete.status, 999_999_998).name}
+
+    holder = os.open(live.lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a live run of volume 1
+    try:
+        report = json.loads(call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--json").stdout)
+        listed = {Path(d).name: p["index"] for p in report["partial"] for d in p["debris"]}
+        assert set(listed) == debris_names and listed[orphan.array("gt").name] == 5
+        assert next(p for p in report["partial"] if p["index"] == 0)["debris_bytes"] >= 5000
+        text = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2").stdout
+        assert "--remove-debris" in text and "0 (complete)" in text
+
+        removed = call_main("check_preprocessing", "--output-dir", out, "--remove-debris")
+        assert removed.returncode == 0, removed.stderr
+        assert {Path(line.split()[1]).name for line in removed.stdout.splitlines() if line.startswith("removed /")} == debris_names
+        assert "left alone: volume(s) 1" in removed.stdout
+        assert live.staging.is_dir()  # the live run's staging area stays
+        assert not any((out / n).exists() or (out / "logs" / n).exists() for n in debris_names)
+    finally:
+        os.close(holder)
+    audit = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--verify-all")
+    assert audit.returncode == 0, audit.stdout  # the complete volumes are intact

@@ -126,6 +126,8 @@ def run_audit(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "view", None) is not None:
             return run_view(args)
+        if getattr(args, "remove_debris", False):
+            return run_remove_debris(Path(args.output_dir))
         options = options_from_args(args)
         report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
     except CacheToolError as e:
@@ -145,4 +147,20 @@ def run_view(args: argparse.Namespace) -> int:
         print(view.write_state(Path(args.output_dir), args.view, Path(args.view_state), args.bind_address))
         return 0
     view.serve(view.open_viewer(Path(args.output_dir), args.view, args.bind_address))
+    return 0
+
+
+def run_remove_debris(output_dir: Path) -> int:
+    """--remove-debris: remove dead runs' debris (never a live run's), say what went."""
+    from dinov3_cache.audit.debris import remove_debris
+    from dinov3_cache.audit.text import human_bytes
+
+    if not output_dir.is_dir():
+        raise AuditError(f"--output-dir {output_dir} is not a directory; pass the cache directory given to the jobs")
+    removed, live = remove_debris(output_dir)
+    for r in removed:
+        print(f"removed {r.path} ({human_bytes(r.bytes)})")
+    if live:
+        print(f"left alone: volume(s) {', '.join(map(str, live))} (a live run holds them)")
+    print(f"removed {len(removed)} debris entries, {human_bytes(sum(r.bytes for r in removed))}")
     return 0
