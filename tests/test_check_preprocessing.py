@@ -647,3 +647,32 @@ def test_debris_of_every_kind_is_listed_and_removed_but_a_live_runs_is_not(tmp_p
         os.close(holder)
     audit = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--verify-all")
     assert audit.returncode == 0, audit.stdout  # the complete volumes are intact
+
+
+def test_scheduler_answers_are_parsed():
+    from dinov3_cache.audit.live_jobs import base_job_ids, parse_bjobs, parse_squeue
+
+    # squeue -h -o %i -j 812,900: running elements, a pending range with a throttle, a plain job
+    assert parse_squeue("812_3\n812_[5-7,9%2]\n900\n") == {"812_3", "812_5", "812_6", "812_7", "812_9", "900"}
+    # bjobs -noheader -o 'jobid jobindex stat' 77 78: an element running, one finished, a plain job pending
+    assert parse_bjobs("77 1 RUN\n77 2 EXIT\n78 0 PEND\nJob <79> is not found\n") == {"77[1]", "78"}
+    assert base_job_ids(["812_3", "812_4", "77[1]", "900"]) == ["77", "812", "900"]
+
+
+def test_a_running_volume_whose_job_is_gone_is_reported_failed():
+    from dinov3_cache.audit.joblogs import PendingVolume
+    from dinov3_cache.audit.live_jobs import mark_vanished_jobs
+
+    def pending():
+        return [PendingVolume(0, "running", job_id="812_0"), PendingVolume(1, "running", job_id="812_1"),
+                PendingVolume(2, "failed", job_id="812_2"), PendingVolume(3, "running")]
+
+    asked = []
+    volumes = pending()
+    mark_vanished_jobs(volumes, lambda ids: asked.append(ids) or ("SLURM", {"812_1"}))
+    assert asked == [["812_0", "812_1"]]  # one question, for the running volumes with a job id
+    assert [v.state for v in volumes] == ["failed", "running", "failed", "running"]
+    assert volumes[0].error.startswith("job 812_0 no longer exists in SLURM")
+    unanswered = pending()
+    mark_vanished_jobs(unanswered, lambda ids: None)  # no scheduler answered: nothing concluded
+    assert [v.state for v in unanswered] == ["running", "running", "failed", "running"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from dinov3_cache.audit.debris import dead_debris, path_bytes
 from dinov3_cache.audit.joblogs import PendingVolume, SchedulerLogs, classify_pending
+from dinov3_cache.audit.live_jobs import mark_vanished_jobs
 from dinov3_cache.audit.scan import AuditError, StorageMeasure, expected_volumes, scan_directory
 from dinov3_cache.audit.summaries import (
     configuration_summary,
@@ -100,6 +101,7 @@ def gather_report(
         for i in expectation.indices
         if i not in complete_set
     ]
+    mark_vanished_jobs(pending)
     debris_elsewhere = [
         classify_pending(VolumePaths(output_dir, i), scan, scheduler, log_lines)
         for i in sorted(scan.entries)
