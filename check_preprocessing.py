@@ -7,6 +7,7 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --verify-indices 0 1 2 3 4
     python check_preprocessing.py --output-dir OUT --verify-all --json
     python check_preprocessing.py --output-dir OUT --preview PREVIEW_DIR --verify-indices 0 3
+    python check_preprocessing.py --output-dir OUT --remove-debris
     python check_preprocessing.py --output-dir OUT --view 3            (neuroglancer; pip install neuroglancer)
 
 Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
     )
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
+    parser.add_argument(
+        "--remove-debris", action="store_true",
+        help="remove the debris of dead runs (staging areas, stale commit directories, orphan arrays, temporary files) and exit",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
     parser.add_argument("--log-lines", type=int, default=5, help="log lines shown per failed volume (default 5)")
     parser.add_argument(

@@ -25,6 +25,12 @@ from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
 from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
 from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
+from dinov3_cache.extraction.preflight import (
+    add_preflight_arguments,
+    check_existing_configuration,
+    check_model,
+    check_organelles,
+)
 from dinov3_cache.extraction.settings import (
     ExtractionSettings,
     add_extraction_arguments,
@@ -32,7 +38,7 @@ from dinov3_cache.extraction.settings import (
     settings_from_args,
     write_settings_file,
 )
-from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.indices import check_index, format_ranges, parse_index_list
 from dinov3_cache.layout import (
     committed_volume_indices,
     now_iso,
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--dry-run", action="store_true", help="print the commands and job scripts; submit and create nothing")
     add_scheduler_arguments(parser, sorted(SCHEDULERS))
     add_extraction_arguments(parser)
+    add_preflight_arguments(parser)
     return parser
 
 
@@ -62,6 +69,8 @@ def requested_indices(args: argparse.Namespace) -> list[int]:
         return parse_index_list(args.indices)
     if args.num_volumes < 1 or args.start_index < 0:
         raise UsageError("--num-volumes must be at least 1 and --start-index at least 0")
+    check_index(args.start_index, "--start-index")
+    check_index(args.start_index + args.num_volumes - 1, "--start-index + --num-volumes - 1")
     return list(range(args.start_index, args.start_index + args.num_volumes))
 
 
@@ -70,14 +79,22 @@ def missing_indices(output_dir: str, indices: list[int]) -> list[int]:
     return [i for i in indices if i not in complete]
 
 
-def checked_settings(args: argparse.Namespace, first_index: int, prepare_source: bool) -> ExtractionSettings:
-    """Refuse bad extraction options before submitting thousands of jobs, and prepare the
-    source once (a data root's catalog is built here and saved for every job to read)."""
+def checked_settings(args: argparse.Namespace, indices: list[int], prepare_source: bool) -> ExtractionSettings:
+    """Refuse options that would make every job fail before submitting thousands of jobs
+    (preflight.py: no weights are loaded), and prepare the source once (a data root's
+    catalog is built here and saved for every job to read)."""
     settings = settings_from_args(args)
-    settings.config(first_index)
-    source_name_from_args(args)
-    if prepare_source:
-        source_from_args(args)
+    config = settings.config(indices[0])
+    if not args.skip_model_check:
+        check_model(config)
+    # a dry run creates nothing: a CellMap data root's catalog is only scanned when submitting
+    if prepare_source or source_name_from_args(args) != "cellmap":
+        source = source_from_args(args)
+        check_organelles(config, source)
+        if not config.overwrite:
+            note = check_existing_configuration(config, source, indices)
+            if note:
+                print(note)
     return settings
 
 
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     try:
-        settings = checked_settings(args, indices[0], prepare_source=not args.dry_run)
+        settings = checked_settings(args, indices, prepare_source=not args.dry_run)
     except CacheToolError as e:
         report_error(e)
         return EXIT_USAGE

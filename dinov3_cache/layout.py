@@ -265,19 +265,46 @@ class VolumeLock:
 # ----------------------------------------------------------------------------- debris
 
 
-def partial_debris(paths: VolumePaths) -> list[Path]:
+def partial_debris(paths: VolumePaths, listing: tuple[list[str], list[str]] | None = None) -> list[Path]:
     """What killed runs left, judged from the files alone (the committed metadata's commit id
     and arrays when it is readable); whether a live run still owns them, the lock says
-    (lock_is_held). Never lists what a reader of the committed volume uses."""
-    committed = committed_arrays(paths)
+    (lock_is_held). Never lists what a reader of the committed volume uses. `listing`: this
+    volume's names in OUT and in OUT/logs (volume_names), when the caller has listed them."""
+    out_names, log_names = listing if listing is not None else (
+        volume_names(list_names(paths.output_dir), paths.volume_index),
+        volume_names(list_names(paths.logs), paths.volume_index),
+    )
+    present = set(out_names)
+    committed = committed_arrays(paths) if paths.metadata.name in present else None
     commit_id, arrays = committed if committed else (None, ())
-    debris = [paths.staging] if paths.staging.exists() else []
-    debris += [d for d in paths.commit_dirs() if committed is not False and (commit_id is None or d != paths.commit_dir(commit_id))]
+    live_commit = paths.commit_dir(commit_id).name if commit_id and paths.commit_dir(commit_id).name in present else None
+    debris = [paths.staging] if paths.staging.name in present else []
     if committed is not False:
-        debris += [a for name, a in ((n, paths.array(n)) for n in ARRAY_NAMES)
-                   if a.exists() and (name not in arrays or paths.located_array(name, commit_id) != a)]
-    debris += [t for t in paths.temp_files() if temp_pid(t) != os.getpid()]
+        debris += [paths.output_dir / n for n in sorted(present)
+                   if n.startswith(paths.name + COMMIT_DIR_INFIX) and n != live_commit]
+        debris += [paths.array(name) for name in ARRAY_NAMES if paths.array(name).name in present
+                   and (name not in arrays or (live_commit and (paths.commit_dir(commit_id) / f"{name}.zarr").is_dir()))]
+    temps = [paths.output_dir / n for n in out_names] + [paths.logs / n for n in log_names]
+    debris += [t for t in temps if TEMP_PID_RE.match(t.name) and temp_pid(t) != os.getpid()]
     return debris
+
+
+def list_names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def volume_names(names: list[str], volume_index: int) -> list[str]:
+    """The names of one volume's files among a directory's (temporary files included)."""
+    return [n for n in names if volume_entry_index(n) == volume_index]
+
+
+def volume_entry_index(name: str) -> int | None:
+    """The volume index a file of OUT or OUT/logs belongs to (its temporary files too)."""
+    match = VOLUME_ENTRY_RE.match(name[1:] if name.startswith(".") else name)
+    return int(match.group(1)) if match else None
 
 
 def committed_arrays(paths: VolumePaths) -> tuple[str | None, tuple[str, ...]] | None | bool:

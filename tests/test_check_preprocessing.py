@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import preprocess_args, run_script
+from conftest import call_main, preprocess_args, run_script
 
 from dinov3_cache.audit.joblogs import last_error_line, recognise_kill
 from dinov3_cache.audit.png import MARGIN, decode_png
@@ -584,3 +584,95 @@ def test_unreadable_submission_record_is_a_warning_not_a_crash(cache):
     result = audit(cache)
     assert result.returncode == EXIT_OK and "Traceback" not in result.stderr
     assert f"WARNING: submission records under {cache / 'logs' / 'submissions'} are unreadable" in result.stdout
+
+
+
+
+HUGE = "99999999999999999999999"
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--start-index", HUGE, "--num-volumes", "2"], "--start-index must be between 0 and 999999"),
+    (["--num-volumes", HUGE], "--start-index + --num-volumes - 1 must be between 0 and 999999"),
+    (["--indices", HUGE], "--indices must be between 0 and 999999"),
+    (["--verify-indices", f"0-{HUGE}"], "--verify-indices must be between 0 and 999999"),
+    (["--view", HUGE], "--view must be between 0 and 999999"),
+])
+def test_huge_indices_are_one_error_line(tmp_path, args, option):
+    result = call_main("check_preprocessing", "--output-dir", tmp_path, *args)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and option in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if args[0] in ("--start-index", "--num-volumes"):  # the submission's spelling of the same
+        submitted = call_main("submit_preprocessing_jobs", "--output-dir", tmp_path / "o", "--scheduler", "local",
+                              "--dry-run", "--source", "synthetic", "--skip-model-check", *args)
+        assert submitted.returncode == 2 and option in submitted.stderr and not (tmp_path / "o").exists()
+
+
+def test_debris_of_every_kind_is_listed_and_removed_but_a_live_runs_is_not(tmp_path, built_cache):
+    import fcntl
+
+    from dinov3_cache.layout import VolumePaths, temp_path
+
+    out = tmp_path / "cache"
+    shutil.copytree(built_cache, out)
+    complete, orphan, live = VolumePaths(out, 0), VolumePaths(out, 5), VolumePaths(out, 1)
+    (complete.staging / "features.zarr").mkdir(parents=True)
+    (complete.staging / "features.zarr" / "c").write_bytes(b"x" * 5000)
+    complete.commit_dir("f" * 32).mkdir()
+    temp_path(complete.metadata, 999_999_999).write_text("{")
+    temp_path(complete.status, 999_999_998).write_text("{")
+    (orphan.array("gt") / "zarr.json").parent.mkdir()
+    (orphan.array("gt") / "zarr.json").write_text("{}")
+    (live.staging / "features.zarr").mkdir(parents=True)
+    debris_names = {complete.staging.name, complete.commit_dir("f" * 32).name, orphan.array("gt").name,
+                    temp_path(complete.metadata, 999_999_999).name, temp_path(complete.status, 999_999_998).name}
+
+    holder = os.open(live.lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a live run of volume 1
+    try:
+        report = json.loads(call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--json").stdout)
+        listed = {Path(d).name: p["index"] for p in report["partial"] for d in p["debris"]}
+        assert set(listed) == debris_names and listed[orphan.array("gt").name] == 5
+        assert next(p for p in report["partial"] if p["index"] == 0)["debris_bytes"] >= 5000
+        text = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2").stdout
+        assert "--remove-debris" in text and "0 (complete)" in text
+
+        removed = call_main("check_preprocessing", "--output-dir", out, "--remove-debris")
+        assert removed.returncode == 0, removed.stderr
+        assert {Path(line.split()[1]).name for line in removed.stdout.splitlines() if line.startswith("removed /")} == debris_names
+        assert "left alone: volume(s) 1" in removed.stdout
+        assert live.staging.is_dir()  # the live run's staging area stays
+        assert not any((out / n).exists() or (out / "logs" / n).exists() for n in debris_names)
+    finally:
+        os.close(holder)
+    audit = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--verify-all")
+    assert audit.returncode == 0, audit.stdout  # the complete volumes are intact
+
+
+def test_scheduler_answers_are_parsed():
+    from dinov3_cache.audit.live_jobs import base_job_ids, parse_bjobs, parse_squeue
+
+    # squeue -h -o %i -j 812,900: running elements, a pending range with a throttle, a plain job
+    assert parse_squeue("812_3\n812_[5-7,9%2]\n900\n") == {"812_3", "812_5", "812_6", "812_7", "812_9", "900"}
+    # bjobs -noheader -o 'jobid jobindex stat' 77 78: an element running, one finished, a plain job pending
+    assert parse_bjobs("77 1 RUN\n77 2 EXIT\n78 0 PEND\nJob <79> is not found\n") == {"77[1]", "78"}
+    assert base_job_ids(["812_3", "812_4", "77[1]", "900"]) == ["77", "812", "900"]
+
+
+def test_a_running_volume_whose_job_is_gone_is_reported_failed():
+    from dinov3_cache.audit.joblogs import PendingVolume
+    from dinov3_cache.audit.live_jobs import mark_vanished_jobs
+
+    def pending():
+        return [PendingVolume(0, "running", job_id="812_0"), PendingVolume(1, "running", job_id="812_1"),
+                PendingVolume(2, "failed", job_id="812_2"), PendingVolume(3, "running")]
+
+    asked = []
+    volumes = pending()
+    mark_vanished_jobs(volumes, lambda ids: asked.append(ids) or ("SLURM", {"812_1"}))
+    assert asked == [["812_0", "812_1"]]  # one question, for the running volumes with a job id
+    assert [v.state for v in volumes] == ["failed", "running", "failed", "running"]
+    assert volumes[0].error.startswith("job 812_0 no longer exists in SLURM")
+    unanswered = pending()
+    mark_vanished_jobs(unanswered, lambda ids: None)  # no scheduler answered: nothing concluded
+    assert [v.state for v in unanswered] == ["running", "running", "failed", "running"]

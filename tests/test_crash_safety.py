@@ -49,3 +49,45 @@ def test_a_skipping_rerun_removes_dead_runs_debris(tmp_path, tiny_model_dir):
 def test_volume_indices_string_is_refused(built_cache):
     with pytest.raises(CacheError, match="string"):
         PreprocessedDINOv3Dataset(built_cache, "12")
+
+
+def test_free_space_check_is_a_function_of_free_and_needed_bytes(tmp_path):
+    from dinov3_cache.extraction.commit import SPACE_MARGIN_BYTES, OutOfSpace, check_free_space
+
+    needed = 100 * 2**20
+    check_free_space(2 * needed, needed, tmp_path, 7)  # room enough: no error
+    with pytest.raises(OutOfSpace, match="volume 7 needs up to .* MiB but .* has 100.0 MiB free.*--no-space-check"):
+        check_free_space(needed, needed, tmp_path, 7)  # the margin is required too
+    with pytest.raises(OutOfSpace):
+        check_free_space(SPACE_MARGIN_BYTES - 1, 0, tmp_path, 7)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 2 MiB file system (mounting needs root)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_volume(tiny_tmpfs, tiny_model_dir):
+    args = preprocess_args(tiny_tmpfs, 0, tiny_model_dir, "--output-image-dim", "64", "--compression", "none")
+    refused = call_main("preprocess_volume", *args)
+    assert refused.returncode == 1 and "free space or choose another --output-dir" in refused.stderr.strip().splitlines()[-1]
+    paths = VolumePaths(tiny_tmpfs, 0)
+    assert not paths.staging.exists() and not paths.metadata.exists()
+    # without the check the writes themselves hit the full file system: one line, no staging left
+    full = call_main("preprocess_volume", *args, "--no-space-check")
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 1 and last.startswith("error:") and "is full" in last, full.stderr[-2000:]
+    assert not paths.staging.exists() and not paths.metadata.exists()

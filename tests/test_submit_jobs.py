@@ -312,12 +312,12 @@ def dry_run_settings(stdout: str) -> dict:
 
 
 def test_extraction_options_reach_every_job_through_one_settings_file(tmp_path):
-    options = ["--organelles", "cell", "nucleus", "--inference-filter", "jrc_a", "jrc_b", "--compression", "zstd",
+    options = ["--organelles", "cell", "nuc", "--inference-filter", "jrc_a", "jrc_b", "--compression", "zstd",
                "--zarr-format", "3", "--save-raw", "--planes", "xy", "--features-dtype", "float32", "--batch-size", "3"]
     result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path, "--source", "synthetic", *options)
     assert result.returncode == 0, result.stderr
     settings = dry_run_settings(result.stdout)["settings"]
-    assert settings["organelles"] == ["cell", "nucleus"] and settings["inference_filter"] == ["jrc_a", "jrc_b"]
+    assert settings["organelles"] == ["cell", "nuc"] and settings["inference_filter"] == ["jrc_a", "jrc_b"]
     assert settings["compression"] == "zstd" and settings["zarr_format"] == 3 and settings["save_raw"] is True
     assert settings["planes"] == ["xy"] and settings["features_dtype"] == "float32" and settings["batch_size"] == 3
     assert settings["output_dir"] == str(tmp_path.absolute()) and settings["source"] == "synthetic"
@@ -354,3 +354,43 @@ def test_rendered_submission_matches_its_golden_file(name, scheduler, resources)
     (array,) = split_arrays(golden_spec(), [5, 7, 8], 1000)
     got = scheduler.render(array, resources).printable() + "\n"
     assert got == (GOLDEN / name).read_text(), f"rendering changed; got:\n{got}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--organelles", "unicorn"], "unknown organelle(s) unicorn"),
+    (["--output-image-dim", "17"], "not a multiple of the model's patch size 16"),
+    (["--model-id", "random:huge"], "unknown random model 'random:huge'"),
+    (["--model-id", "no/such-model-dir/"], "cannot read the config of model"),
+])
+def test_options_that_fail_every_job_are_refused_before_submitting(tmp_path, tiny_model_dir, extra, message):
+    out = tmp_path / "o"
+    args = [*extraction_args(out, tiny_model_dir), *extra]
+    for scheduler in ("lsf", "local"):
+        result = run_script(SUBMIT, "--num-volumes", "2", "--scheduler", scheduler, "--dry-run", *args)
+        assert result.returncode == 2 and message in only_line(result.stderr), result.stderr
+        assert "bsub" not in result.stdout and not out.exists()
+
+
+def test_a_local_model_without_a_config_is_refused(tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "local", "--dry-run",
+                        "--output-dir", tmp_path / "o", "--source", "synthetic", "--model-id", tmp_path / "empty-model")
+    assert result.returncode == 2 and "cannot read the config of model" in only_line(result.stderr)
+
+
+def test_complete_volumes_with_another_configuration_are_refused_with_the_way_out(tmp_path, built_cache, tiny_model_dir):
+    out = tmp_path / "cache"
+    shutil.copytree(built_cache, out)
+    before = sorted(p.name for p in out.iterdir())
+    base = [SUBMIT, "--indices", "0-3", "--scheduler", "lsf", "--dry-run", *extraction_args(out, tiny_model_dir)]
+    same = run_script(*base)
+    assert same.returncode == 0 and "bsub" in same.stdout  # same configuration: those jobs skip
+    other = run_script(*base, "--planes", "xy")
+    assert other.returncode == 2
+    line = only_line(other.stderr)
+    assert "3 requested volume(s) are complete with a different configuration (0, 1, 2)" in line
+    assert "--overwrite" in line and "--output-dir" in line and "bsub" not in other.stdout
+    assert run_script(*base, "--planes", "xy", "--overwrite").returncode == 0
+    missing = run_script(*base, "--planes", "xy", "--missing-only")
+    assert missing.returncode == 0 and "missing-only: 1 of 4 volumes have no complete volume: 3" in missing.stdout
+    assert sorted(p.name for p in out.iterdir()) == before

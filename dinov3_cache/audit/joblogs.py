@@ -10,12 +10,12 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dinov3_cache.audit.debris import dead_debris
 from dinov3_cache.audit.scan import DirectoryScan
 from dinov3_cache.layout import (
     SCHEDULER_LOG_RE,
     VolumePaths,
     job_element,
-    partial_debris,
     read_status,
     scheduler_logs_dir,
 )
@@ -215,7 +215,7 @@ def classify_pending(
     if entry.state == "failed":
         entry.log_tail = logs.tail
     if entry.state != "running" and scan.entries.get(index):
-        entry.debris = [str(p) for p in partial_debris(paths)]
+        entry.debris = [str(p) for p in dead_debris(paths, scan)]
         if entry.debris and entry.state == "not_started":
             entry.state = "partial"
     return entry

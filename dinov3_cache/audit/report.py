@@ -17,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dinov3_cache.audit.joblogs import SchedulerLogs, classify_pending
+from dinov3_cache.audit.debris import dead_debris, path_bytes
+from dinov3_cache.audit.joblogs import PendingVolume, SchedulerLogs, classify_pending
+from dinov3_cache.audit.live_jobs import mark_vanished_jobs
 from dinov3_cache.audit.scan import AuditError, StorageMeasure, expected_volumes, scan_directory
 from dinov3_cache.audit.summaries import (
     configuration_summary,
@@ -99,12 +101,17 @@ def gather_report(
         for i in expectation.indices
         if i not in complete_set
     ]
+    mark_vanished_jobs(pending)
     debris_elsewhere = [
         classify_pending(VolumePaths(output_dir, i), scan, scheduler, log_lines)
         for i in sorted(scan.entries)
         if i not in complete_set and i not in expected_set
     ]
-    pending_all = pending + [p for p in debris_elsewhere if p.debris]
+    debris_of_complete = [
+        PendingVolume(i, "complete", debris=[str(p) for p in dead_debris(VolumePaths(output_dir, i), scan)])
+        for i in complete if scan.has_unexpected_names(i)
+    ]
+    pending_all = pending + [p for p in debris_elsewhere + debris_of_complete if p.debris]
 
     sizes = measure.result(n for roles in scan.entries.values() for n in roles.values()) if measure else {}
     for summary in summaries:
@@ -114,7 +121,7 @@ def gather_report(
         else:
             summary.array_bytes = dict(summary.recorded_bytes)
     for entry in pending_all:
-        entry.debris_bytes = sum(sizes.get(Path(d).name, 0) for d in entry.debris)
+        entry.debris_bytes = sum(sizes[Path(d).name] if Path(d).name in sizes else path_bytes(Path(d)) for d in entry.debris)
 
     by_state = {s: [p for p in pending if p.state == s] for s in ("running", "failed", "partial", "not_started")}
     report = Report(

@@ -14,7 +14,7 @@ from dinov3_cache.audit.report import Report, finish_report, gather_report
 from dinov3_cache.audit.scan import AuditError
 from dinov3_cache.audit.text import format_report
 from dinov3_cache.errors import CacheToolError, report_error
-from dinov3_cache.indices import parse_index_list
+from dinov3_cache.indices import check_index, parse_index_list
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ def expected_from_args(args: argparse.Namespace) -> list[int] | None:
     if args.num_volumes < 0 or (args.start_index or 0) < 0:
         raise AuditError("--start-index and --num-volumes must be >= 0")
     start = args.start_index or 0
+    if args.num_volumes:
+        check_index(start, "--start-index")
+        check_index(start + args.num_volumes - 1, "--start-index + --num-volumes - 1")
     return list(range(start, start + args.num_volumes))
 
 
@@ -123,6 +126,8 @@ def run_audit(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "view", None) is not None:
             return run_view(args)
+        if getattr(args, "remove_debris", False):
+            return run_remove_debris(Path(args.output_dir))
         options = options_from_args(args)
         report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
     except CacheToolError as e:
@@ -137,8 +142,25 @@ def run_view(args: argparse.Namespace) -> int:
     """--view INDEX: serve the volume in neuroglancer, or write its state (--view-state)."""
     from dinov3_cache.audit import view
 
+    check_index(args.view, "--view")
     if args.view_state:
         print(view.write_state(Path(args.output_dir), args.view, Path(args.view_state), args.bind_address))
         return 0
     view.serve(view.open_viewer(Path(args.output_dir), args.view, args.bind_address))
+    return 0
+
+
+def run_remove_debris(output_dir: Path) -> int:
+    """--remove-debris: remove dead runs' debris (never a live run's), say what went."""
+    from dinov3_cache.audit.debris import remove_debris
+    from dinov3_cache.audit.text import human_bytes
+
+    if not output_dir.is_dir():
+        raise AuditError(f"--output-dir {output_dir} is not a directory; pass the cache directory given to the jobs")
+    removed, live = remove_debris(output_dir)
+    for r in removed:
+        print(f"removed {r.path} ({human_bytes(r.bytes)})")
+    if live:
+        print(f"left alone: volume(s) {', '.join(map(str, live))} (a live run holds them)")
+    print(f"removed {len(removed)} debris entries, {human_bytes(sum(r.bytes for r in removed))}")
     return 0

@@ -8,11 +8,11 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinov3_cache.errors import UsageError
-from dinov3_cache.layout import ARRAY_NAMES, VOLUME_ENTRY_RE, VolumePaths, bytes_on_disk
+from dinov3_cache.layout import ARRAY_NAMES, VOLUME_ENTRY_RE, VolumePaths, bytes_on_disk, volume_entry_index
 
 
 class AuditError(UsageError):
@@ -55,6 +55,17 @@ class DirectoryScan:
     output_dir: Path
     entries: dict[int, dict[str, str]]
     log_entries: dict[int, dict[str, str]]
+    names: dict[int, list[str]] = field(default_factory=dict)  # every name of a volume in OUT (debris too)
+    log_names: dict[int, list[str]] = field(default_factory=dict)
+
+    def listing(self, index: int) -> tuple[list[str], list[str]]:
+        """One volume's names in OUT and OUT/logs, for layout.partial_debris."""
+        return self.names.get(index, []), self.log_names.get(index, [])
+
+    def has_unexpected_names(self, index: int) -> bool:
+        """Names no complete volume has (staging, commit directories, temporary files)."""
+        return "staging" in self.entries.get(index, {}) or len(self.names.get(index, ())) > len(self.entries.get(index, ())) or len(
+            self.log_names.get(index, ())) > len(self.log_entries.get(index, ()))
 
     def complete(self) -> list[int]:
         return sorted(i for i, roles in self.entries.items() if "metadata" in roles)
@@ -97,7 +108,17 @@ def scan_directory(output_dir: Path) -> DirectoryScan:
     except OSError as e:
         raise AuditError(f"cannot list --output-dir {output_dir} ({e.strerror}); run the audit as a user who can read it") from None
     roles = entry_roles()
-    return DirectoryScan(output_dir, group_by_volume(names, roles), group_by_volume(log_names, roles))
+    return DirectoryScan(output_dir, group_by_volume(names, roles), group_by_volume(log_names, roles),
+                         names_by_volume(names), names_by_volume(log_names))
+
+
+def names_by_volume(names: Iterable[str]) -> dict[int, list[str]]:
+    grouped: dict[int, list[str]] = {}
+    for name in names:
+        index = volume_entry_index(name)
+        if index is not None:
+            grouped.setdefault(index, []).append(name)
+    return grouped
 
 
 # ----------------------------------------------------------------------------- storage

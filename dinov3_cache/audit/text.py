@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dinov3_cache.audit.debris import removal_command
 from dinov3_cache.audit.report import Report
 from dinov3_cache.indices import format_ranges
 
@@ -49,9 +50,11 @@ def format_report(report: Report) -> str:
     for p in report.running[:50]:
         add(f"    running {p['index']}: job {p['job_id'] or '-'} on {p['host'] or '?'} since {p['started'] or '?'}")
     if report.partial:
-        add(f"  partial debris of killed runs ({human_bytes(report.storage['debris_bytes'])}; removed by the next run of the volume):")
+        add(f"  debris of dead runs ({human_bytes(report.storage['debris_bytes'])}; removed by the next run of the volume, "
+            f"or now by: {removal_command(Path(report.output_dir))}):")
         for p in report.partial[:50]:
-            add(f"    {p['index']}: " + ", ".join(Path(d).name for d in p["debris"]))
+            add(f"    {p['index']}" + (" (complete)" if p["state"] == "complete" else "") + f": {human_bytes(p['debris_bytes'])}: "
+                + ", ".join(Path(d).name for d in p["debris"]))
     format_failures(report, add)
     format_metadata_problems(report, add)
     format_timing(report, add)

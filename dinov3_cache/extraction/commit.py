@@ -17,6 +17,7 @@ Step 4 is idempotent and any later run of the index finishes it under the lock
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -37,7 +38,8 @@ from dinov3_cache.layout import (
     write_json_atomic,
 )
 from dinov3_cache.schema import MetadataError, VolumeMetadata, config_fingerprint, load_volume_metadata
-from dinov3_cache.sources.base import VolumeSource
+from dinov3_cache.sources.base import SourceCrop, VolumeSource
+from dinov3_cache.zarr_arrays import StorageError
 
 log = logging.getLogger("dinov3_preprocessing")
 
@@ -57,6 +59,59 @@ def ensure_writable(output_dir: Path) -> None:
         raise PreprocessingError(f"cannot create {what} {output_dir} ({e.strerror}); choose a writable --output-dir") from None
     if not os.access(output_dir, os.W_OK | os.X_OK) or not os.access(output_dir / "logs", os.W_OK | os.X_OK):
         raise PreprocessingError(f"output directory {output_dir} is not writable; choose a writable --output-dir")
+
+
+# ----------------------------------------------------------------------------- free space
+
+SPACE_MARGIN = 1.05  # on top of the uncompressed size: zarr metadata, file system blocks
+SPACE_MARGIN_BYTES = 16 * 2**20
+
+
+class OutOfSpace(StorageError):
+    """The output file system cannot hold the volume; the staging area was removed."""
+
+
+def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size: int) -> int:
+    """The volume's uncompressed size (an upper bound on what compression leaves): features
+    C x D^3 in the stored dtype, the labels and mask, and the raw crop with --save-raw."""
+    import numpy as np
+
+    itemsize = 2 if config.features_dtype == "bfloat16" else np.dtype(config.features_dtype).itemsize
+    arrays = [crop.gt, crop.mask] + ([crop.raw] if config.save_raw else [])
+    return hidden_size * crop.gt.size * itemsize + sum(a.nbytes for a in arrays if a is not None)
+
+
+def check_free_space(free_bytes: int, needed_bytes: int, output_dir: Path, volume_index: int) -> None:
+    """Refuse to start a volume the file system cannot hold (with the margin)."""
+    wanted = int(needed_bytes * SPACE_MARGIN) + SPACE_MARGIN_BYTES
+    if free_bytes < wanted:
+        raise OutOfSpace(
+            f"volume {volume_index} needs up to {wanted / 2**20:.1f} MiB but {output_dir} has {free_bytes / 2**20:.1f} MiB free; "
+            "free space or choose another --output-dir (--no-space-check skips this check)"
+        )
+
+
+def ensure_free_space(config: ExtractionConfig, crop: SourceCrop, hidden_size: int) -> None:
+    if not config.space_check:
+        return
+    stat = os.statvfs(config.paths.output_dir)
+    check_free_space(stat.f_bavail * stat.f_frsize, volume_bytes_needed(config, crop, hidden_size),
+                     config.paths.output_dir, config.volume_index)
+
+
+def as_storage_error(error: BaseException, paths: VolumePaths) -> BaseException:
+    """A full file system while writing (ENOSPC, or TensorStore's RESOURCE_EXHAUSTED / 'No
+    space left') as one line; any other error unchanged."""
+    text = str(error)
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(error, (ValueError, RuntimeError)) and ("RESOURCE_EXHAUSTED" in text or "No space left" in text)
+    )
+    if not full:
+        return error
+    return OutOfSpace(
+        f"volume {paths.volume_index}: the file system of {paths.output_dir} is full (or over quota) while writing; "
+        "the partial volume was removed: free space or choose another --output-dir"
+    )
 
 
 def existing_volume_check(

@@ -41,6 +41,7 @@ class ExtractionConfig:
     save_raw: bool
     overwrite: bool
     device: str
+    space_check: bool = True  # refuse to start a volume the output file system cannot hold
 
     def __post_init__(self) -> None:
         if self.volume_index < 0:

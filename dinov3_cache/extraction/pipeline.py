@@ -29,7 +29,9 @@ import torch
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
     VolumeOutcome,
+    as_storage_error,
     commit_volume,
+    ensure_free_space,
     ensure_writable,
     existing_volume_check,
     tidy_volume,
@@ -141,9 +143,12 @@ def preprocess_volume(
         write_status(paths, "running", started=now_iso())
         try:
             metadata = build_and_commit(config, source, model)
-        except BaseException as e:
+        except BaseException as caught:
+            e = as_storage_error(caught, paths)
+            remove_tree(paths.staging)  # first: it frees the space the status record needs
             write_status(paths, "failed", finished=now_iso(), error=named_first_line(e))
-            remove_tree(paths.staging)
+            if e is not caught:
+                raise e from None
             raise
         write_status(paths, "complete", finished=now_iso(), timing=metadata.timing)
         return VolumeOutcome("complete", f"volume {config.volume_index} complete: {paths.metadata}", metadata)
@@ -162,6 +167,7 @@ def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: Mode
 
     t_volume = time.perf_counter()
     commit_id = uuid.uuid4().hex
+    ensure_free_space(config, crop, loaded.hidden_size)
     paths.staging.mkdir(parents=True)
     context = ts_context(config.storage.num_threads)
     staged = stage_arrays(config, crop, loaded.hidden_size, commit_id, context)

@@ -89,6 +89,7 @@ class ExtractionSettings:
     zarr_format: int = option(StorageOptions.zarr_format, "2 (default) or 3 (sharded, crc32c)", choices=ZARR_FORMATS)
     save_raw: bool = option(False, "also write volume_XXXXXX_raw.zarr at slice resolution")
     overwrite: bool = option(False, "replace a complete volume (the old one stays valid until then)")
+    no_space_check: bool = option(False, "start even when the output file system has less free space than the volume needs")
     device: str = option("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
@@ -131,6 +132,7 @@ class ExtractionSettings:
             save_raw=self.save_raw,
             overwrite=self.overwrite,
             device=self.device,
+            space_check=not self.no_space_check,
         )
 
     def values(self) -> dict[str, Any]:

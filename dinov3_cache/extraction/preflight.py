@@ -1,0 +1,124 @@
+"""Checks made before submitting jobs, without loading model weights: every option that
+would make every job fail is refused once, with one line, before anything is submitted.
+
+- the model's configuration is readable (a random preset, a local directory's config.json,
+  a hub id's config when the hub or its cache answers) and the slice size is a multiple of
+  its patch size;
+- the organelles exist in the source (the synthetic source's names, or the catalog's);
+- the complete volumes among the requested ones were made with this configuration (else
+  each such job would refuse to overwrite them)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dinov3_cache.errors import CacheToolError, UsageError, first_line
+from dinov3_cache.extraction.config import ExtractionConfig
+from dinov3_cache.extraction.weights import (
+    RANDOM_MODEL_PRESETS,
+    ModelError,
+    random_preset,
+    weights_identity_resolved,
+)
+from dinov3_cache.layout import VolumePaths, committed_volume_indices
+from dinov3_cache.schema import MetadataError, config_fingerprint, load_volume_metadata
+from dinov3_cache.sources.base import SourceError, VolumeSource
+
+RANDOM_PATCH_SIZE = 16  # model.build_random_model's DINOv3ViTConfig
+UNREACHABLE = "couldn't connect"  # transformers' words when neither the hub nor its cache answers
+
+
+class PreflightError(UsageError):
+    """An option that would make every job fail; nothing was submitted."""
+
+
+def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-model-check", action="store_true",
+        help="do not read the model's config before submitting (when the hub is unreachable from here but not from the jobs)",
+    )
+
+
+def model_config_values(model_id: str, revision: str | None) -> dict | None:
+    """hidden_size and patch_size of a model id, read from its config alone (no weights);
+    None when it is a hub id and neither the hub nor the local cache answers here."""
+    if model_id.startswith("random"):
+        try:
+            preset = random_preset(model_id)
+        except ModelError as e:
+            raise PreflightError(first_line(e)) from None
+        return {"hidden_size": RANDOM_MODEL_PRESETS[preset]["hidden_size"], "patch_size": RANDOM_PATCH_SIZE}
+    from transformers import AutoConfig
+
+    local = Path(model_id).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=None if local else revision)
+    except (OSError, ValueError) as e:
+        if not local and UNREACHABLE in str(e):
+            return None
+        raise PreflightError(
+            f"cannot read the config of model {model_id!r} ({first_line(e, 160)}); check --model-id"
+        ) from None
+    return {"hidden_size": config.hidden_size, "patch_size": config.patch_size}
+
+
+def check_model(config: ExtractionConfig) -> dict | None:
+    """The model's config values, and the slice size checked against its patch size."""
+    from dinov3_cache.extraction.features import check_slice_size  # torch: only once the config is read
+
+    values = model_config_values(config.model_id, config.model_revision)
+    if values is None:
+        print(f"note: the config of {config.model_id} is not readable here (hub unreachable, not cached); "
+              "its patch size is not checked (pass --skip-model-check to skip this check)")
+        return None
+    try:
+        check_slice_size(config.geometry, values["patch_size"])
+    except CacheToolError as e:
+        raise PreflightError(first_line(e)) from None
+    return values
+
+
+def check_organelles(config: ExtractionConfig, source: VolumeSource) -> None:
+    """The organelles and filters against the source, as its first sample would check them."""
+    organelles = config.sampling.organelles
+    try:
+        if source.name == "synthetic":
+            unknown = [o for o in organelles if o not in source.ORGANELLES]
+            if unknown:
+                raise SourceError(f"unknown organelle(s) {', '.join(unknown)} for --source synthetic; choose from {', '.join(source.ORGANELLES)}")
+        elif hasattr(source, "catalog"):
+            from dinov3_cache.sources.cellmap.crops import eligible_units
+
+            eligible_units(source.catalog, config.sampling)
+    except SourceError as e:
+        raise PreflightError(first_line(e)) from None
+
+
+def check_existing_configuration(config: ExtractionConfig, source: VolumeSource, indices: list[int]) -> str | None:
+    """Refuse when a requested index is complete with another configuration: its job would
+    fail, and --missing-only would not select it. Returns a note when it cannot be decided."""
+    complete = sorted(set(indices) & set(committed_volume_indices(config.output_dir)))
+    if not complete:
+        return None
+    values = config.fingerprint_values(source)
+    if not weights_identity_resolved(values["weights"]):
+        return f"note: the weights of {config.model_id} cannot be resolved here; complete volumes' configuration not compared"
+    wanted = config_fingerprint(values)
+    differing = []
+    for index in complete:
+        try:
+            existing = load_volume_metadata(VolumePaths(config.output_dir, index).metadata).configuration.fingerprint
+        except MetadataError:
+            continue  # its own job reports the damage
+        if existing != wanted:
+            differing.append(index)
+    if differing:
+        from dinov3_cache.indices import format_some
+
+        raise PreflightError(
+            f"{len(differing)} requested volume(s) are complete with a different configuration "
+            f"({format_some(differing, 8)}); pass --overwrite to replace them, --missing-only to skip them, "
+            "or use another --output-dir"
+        )
+    return None
