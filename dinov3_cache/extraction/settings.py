@@ -29,7 +29,7 @@ from typing import Any
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
-from dinov3_cache.layout import write_json_atomic
+from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
 from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
@@ -38,6 +38,7 @@ DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 SETTINGS_FORMAT = "dinov3_cache.extraction_settings"
 SETTINGS_VERSION = 1
+COMPILE_CACHE_DIR = "compile_cache"  # under logs/ by default: shared by the jobs of a cache
 
 
 class SettingsError(UsageError):
@@ -90,6 +91,10 @@ class ExtractionSettings:
     save_raw: bool = option(False, "also write volume_XXXXXX_raw.zarr at slice resolution")
     overwrite: bool = option(False, "replace a complete volume (the old one stays valid until then)")
     device: str = option("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    compile: bool = option(False, "torch.compile the model (same features; worth it for many volumes per job)")
+    compile_cache: str | None = option(
+        None, "persistent compilation cache shared by every job (default with --compile: OUTPUT_DIR/logs/compile_cache)"
+    )
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
 
@@ -132,6 +137,12 @@ class ExtractionSettings:
             overwrite=self.overwrite,
             device=self.device,
         )
+
+    def compile_cache_dir(self) -> Path | None:
+        """Where compiled kernels are kept between processes (None without --compile)."""
+        if not self.compile:
+            return None
+        return Path(self.compile_cache) if self.compile_cache else Path(self.output_dir) / LOGS_DIR / COMPILE_CACHE_DIR
 
     def values(self) -> dict[str, Any]:
         """Every option by argparse dest, source options included: what a settings file holds."""
