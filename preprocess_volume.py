@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, report_error
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
 from dinov3_cache.indices import format_ranges, parse_index_list
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         settings = settings_from_args(args)
-        indices = parse_index_list(args.volume_index, "--volume-index")
+        indices = volume_indices(args.volume_index)
         configs = [settings.config(index) for index in indices]
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         print(summary_line(results))
     return exit_status(results)
+
+
+def volume_indices(tokens: list[str]) -> list[int]:
+    negative = [t for t in tokens if t.strip().startswith("-")]
+    if negative:
+        raise UsageError(f"--volume-index must be >= 0, got {negative[0]}")
+    return parse_index_list(tokens, "--volume-index")
 
 
 def report(result) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
+from dinov3_cache.indices import parse_index_list
 from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
@@ -217,8 +218,12 @@ def settings_from_args(args: argparse.Namespace) -> ExtractionSettings:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
-    """The ExtractionConfig for parsed preprocess_volume.py options."""
-    return settings_from_args(args).config(args.volume_index)
+    """The ExtractionConfig for parsed preprocess_volume.py options naming one volume."""
+    given = args.volume_index if isinstance(args.volume_index, list) else [args.volume_index]
+    indices = parse_index_list(given, "--volume-index")
+    if len(indices) != 1:
+        raise UsageError(f"--volume-index names {len(indices)} volumes here; this needs exactly one")
+    return settings_from_args(args).config(indices[0])
 
 
 def _plain(value: Any) -> Any:
