@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     which = f"volume {indices[0]}" if len(indices) == 1 else f"volumes {format_ranges(indices)}"
     try:
         source = source_from_args(args)
-        results = preprocess_volumes(configs, source, ExecutionOptions(settings.compile, settings.compile_cache_dir()), report)
+        execution = ExecutionOptions(settings.compile, settings.compile_cache_dir())
+        results = preprocess_volumes(configs, source, execution, lambda result: report(result, several=len(configs) > 1))
     except CacheToolError as e:
         return report_error(e)
     except Terminated as e:
@@ -82,10 +83,12 @@ def volume_indices(tokens: list[str]) -> list[int]:
     return parse_index_list(tokens, "--volume-index")
 
 
-def report(result) -> None:
+def report(result, several: bool) -> None:
     """One line per volume as it finishes: stdout when it succeeded, an error line otherwise."""
     if result.succeeded:
         print(result.message, flush=True)
+    elif result.state == "failed" and several:
+        print(f"error: volume {result.volume_index}: {result.message}", file=sys.stderr, flush=True)
     else:
         print(f"error: {result.message}", file=sys.stderr, flush=True)
 

@@ -28,8 +28,9 @@ log = logging.getLogger("dinov3_preprocessing")
 class VolumeResult:
     volume_index: int
     state: str  # complete | skipped | failed | locked
-    message: str
+    message: str  # for failures: the error's first line, without the volume index
     outcome: VolumeOutcome | None = None
+    status: int = EXIT_OK  # this volume's own exit status (docs/exit-status.md)
 
     @property
     def succeeded(self) -> bool:
@@ -74,18 +75,22 @@ def run_one(config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand
     try:
         outcome = run_volume(config, source, model, read_crop)
     except VolumeLocked as e:
-        return VolumeResult(index, "locked", f"volume {index} is being processed by another run ({e}); not starting a second")
+        return VolumeResult(index, "locked", f"volume {index} is being processed by another run ({e}); not starting a second",
+                            status=e.exit_status)
     except CacheToolError as e:
-        return VolumeResult(index, "failed", f"volume {index}: {first_line(e)}")
+        return VolumeResult(index, "failed", first_line(e, limit=2000), status=e.exit_status)
     except Terminated:  # the whole run stops
         raise
     except Exception as e:  # not a known failure: the traceback goes to the log, the next volume still runs
         log.exception("volume %d failed", index)
-        return VolumeResult(index, "failed", f"volume {index}: {named_first_line(e)}")
+        return VolumeResult(index, "failed", named_first_line(e), status=EXIT_FAILED)
     return VolumeResult(index, outcome.state, outcome.message, outcome)
 
 
 def exit_status(results: Sequence[VolumeResult]) -> int:
+    """One volume: its own status. Several: 1 if any failed, else 3 if any was locked, else 0."""
+    if len(results) == 1:
+        return results[0].status
     if any(r.state == "failed" for r in results):
         return EXIT_FAILED
     if any(r.state == "locked" for r in results):
