@@ -24,10 +24,11 @@ from dinov3_cache.layout import VolumePaths
 
 @dataclass
 class ElementResult:
-    volume_index: int
+    volume_index: int  # the element's first volume
     returncode: int | None  # None: killed at the walltime
     seconds: float
     last_error_line: str = ""
+    volume_indices: tuple[int, ...] = ()  # every volume of the element (one process)
 
 
 @dataclass
@@ -130,7 +131,8 @@ class LocalScheduler(Scheduler):
         return summary
 
     def _run_element(self, rendered: RenderedArray, element: int, resources: Resources, gpu: str | None) -> ElementResult:
-        volume_index = rendered.array.volume_indices[element - 1]
+        volume_indices = rendered.array.elements[element - 1]
+        volume_index = volume_indices[0]
         env = {**os.environ, self.element_variable: str(element), "LOCAL_JOB_ID": f"{rendered.job_id}[{element}]"}
         if not resources.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ""  # --no-gpu: the run cannot see a GPU
@@ -141,7 +143,7 @@ class LocalScheduler(Scheduler):
         timeout = resources.walltime_minutes * 60 if "walltime" in resources.explicit else None
         started = time.monotonic()
         if self._stopping:
-            return ElementResult(volume_index, -signal.SIGTERM, 0.0, "not started: interrupted")
+            return ElementResult(volume_index, -signal.SIGTERM, 0.0, "not started: interrupted", volume_indices)
         process = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
         self._running.add(process)
         try:
@@ -153,7 +155,8 @@ class LocalScheduler(Scheduler):
             returncode = None
         finally:
             self._running.discard(process)
-        return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(VolumePaths(rendered.array.spec.output_dir, volume_index).log_err))
+        log_err = VolumePaths(rendered.array.spec.output_dir, volume_index).log_err
+        return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(log_err), volume_indices)
 
 
     def _stop_running(self) -> None:
