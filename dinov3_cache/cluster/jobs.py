@@ -118,10 +118,10 @@ def job_script(array: ArrayJob, element_variable: str, job_id_expression: str) -
     element = f"${{{element_variable}:-}}"
     # unquoted on purpose: several indices become several arguments (they are digits only)
     command = shlex.join(spec.volume_argv("VOLUME_INDEX_PLACEHOLDER")).replace("VOLUME_INDEX_PLACEHOLDER", "$VOLUME_INDEX")
-    volumes = f"{len(array.volume_indices)} volumes, {array.volumes_per_job} per job" if array.volumes_per_job > 1 else f"{array.size} volumes"
+    per_job = f", {array.volumes_per_job} per job" if array.volumes_per_job > 1 else ""
     return "\n".join([
         "#!/bin/sh",
-        f"# {spec.name}: {volumes} of {spec.output_dir}",
+        f"# {spec.name}: {len(array.volume_indices)} volumes of {spec.output_dir}{per_job}",
         f"# array element {element_variable} (1..{array.size}) -> volume indices",
         f'case "{element}" in',
         *cases,
