@@ -142,7 +142,7 @@ class CachedRopeTables(torch.nn.Module):
 
     @torch.compiler.disable  # a dictionary lookup, outside any compiled graph
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training:  # training jitters the coordinates: nothing to cache
+        if self.rope.training:  # training jitters the coordinates: nothing to cache
             return self.rope(pixel_values)
         key = (*pixel_values.shape[-2:], pixel_values.device, pixel_values.dtype)
         if key not in self.tables:
