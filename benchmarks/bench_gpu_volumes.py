@@ -46,19 +46,24 @@ print(json.dumps({"seconds": time.perf_counter() - started, **compile_cache_coun
 
 
 def forward_rates(batch: int, flops: float, peak: float) -> None:
-    from dinov3_cache.extraction.model import build_random_model, cache_rope_tables, compiled
+    from dinov3_cache.extraction.model import FEATURE_TOLERANCE, build_random_model, cache_rope_tables, compiled
 
     model, _ = build_random_model("random:vitl16")
     model = model.cuda().to(torch.bfloat16).eval()
     x = torch.randn(batch, 3, 512, 512, device="cuda", dtype=torch.bfloat16)
 
+    with torch.inference_mode():
+        reference = model(pixel_values=x).last_hidden_state.float()
+
     def rate_of(name: str, m: torch.nn.Module) -> None:
         @torch.inference_mode()
         def step():
-            m(pixel_values=x)
+            return m(pixel_values=x)
 
         rate = batch / cuda_time(step, repeats=5, warmup=2)
-        print(f"  {name:20s}: {rate:7.1f} slices/s, {rate * flops / 1e12 / peak:5.1%} of matmul rate")
+        difference = (step().last_hidden_state.float() - reference).abs().max().item()
+        print(f"  {name:20s}: {rate:7.1f} slices/s, {rate * flops / 1e12 / peak:5.1%} of matmul rate, "
+              f"max |difference| from eager {difference:.3g} (bf16 tolerance {FEATURE_TOLERANCE['bfloat16']})")
 
     rate_of("eager", model)
     cache_rope_tables(model)
