@@ -182,8 +182,8 @@ def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, s
 
 def run_locally(args, scheduler: LocalScheduler, resources) -> int:
     workers, gpus = scheduler.concurrency(resources)
-    print(f"running {sum(len(r.array.volume_indices) for r in scheduler.queued)} volumes here in "
-          f"{sum(r.array.size for r in scheduler.queued)} process(es), {workers} at a time"
+    volumes, processes = sum(len(r.array.volume_indices) for r in scheduler.queued), sum(r.array.size for r in scheduler.queued)
+    print(f"running {volumes} volumes here" + (f" in {processes} process(es)" if processes != volumes else "") + f", {workers} at a time"
           + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
     if "memory_gb" in resources.explicit:
         print("note: the local backend does not limit memory; --memory-gb is only recorded")
