@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from dinov3_cache.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, CacheToolError, first_line, named_first_line
 from dinov3_cache.extraction.commit import VolumeOutcome
@@ -51,19 +52,25 @@ def preprocess_volumes(
     model = ModelOnDemand(configs[0], None, execution)
     results: list[VolumeResult] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-read") as reader:
-        pending = read_in_background(reader, source, configs[0])
+        pending: Future[SourceCrop] | None = None  # the first crop is read in its own lock, as for one volume
         for position, config in enumerate(configs):
             current = pending
             if position + 1 < len(configs):  # overlaps this volume's extraction
                 pending = read_in_background(reader, source, configs[position + 1])
+            read_crop = current.result if current is not None else partial(read_now, source, config)
             try:
-                result = run_one(config, source, model, current.result)
+                result = run_one(config, source, model, read_crop)
             except BaseException:
-                pending.cancel()
+                if pending is not None:
+                    pending.cancel()
                 raise
             results.append(result)
             report(result)
     return results
+
+
+def read_now(source: VolumeSource, config: ExtractionConfig) -> SourceCrop:
+    return source.sample(config.volume_index, config.geometry, config.sampling)
 
 
 def read_in_background(reader: ThreadPoolExecutor, source: VolumeSource, config: ExtractionConfig) -> Future[SourceCrop]:
