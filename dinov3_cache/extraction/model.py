@@ -140,7 +140,6 @@ class CachedRopeTables(torch.nn.Module):
         self.rope = rope
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.compiler.disable  # a dictionary lookup, outside any compiled graph
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope.training:  # training jitters the coordinates: nothing to cache
             return self.rope(pixel_values)
@@ -165,6 +164,8 @@ def compiled(model: torch.nn.Module, cache_dir: Path | None) -> torch.nn.Module:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).absolute())
     inductor_config.fx_graph_cache = True
+    rope = model.rope_embeddings  # a dictionary lookup: kept outside the compiled graphs
+    rope.forward = torch.compiler.disable(rope.forward)
     return torch.compile(model)
 
 
