@@ -1,27 +1,30 @@
 #!/usr/bin/env python
-"""Extract DINOv3 features for one volume and commit it to the cache.
+"""Extract DINOv3 features for one volume, or several in one process, and commit them to the cache.
 
     python preprocess_volume.py --volume-index 0 --output-dir OUT --source synthetic --model-id random:tiny
-    python preprocess_volume.py --settings OUT/logs/submissions/settings_STAMP.json --volume-index 0
+    python preprocess_volume.py --settings OUT/logs/submissions/settings_STAMP.json --volume-index 3 7 10-19
 
 Options come from the command line, else from --settings (the file a submission writes),
 else from the defaults.
-Exit status (docs/exit-status.md): 0 complete or skipped, 1 failed, 2 bad options (nothing
-done), 3 another run holds this volume, 143 terminated (SIGTERM).
+Several volumes share one model load; each keeps its own lock and status record, and one
+failed volume does not stop the others.
+Exit status (docs/exit-status.md): 0 every volume complete or skipped, 1 a volume failed, 2 bad
+options (nothing done), 3 another run holds a volume (and none failed), 143 terminated (SIGTERM).
 """
 
 import argparse
 import logging
 import sys
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, report_error
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
-from dinov3_cache.indices import check_index
+from dinov3_cache.indices import format_ranges, parse_index_list
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--volume-index", type=int, required=True, help="volume index (also the random seed)")
+    parser.add_argument("--volume-index", nargs="+", required=True, metavar="INDEX",
+                        help="volume indices and inclusive ranges, e.g. 3 7 10-19 (each index is also the volume's seed)")
     parser.add_argument("--settings", default=None, metavar="FILE",
                         help="extraction settings written by submit_preprocessing_jobs.py; options given here win")
     add_extraction_arguments(parser)
@@ -42,34 +45,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        check_index(args.volume_index)
-        config = settings_from_args(args).config(args.volume_index)
+        settings = settings_from_args(args)
+        indices = volume_indices(args.volume_index)
+        configs = [settings.config(index) for index in indices]
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
     from dinov3_cache.extraction.commit import keep_running_on_sigterm
-    from dinov3_cache.extraction.pipeline import Terminated, preprocess_volume, raise_on_sigterm
-    from dinov3_cache.layout import VolumeLocked
+    from dinov3_cache.extraction.model import ExecutionOptions
+    from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
+    from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
     from dinov3_cache.sources.base import source_from_args
 
     raise_on_sigterm()
+    which = f"volume {indices[0]}" if len(indices) == 1 else f"volumes {format_ranges(indices)}"
     try:
-        outcome = preprocess_volume(config, source_from_args(args))
-    except VolumeLocked as e:
-        print(f"error: volume {args.volume_index} is being processed by another run ({e}); not starting a second", file=sys.stderr)
-        return e.exit_status
+        source = source_from_args(args)
+        execution = ExecutionOptions(settings.compile, settings.compile_cache_dir())
+        results = preprocess_volumes(configs, source, execution, lambda result: report(result, several=len(configs) > 1))
     except CacheToolError as e:
         return report_error(e)
     except Terminated as e:
-        print(f"error: volume {args.volume_index} {e}", file=sys.stderr)
+        print(f"error: {which}: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"error: volume {args.volume_index} interrupted; rerun to finish it", file=sys.stderr)
+        print(f"error: {which}: interrupted; rerun to finish", file=sys.stderr)
         return 130
-    keep_running_on_sigterm()  # the volume is complete: a late SIGTERM must not turn that into 143
-    print(outcome.message)
-    return 0
+    keep_running_on_sigterm()  # every volume is done: a late SIGTERM must not turn that into 143
+    if len(results) > 1:
+        print(summary_line(results))
+    return exit_status(results)
+
+
+def volume_indices(tokens: list[str]) -> list[int]:
+    negative = [t for t in tokens if t.strip().startswith("-")]
+    if negative:
+        raise UsageError(f"--volume-index must be >= 0, got {negative[0]}")
+    return parse_index_list(tokens, "--volume-index")
+
+
+def report(result, several: bool) -> None:
+    """One line per volume as it finishes: stdout when it succeeded, an error line otherwise."""
+    if result.succeeded:
+        print(result.message, flush=True)
+    elif result.state == "failed" and several:
+        print(f"error: volume {result.volume_index}: {result.message}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: {result.message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 Every option of preprocess_volume.py is accepted. The submission writes them once, as
 OUT/logs/submissions/settings_STAMP.json, and every job runs
-`preprocess_volume.py --settings FILE --volume-index N`.
+`preprocess_volume.py --settings FILE --volume-index N [N2 ...]` (K indices with --volumes-per-job K).
 Exit status (docs/exit-status.md): 0 submitted (local: all complete), 1 a submission or a
 local volume failed, 2 bad input (nothing submitted).
 """
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--indices", nargs="+", help="volume indices and inclusive ranges, e.g. 10 15 23-40")
     which.add_argument("--start-index", type=int, default=0, help="first index with --num-volumes (default 0)")
     which.add_argument("--missing-only", action="store_true", help="only the indices that have no complete volume")
+    which.add_argument("--volumes-per-job", type=int, default=1, metavar="K",
+                       help="volumes run by one process per array element (one model load; the array shrinks K-fold)")
     which.add_argument("--dry-run", action="store_true", help="print the commands and job scripts; submit and create nothing")
     add_scheduler_arguments(parser, sorted(SCHEDULERS))
     add_extraction_arguments(parser)
@@ -130,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     settings_file = settings_file_path(args.output_dir, stamp)
     spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file, args.job_name)
     try:
-        arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None)
+        arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None, args.volumes_per_job)
     except CacheToolError as e:
         return report_error(e)
     if len(arrays) > 1:
-        print(f"{len(indices)} volumes exceed the array size limit of {args.max_array_size}: split into {len(arrays)} arrays")
+        what = f"{len(indices)} volumes" if args.volumes_per_job == 1 else f"{sum(a.size for a in arrays)} jobs of {args.volumes_per_job} volumes"
+        print(f"{what} exceed the array size limit of {args.max_array_size}: split into {len(arrays)} arrays")
     rendered = [scheduler.render(array, resources) for array in arrays]
 
     if args.dry_run:
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(settings_document(settings), indent=2))
         for r in rendered:
             print(r.printable())
-        print(f"dry run: {len(indices)} volumes in {len(rendered)} array(s); nothing submitted or created")
+        print(f"dry run: {len(indices)} volumes in {sum(r.array.size for r in rendered)} job(s), {len(rendered)} array(s); "
+              "nothing submitted or created")
         return EXIT_OK
     return submit(args, scheduler, rendered, resources, settings, stamp)
 
@@ -167,7 +171,8 @@ def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, s
             error = e
             break
         submitted.append(r)
-        print(f"submitted {r.job_id}: {r.array.size} volumes ({array_ranges(r.array.volume_indices)})")
+        jobs = f" in {r.array.size} jobs" if r.array.volumes_per_job > 1 else ""
+        print(f"submitted {r.job_id}: {len(r.array.volume_indices)} volumes{jobs} ({array_ranges(r.array.volume_indices)})")
     if submitted:
         record = write_submission_record(args.output_dir, {
             "submitted": now_iso(),
@@ -194,7 +199,8 @@ def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, s
 
 def run_locally(args, scheduler: LocalScheduler, resources) -> int:
     workers, gpus = scheduler.concurrency(resources)
-    print(f"running {sum(r.array.size for r in scheduler.queued)} volumes here, {workers} at a time"
+    volumes, processes = sum(len(r.array.volume_indices) for r in scheduler.queued), sum(r.array.size for r in scheduler.queued)
+    print(f"running {volumes} volumes here" + (f" in {processes} process(es)" if processes != volumes else "") + f", {workers} at a time"
           + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
     if "memory_gb" in resources.explicit:
         print("note: the local backend does not limit memory; --memory-gb is only recorded")

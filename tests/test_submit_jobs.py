@@ -394,3 +394,28 @@ def test_complete_volumes_with_another_configuration_are_refused_with_the_way_ou
     missing = run_script(*base, "--planes", "xy", "--missing-only")
     assert missing.returncode == 0 and "missing-only: 1 of 4 volumes have no complete volume: 3" in missing.stdout
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_packed_submission_matches_its_golden_file():
+    """--volumes-per-job 2: five volumes become three array elements, each one process."""
+    (array,) = split_arrays(golden_spec(), [5, 7, 8, 9, 10], 1000, volumes_per_job=2)
+    assert array.elements == [(5, 7), (8, 9), (10,)]
+    got = SlurmScheduler().render(array, Resources(**GOLDEN_RESOURCES)).printable() + "\n"
+    assert got == (GOLDEN / "sbatch_array_packed.txt").read_text(), f"rendering changed; got:\n{got}"
+
+
+def test_packed_local_run_commits_every_volume_and_reruns_only_the_missing(tmp_path, tiny_model_dir):
+    """Three volumes in two local processes (K = 2); removing one volume's metadata makes
+    --missing-only submit just that one."""
+    args = ["--scheduler", "local", "--volumes-per-job", "2", "--output-dir", str(tmp_path), "--source", "synthetic",
+            "--model-id", str(tiny_model_dir), *TINY_GEOMETRY_ARGS]
+    result = run_script("submit_preprocessing_jobs.py", "--indices", "0-2", *args)
+    assert result.returncode == 0, result.stderr
+    assert "3 volumes here in 2 process(es)" in result.stdout
+    for index in range(3):
+        assert VolumePaths(tmp_path, index).metadata.exists()
+        assert read_json(VolumePaths(tmp_path, index).status)["state"] == "complete"
+    VolumePaths(tmp_path, 1).metadata.unlink()
+    again = run_script("submit_preprocessing_jobs.py", "--indices", "0-2", "--missing-only", *args)
+    assert again.returncode == 0, again.stderr
+    assert "missing-only: 1 of 3" in again.stdout and VolumePaths(tmp_path, 1).metadata.exists()

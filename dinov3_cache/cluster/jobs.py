@@ -3,9 +3,10 @@ array (`ArrayJob`), the exact submission (`RenderedArray`) and the POSIX sh scri
 array element to its volume index (`job_script`).
 
 Array elements are numbered 1..n (LSF's array indices start at 1), and the job script maps
-element k to its volume index explicitly, so volume indices need not fit the scheduler's
-array index range. Every element writes its output to logs/volume_XXXXXX.out|.err
-(`layout.VolumePaths`).
+element k to its volume indices explicitly (one, or `volumes_per_job` of them run by one
+process), so volume indices need not fit the scheduler's array index range. Every element
+writes its output to logs/volume_XXXXXX.out|.err of its first volume (`layout.VolumePaths`);
+each volume keeps its own status record.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def array_ranges(indices) -> str:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What each array element runs: `command` followed by `--volume-index N`."""
+    """What each array element runs: `command` followed by `--volume-index N [M ...]`."""
 
     name: str
     output_dir: Path
@@ -52,23 +53,37 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class ArrayJob:
-    """One job array: element k (1-based) processes volume_indices[k - 1]."""
+    """One job array: element k (1-based) processes the k-th group of `volumes_per_job`
+    consecutive entries of volume_indices, in one process."""
 
     spec: JobSpec
     volume_indices: tuple[int, ...]
+    volumes_per_job: int = 1
+
+    @property
+    def elements(self) -> list[tuple[int, ...]]:
+        k = self.volumes_per_job
+        return [self.volume_indices[i : i + k] for i in range(0, len(self.volume_indices), k)]
 
     @property
     def size(self) -> int:
-        return len(self.volume_indices)
+        """Array elements (jobs), not volumes."""
+        return len(self.elements)
 
 
-def split_arrays(spec: JobSpec, indices: Sequence[int], max_array_size: int | None) -> list[ArrayJob]:
-    """Consecutive slices of at most max_array_size volumes (None: no limit): one job array each."""
+def split_arrays(
+    spec: JobSpec, indices: Sequence[int], max_array_size: int | None, volumes_per_job: int = 1
+) -> list[ArrayJob]:
+    """Consecutive slices of at most max_array_size elements (None: no limit) of volumes_per_job
+    volumes each: one job array per slice."""
+    if volumes_per_job < 1:
+        raise UsageError(f"--volumes-per-job must be at least 1, got {volumes_per_job}")
     if max_array_size is None:
         max_array_size = max(1, len(indices))
     if max_array_size < 1:
         raise UsageError(f"--max-array-size must be at least 1, got {max_array_size}")
-    return [ArrayJob(spec, tuple(indices[i : i + max_array_size])) for i in range(0, len(indices), max_array_size)]
+    per_array = max_array_size * volumes_per_job
+    return [ArrayJob(spec, tuple(indices[i : i + per_array]), volumes_per_job) for i in range(0, len(indices), per_array)]
 
 
 @dataclass
@@ -82,26 +97,32 @@ class RenderedArray:
 
     def printable(self) -> str:
         command = shlex.join(self.argv) + " < job-script" if self.argv else "(run on this machine)"
-        return f"# array of {self.array.size} volumes: {array_ranges(self.array.volume_indices)}\n{command}\n# job-script:\n{self.script}"
+        jobs = f" in {self.array.size} jobs" if self.array.volumes_per_job > 1 else ""
+        return (f"# array of {len(self.array.volume_indices)} volumes{jobs}: {array_ranges(self.array.volume_indices)}\n"
+                f"{command}\n# job-script:\n{self.script}")
 
     def to_record(self) -> dict:
-        return {"job_id": self.job_id, "indices": list(self.array.volume_indices), "submit_command": self.argv, "script": self.script}
+        return {"job_id": self.job_id, "indices": list(self.array.volume_indices), "volumes_per_job": self.array.volumes_per_job,
+                "submit_command": self.argv, "script": self.script}
 
 
 def job_script(array: ArrayJob, element_variable: str, job_id_expression: str) -> str:
-    """A POSIX sh script that maps its array element to a volume index, then runs that volume
-    with its output appended to the volume's own log files."""
+    """A POSIX sh script that maps its array element to its volume indices, then runs them in
+    one process with its output appended to the first volume's log files."""
     spec, q = array.spec, shlex.quote
     cases = []
-    for element, volume_index in enumerate(array.volume_indices, start=1):
-        paths = VolumePaths(spec.output_dir, volume_index)
-        cases.append(f"    {element}) VOLUME_INDEX={volume_index} LOG_OUT={q(str(paths.log_out))} LOG_ERR={q(str(paths.log_err))} ;;")
+    for element, volume_indices in enumerate(array.elements, start=1):
+        paths = VolumePaths(spec.output_dir, volume_indices[0])
+        indices = " ".join(map(str, volume_indices))
+        cases.append(f"    {element}) VOLUME_INDEX={q(indices)} LOG_OUT={q(str(paths.log_out))} LOG_ERR={q(str(paths.log_err))} ;;")
     element = f"${{{element_variable}:-}}"
-    command = shlex.join(spec.volume_argv("VOLUME_INDEX_PLACEHOLDER")).replace("VOLUME_INDEX_PLACEHOLDER", '"$VOLUME_INDEX"')
+    # unquoted on purpose: several indices become several arguments (they are digits only)
+    command = shlex.join(spec.volume_argv("VOLUME_INDEX_PLACEHOLDER")).replace("VOLUME_INDEX_PLACEHOLDER", "$VOLUME_INDEX")
+    per_job = f", {array.volumes_per_job} per job" if array.volumes_per_job > 1 else ""
     return "\n".join([
         "#!/bin/sh",
-        f"# {spec.name}: {array.size} volumes of {spec.output_dir}",
-        f"# array element {element_variable} (1..{array.size}) -> volume index",
+        f"# {spec.name}: {len(array.volume_indices)} volumes of {spec.output_dir}{per_job}",
+        f"# array element {element_variable} (1..{array.size}) -> volume indices",
         f'case "{element}" in',
         *cases,
         f'    *) echo "error: array element \'{element}\' is not one of 1..{array.size} of this job" >&2; exit 2 ;;',

@@ -27,19 +27,25 @@ COMPLETED, SKIPPED, FAILED = "completed", "skipped", "failed"
 
 @dataclass
 class ElementResult:
+    """One volume's outcome in an array element (a process that ran one or several volumes)."""
+
     volume_index: int
-    returncode: int | None  # None: killed at the walltime
+    returncode: int | None  # the element's process; None: killed at the walltime
     seconds: float
     last_error_line: str = ""
     committed: bool = False  # this run wrote the volume's metadata (the commit marker)
     present: bool = False  # the volume is complete after the run
+    packed: bool = False  # the element ran several volumes: its exit status speaks for all of them
 
     @property
     def state(self) -> str:
-        """A run that exits 0 either committed the volume or found it complete and skipped it."""
-        if self.returncode != 0 or not self.present:
-            return FAILED
-        return COMPLETED if self.committed else SKIPPED
+        """A volume this run committed is completed; one complete before and not recommitted was
+        skipped (for a single volume only when its process exited 0: else it was refused)."""
+        if self.committed:
+            return COMPLETED
+        if self.present and (self.returncode == 0 or self.packed):
+            return SKIPPED
+        return FAILED
 
     def line(self) -> str:
         """The volume's one report line, printed as it finishes."""
@@ -155,15 +161,16 @@ class LocalScheduler(Scheduler):
             rendered, element = item
             slot = slots.get()
             try:
-                result = self._run_element(rendered, element, resources, gpus[slot % len(gpus)] if gpus else None)
+                results = self._run_element(rendered, element, resources, gpus[slot % len(gpus)] if gpus else None)
             finally:
                 slots.put(slot)
             with lock:
-                summary.results.append(result)
-                bar.write(result.line(), file=sys.stdout)  # above the bar; also when stdout is piped
+                summary.results += results
+                for result in results:
+                    bar.write(result.line(), file=sys.stdout)  # above the bar; also when stdout is piped
                 sys.stdout.flush()
                 bar.update(1)
-                if result.state == FAILED:
+                if summary.failed:
                     bar.set_postfix_str(f"{len(summary.failed)} failed")
 
         pool = ThreadPoolExecutor(max_workers=workers)
@@ -178,8 +185,8 @@ class LocalScheduler(Scheduler):
         summary.results.sort(key=lambda r: r.volume_index)
         return summary
 
-    def _run_element(self, rendered: RenderedArray, element: int, resources: Resources, gpu: str | None) -> ElementResult:
-        volume_index = rendered.array.volume_indices[element - 1]
+    def _run_element(self, rendered: RenderedArray, element: int, resources: Resources, gpu: str | None) -> list[ElementResult]:
+        volume_indices = rendered.array.elements[element - 1]
         env = {**os.environ, self.element_variable: str(element), "LOCAL_JOB_ID": f"{rendered.job_id}[{element}]"}
         if not resources.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ""  # --no-gpu: the run cannot see a GPU
@@ -188,11 +195,11 @@ class LocalScheduler(Scheduler):
         if "num_processors" in resources.explicit:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(resources.num_processors)
         timeout = resources.walltime_minutes * 60 if "walltime" in resources.explicit else None
-        paths = VolumePaths(rendered.array.spec.output_dir, volume_index)
-        before = metadata_signature(paths.metadata)
+        volumes = [VolumePaths(rendered.array.spec.output_dir, i) for i in volume_indices]
+        before = [metadata_signature(paths.metadata) for paths in volumes]
         started = time.monotonic()
         if self._stopping:
-            return ElementResult(volume_index, -signal.SIGTERM, 0.0, "not started: interrupted")
+            return [ElementResult(i, -signal.SIGTERM, 0.0, "not started: interrupted") for i in volume_indices]
         process = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
         self._running.add(process)
         try:
@@ -204,9 +211,13 @@ class LocalScheduler(Scheduler):
             returncode = None
         finally:
             self._running.discard(process)
-        after = metadata_signature(paths.metadata)
-        return ElementResult(volume_index, returncode, time.monotonic() - started, last_line(paths.log_err),
-                             committed=after is not None and after != before, present=after is not None)
+        seconds, error_line = time.monotonic() - started, last_line(volumes[0].log_err)  # the element's log
+        results = []
+        for paths, previous in zip(volumes, before, strict=True):
+            after = metadata_signature(paths.metadata)
+            results.append(ElementResult(paths.volume_index, returncode, seconds, error_line, committed=after is not None and after != previous,
+                                         present=after is not None, packed=len(volumes) > 1))
+        return results
 
     def _stop_running(self) -> None:
         self._stopping = True

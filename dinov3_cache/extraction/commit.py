@@ -188,8 +188,12 @@ def finish_commit(paths: VolumePaths, commit_id: str | None, arrays: tuple[str, 
     fsync_directory(paths.output_dir)
 
 
+DEFERRED_SIGNALS: list[int] = []  # SIGTERMs held since a commit started
+
+
 def keep_running_on_sigterm() -> None:
     """From the commit on, SIGTERM must not fail the run: the volume is (about to be) complete,
-    and a job whose volume is complete exits 0. The signal is ignored from here on."""
+    and a job whose volume is complete exits 0. The signal is held, not lost: a process with
+    more volumes to go stops before the next one (pipeline.raise_on_sigterm raises it then)."""
     if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGTERM)):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, frame: DEFERRED_SIGNALS.append(signum))

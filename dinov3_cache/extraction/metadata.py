@@ -104,6 +104,7 @@ def volume_metadata(
             "batch_size": config.batch_size,
             "device": str(loaded.device),
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+            "execution": loaded.execution,  # not fingerprinted: features equal within model.FEATURE_TOLERANCE
             "voxel_size_nm": {"features": list(crop.label_grid.voxel_size_nm), "raw": list(crop.raw_grid.voxel_size_nm)},
             "offset_nm": list(crop.offset_nm),
             "fingerprint": config_fingerprint(fingerprint_values),

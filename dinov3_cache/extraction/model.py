@@ -4,7 +4,8 @@ pass that turns normalised slices into patch-token grids."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,20 @@ from dinov3_cache.extraction.weights import (
 
 log = logging.getLogger(__name__)
 
+ATTENTION = "sdpa"  # torch's scaled_dot_product_attention: it picks flash / memory-efficient kernels itself
+# the largest difference from the eager transformers forward (float32 on a CPU is exact; see
+# docs/extraction.md): features within it of the eager model keep the same fingerprint
+FEATURE_TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How the forward runs; the features stay the same within FEATURE_TOLERANCE, so none of
+    this enters the fingerprint (it is recorded as configuration.execution)."""
+
+    compile: bool = False
+    compile_cache: Path | None = None  # torch inductor's persistent cache; None: no persistent cache
+
 
 @dataclass
 class LoadedModel:
@@ -32,6 +47,7 @@ class LoadedModel:
     prefix_tokens: int  # CLS + register tokens, dropped from the output
     normalization: dict
     identity: dict  # model id, revision, pretrained flag: recorded and fingerprinted
+    execution: dict = field(default_factory=dict)  # attention kernel, RoPE tables, compiled: recorded only
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -51,7 +67,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(model_id: str, revision: str | None = None, device: str = "auto") -> LoadedModel:
+def load_model(
+    model_id: str, revision: str | None = None, device: str = "auto", execution: ExecutionOptions = ExecutionOptions()
+) -> LoadedModel:
     """Any Hugging Face id or local directory, or 'random:PRESET' for an offline demo model."""
     torch_device = resolve_device(device)
     if model_id.startswith("random"):
@@ -61,14 +79,17 @@ def load_model(model_id: str, revision: str | None = None, device: str = "auto")
     identity["weights"] = weights_identity(model_id, revision)
     model.eval().to(torch_device, torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
     config = model.config
+    cache_rope_tables(model)
     return LoadedModel(
-        model=model,
+        model=compiled(model, execution.compile_cache) if execution.compile else model,
         device=torch_device,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
         prefix_tokens=1 + config.num_register_tokens,
         normalization=normalization_for(model_id),
         identity=identity,
+        execution={"attention": config._attn_implementation, "rope_tables": "cached per image size",
+                   "compiled": execution.compile},
     )
 
 
@@ -78,7 +99,9 @@ def build_random_model(model_id: str) -> tuple[torch.nn.Module, dict]:
     preset = random_preset(model_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_MODEL_SEED)
-        model = DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, **RANDOM_MODEL_PRESETS[preset]))
+        config = DINOv3ViTConfig(patch_size=16, **RANDOM_MODEL_PRESETS[preset])
+        config._attn_implementation = ATTENTION
+        model = DINOv3ViTModel(config)
     log.warning(
         "model %s has RANDOM weights (not pretrained): features are for testing the pipeline only", model_id
     )
@@ -100,7 +123,9 @@ def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn
     hub_level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its retry warnings only delay the one line below
     try:
-        model = DINOv3ViTModel.from_pretrained(model_id, revision=revision, local_files_only=offline is not None)
+        model = DINOv3ViTModel.from_pretrained(
+            model_id, revision=revision, local_files_only=offline is not None, attn_implementation=ATTENTION
+        )
     except (OSError, ValueError) as e:
         cause = f"not in the local Hugging Face cache and {offline}" if offline else first_line(e, 200)
         raise ModelError(
@@ -132,6 +157,54 @@ def hub_offline_reason() -> str | None:
     except Exception as e:  # any failure to get an answer (DNS, refused, timeout, proxy) means unreachable
         return f"the hub {constants.ENDPOINT} is unreachable: {first_line(e, 120)}"
     return None
+
+
+# ----------------------------------------------------------------------------- faster forward
+
+
+class CachedRopeTables(torch.nn.Module):
+    """The model's own RoPE module, its (cos, sin) tables kept per (height, width, device, dtype):
+    the module rebuilds them on every forward though they depend only on the image size."""
+
+    def __init__(self, rope: torch.nn.Module):
+        super().__init__()
+        self.rope = rope
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope.training:  # training jitters the coordinates: nothing to cache
+            return self.rope(pixel_values)
+        key = (*pixel_values.shape[-2:], pixel_values.device, pixel_values.dtype)
+        if key not in self.tables:
+            self.tables[key] = self.rope(pixel_values)
+        return self.tables[key]
+
+
+def cache_rope_tables(model: torch.nn.Module) -> None:
+    """Wrap this model instance's RoPE module (the library's class is left alone)."""
+    if not isinstance(model.rope_embeddings, CachedRopeTables):
+        model.rope_embeddings = CachedRopeTables(model.rope_embeddings)
+
+
+def compiled(model: torch.nn.Module, cache_dir: Path | None) -> torch.nn.Module:
+    """torch.compile with inductor's FX graph cache in cache_dir: the first process compiles,
+    later ones with the same torch, model and shapes load the kernels from there."""
+    import torch._inductor.config as inductor_config
+
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).absolute())
+    inductor_config.fx_graph_cache = True
+    rope = model.rope_embeddings  # a dictionary lookup: kept outside the compiled graphs
+    rope.forward = torch.compiler.disable(rope.forward)
+    return torch.compile(model)
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Inductor FX graph cache hits and misses in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ import torch
 
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
+    DEFERRED_SIGNALS,
     VolumeOutcome,
     as_storage_error,
     commit_volume,
@@ -39,7 +40,7 @@ from dinov3_cache.extraction.commit import (
 from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.features import check_slice_size, extract_features
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
-from dinov3_cache.extraction.model import LoadedModel, load_model
+from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
 from dinov3_cache.extraction.writer import (
     AsyncBlockWriter,
     BlockBuffers,
@@ -56,7 +57,7 @@ from dinov3_cache.layout import (
     write_status,
 )
 from dinov3_cache.schema import VolumeMetadata
-from dinov3_cache.sources.base import VolumeSource
+from dinov3_cache.sources.base import SourceCrop, VolumeSource
 from dinov3_cache.zarr_arrays import ts_context
 
 log = logging.getLogger("dinov3_preprocessing")
@@ -73,8 +74,12 @@ class Terminated(Exception):
 
 
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so a killed job says so in its status record."""
+    """Turn SIGTERM into an exception, so a killed job says so in its status record; one held
+    during an earlier volume's commit is raised now, before the next volume starts."""
     import signal
+
+    if DEFERRED_SIGNALS:
+        raise Terminated(DEFERRED_SIGNALS.pop())
 
     def handler(signum, frame):
         raise Terminated(signum)
@@ -114,15 +119,20 @@ class ModelOnDemand:
     """The run's model, loaded at most once, when first needed (the skip check needs it only
     when the weights' identity cannot be resolved without loading them)."""
 
-    def __init__(self, config: ExtractionConfig, loaded: LoadedModel | None):
-        self.config, self.loaded, self.load_seconds = config, loaded, 0.0
+    def __init__(self, config: ExtractionConfig, loaded: LoadedModel | None, execution: ExecutionOptions = ExecutionOptions()):
+        self.config, self.loaded, self.execution, self.load_seconds = config, loaded, execution, 0.0
 
     def get(self) -> LoadedModel:
         if self.loaded is None:
             started = time.perf_counter()
-            self.loaded = load_model(self.config.model_id, self.config.model_revision, self.config.device)
+            self.loaded = load_model(self.config.model_id, self.config.model_revision, self.config.device, self.execution)
             self.load_seconds = time.perf_counter() - started
         return self.loaded
+
+    def take_load_seconds(self) -> float:
+        """The load time, reported once: by the first volume that needed the model."""
+        seconds, self.load_seconds = self.load_seconds, 0.0
+        return seconds
 
 
 def preprocess_volume(
@@ -132,9 +142,17 @@ def preprocess_volume(
 ) -> VolumeOutcome:
     """Extract, write and commit one volume, under its lock. Raises PreprocessingError,
     SourceError or StorageError with an actionable one-line message."""
+    return run_volume(config, source, ModelOnDemand(config, loaded), lambda: source.sample(
+        config.volume_index, config.geometry, config.sampling))
+
+
+def run_volume(
+    config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand, read_crop: Callable[[], SourceCrop]
+) -> VolumeOutcome:
+    """preprocess_volume with a shared model and the crop read by read_crop (which may have
+    started earlier, in the background)."""
     paths = config.paths
     ensure_writable(paths.output_dir)
-    model = ModelOnDemand(config, loaded)
     with VolumeLock(paths):
         tidy_volume(paths)
         skip = existing_volume_check(config, source, load_model=model.get)
@@ -142,7 +160,7 @@ def preprocess_volume(
             return skip
         write_status(paths, "running", started=now_iso())
         try:
-            metadata = build_and_commit(config, source, model)
+            metadata = build_and_commit(config, source, model, read_crop)
         except BaseException as caught:
             e = as_storage_error(caught, paths)
             remove_tree(paths.staging)  # first: it frees the space the status record needs
@@ -154,16 +172,18 @@ def preprocess_volume(
         return VolumeOutcome("complete", f"volume {config.volume_index} complete: {paths.metadata}", metadata)
 
 
-def build_and_commit(config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand) -> VolumeMetadata:
+def build_and_commit(
+    config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand, read_crop: Callable[[], SourceCrop]
+) -> VolumeMetadata:
     paths = config.paths
     timing: dict[str, float] = {}
     loaded = model.get()
-    timing["model_load_seconds"] = model.load_seconds
+    timing["model_load_seconds"] = model.take_load_seconds()
     check_slice_size(config.geometry, loaded.patch_size)
 
     t = time.perf_counter()
-    crop = source.sample(config.volume_index, config.geometry, config.sampling)
-    timing["source_read_seconds"] = time.perf_counter() - t
+    crop = read_crop()
+    timing["source_read_seconds"] = time.perf_counter() - t  # the wait only, when read in the background
 
     t_volume = time.perf_counter()
     commit_id = uuid.uuid4().hex

@@ -29,7 +29,8 @@ from typing import Any
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
-from dinov3_cache.layout import write_json_atomic
+from dinov3_cache.indices import parse_index_list
+from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
 from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
@@ -38,6 +39,7 @@ DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 SETTINGS_FORMAT = "dinov3_cache.extraction_settings"
 SETTINGS_VERSION = 1
+COMPILE_CACHE_DIR = "compile_cache"  # under logs/ by default: shared by the jobs of a cache
 
 
 class SettingsError(UsageError):
@@ -91,6 +93,10 @@ class ExtractionSettings:
     overwrite: bool = option(False, "replace a complete volume (the old one stays valid until then)")
     no_space_check: bool = option(False, "start even when the output file system has less free space than the volume needs")
     device: str = option("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    compile: bool = option(False, "torch.compile the model (same features; worth it for many volumes per job)")
+    compile_cache: str | None = option(
+        None, "persistent compilation cache shared by every job (default with --compile: OUTPUT_DIR/logs/compile_cache)"
+    )
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
 
@@ -134,6 +140,12 @@ class ExtractionSettings:
             device=self.device,
             space_check=not self.no_space_check,
         )
+
+    def compile_cache_dir(self) -> Path | None:
+        """Where compiled kernels are kept between processes (None without --compile)."""
+        if not self.compile:
+            return None
+        return Path(self.compile_cache) if self.compile_cache else Path(self.output_dir) / LOGS_DIR / COMPILE_CACHE_DIR
 
     def values(self) -> dict[str, Any]:
         """Every option by argparse dest, source options included: what a settings file holds."""
@@ -208,8 +220,12 @@ def settings_from_args(args: argparse.Namespace) -> ExtractionSettings:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
-    """The ExtractionConfig for parsed preprocess_volume.py options."""
-    return settings_from_args(args).config(args.volume_index)
+    """The ExtractionConfig for parsed preprocess_volume.py options naming one volume."""
+    given = args.volume_index if isinstance(args.volume_index, list) else [args.volume_index]
+    indices = parse_index_list(given, "--volume-index")
+    if len(indices) != 1:
+        raise UsageError(f"--volume-index names {len(indices)} volumes here; this needs exactly one")
+    return settings_from_args(args).config(indices[0])
 
 
 def _plain(value: Any) -> Any:
