@@ -16,9 +16,9 @@ import argparse
 import logging
 import sys
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, report_error
+from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
-from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.indices import check_index, format_ranges, parse_index_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def volume_indices(tokens: list[str]) -> list[int]:
-    negative = [t for t in tokens if t.strip().startswith("-")]
-    if negative:
-        raise UsageError(f"--volume-index must be >= 0, got {negative[0]}")
+    for token in tokens:
+        if token.strip().startswith("-") and token.strip()[1:].isdigit():
+            check_index(int(token))  # a negative index: the message of any index out of range
     return parse_index_list(tokens, "--volume-index")
 
 
