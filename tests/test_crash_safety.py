@@ -91,3 +91,25 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_volume(tiny_tmpfs, tiny_m
     last = full.stderr.strip().splitlines()[-1]
     assert full.returncode == 1 and last.startswith("error:") and "is full" in last, full.stderr[-2000:]
     assert not paths.staging.exists() and not paths.metadata.exists()
+
+
+def test_a_sigterm_held_during_a_commit_stops_the_next_volume():
+    """After a commit SIGTERM is held (the committed volume's job must exit 0); in a process
+    with more volumes, re-arming before the next one raises it then."""
+    import signal
+
+    from dinov3_cache.extraction.commit import DEFERRED_SIGNALS, keep_running_on_sigterm
+    from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        raise_on_sigterm()
+        keep_running_on_sigterm()
+        signal.raise_signal(signal.SIGTERM)  # held, not raised
+        assert DEFERRED_SIGNALS == [signal.SIGTERM]
+        with pytest.raises(Terminated):
+            raise_on_sigterm()
+        assert DEFERRED_SIGNALS == []
+    finally:
+        DEFERRED_SIGNALS.clear()
+        signal.signal(signal.SIGTERM, previous)
