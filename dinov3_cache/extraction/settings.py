@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
-from dinov3_cache.extraction.config import PLANES, ExtractionConfig
+from dinov3_cache.extraction.config import LAYOUTS, PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.layout import write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
@@ -90,6 +90,10 @@ class ExtractionSettings:
     save_raw: bool = option(False, "also write volume_XXXXXX_raw.zarr at slice resolution")
     overwrite: bool = option(False, "replace a complete volume (the old one stays valid until then)")
     device: str = option("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    layout: str = option(
+        "dense", "feature storage: 'dense' (C, D, H, W) features (default), or 'tokens' (the planes' patch-token "
+        "grids, about 5x smaller; the loader builds the same features from them)", choices=LAYOUTS,
+    )
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
 
@@ -131,6 +135,7 @@ class ExtractionSettings:
             save_raw=self.save_raw,
             overwrite=self.overwrite,
             device=self.device,
+            layout=self.layout,
         )
 
     def values(self) -> dict[str, Any]:
