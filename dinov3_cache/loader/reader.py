@@ -313,7 +313,7 @@ class VolumeReader:
     def __init__(self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor):
         self.volume = volume
         self.readers = {}
-        for array in ("features", *SPATIAL_ARRAYS):
+        for array in ("tokens" if volume.metadata.layout == "tokens" else "features", *SPATIAL_ARRAYS):
             if array == "mask" and not volume.has_mask:
                 continue
             path = volume.array_path(array)
