@@ -66,18 +66,17 @@ def plane_features(
     grids: torch.Tensor, plane: str, out_dim: int, region: Sequence[tuple[int, int]],
     grid_size: int, origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
-    """One plane's upsampled grids over `region`, (C, dz, dy, dx) float32. Separable: one
-    image axis at a time, the one with fewer outputs first (fewer multiply-adds)."""
+    """One plane's upsampled grids over `region`, (C, dz, dy, dx) float32, contiguous. The
+    (small) grids are laid out as (C, z, y, x) first, so the products write the output in its
+    final order; separable: one image axis at a time, the one with fewer outputs first."""
     normal, image_axes = PLANE_AXES[plane]
-    x = grids.float()
-    order = sorted((0, 1), key=lambda k: region[image_axes[k]][1] - region[image_axes[k]][0])
-    for k in order:
-        axis = image_axes[k]
+    stored = (normal, *image_axes)  # the spatial axis of stored dims 1, 2, 3
+    x = grids.float().permute(0, *(1 + stored.index(axis) for axis in range(3)))
+    for axis in sorted(image_axes, key=lambda a: region[a][1] - region[a][0]):
+        first = origin[image_axes.index(axis)]
         full = interpolation_matrix(grid_size, out_dim, *region[axis], x.device)
-        x = interpolate_dim(x, 2 + k, full[:, origin[k] : origin[k] + x.shape[2 + k]])
-    # (C, normal, a, b) -> (C, z, y, x)
-    held = (normal, *image_axes)
-    return x.permute(0, *(1 + held.index(axis) for axis in range(3)))
+        x = interpolate_dim(x, 1 + axis, full[:, first : first + x.shape[1 + axis]])
+    return x
 
 
 def features_from_tokens(
@@ -86,6 +85,7 @@ def features_from_tokens(
     region: Sequence[tuple[int, int]] | None = None,
     grid_size: int | None = None,
     origins: Mapping[str, tuple[int, int]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The features (C, dz, dy, dx), float32, on the tokens' device.
 
@@ -95,15 +95,18 @@ def features_from_tokens(
     out_dim: D, the features' edge length.
     region: (start, stop) along z, y, x (default the whole D^3 volume).
     grid_size: g, tokens per image axis of a whole plane (default the grids' own size).
+    out: a float32 tensor of the result's shape to fill (e.g. a batch slot), else a new one.
     """
+    if not tokens:
+        raise ValueError("features_from_tokens needs the token grids of at least one plane")
     region = [tuple(r) for r in region] if region is not None else [(0, out_dim)] * 3
-    total = None
-    for plane, grids in tokens.items():
+    for i, (plane, grids) in enumerate(tokens.items()):
         g = grid_size if grid_size is not None else grids.shape[-1]
         part = plane_features(grids, plane, out_dim, region, g, (origins or {}).get(plane, (0, 0)))
-        total = part.contiguous() if total is None else total.add_(part)
-    if total is None:
-        raise ValueError("features_from_tokens needs the token grids of at least one plane")
+        if i == 0:
+            total = part if out is None else out.copy_(part)
+        else:
+            total.add_(part)
     return total.div_(len(tokens))
 
 

@@ -146,7 +146,7 @@ def read_samples(
     if any(token_items) and not deferred:
         for b, crop in enumerate(token_crops):
             if crop is not None:
-                features[b].copy_(crop.features())
+                crop.features(out=features[b])
     metadata = [s.volume.metadata.to_dict() | {"sample": s.describe()} for s in samples] if with_metadata else None
     return RawBatch(features, gt, mask, metadata, has_mask, tokens=token_crops if deferred and any(token_items) else None)
 

@@ -45,10 +45,14 @@ class TokenCrop:
     def stored_dtype(self) -> torch.dtype:
         return next(iter(self.grids.values())).dtype
 
-    def features(self, device: torch.device | None = None) -> torch.Tensor:
-        """The crop's features (C, dz, dy, dx), float32, built on `device` (default: where the tokens are)."""
+    def features(self, device: torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The crop's features (C, dz, dy, dx), float32, built on `device` (default: where the
+        tokens are), into `out` when given (any dtype: float32 is filled in place)."""
         grids = self.grids if device is None else {p: g.to(device, non_blocking=True) for p, g in self.grids.items()}
-        return features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins)
+        if out is not None and out.dtype == torch.float32:
+            return features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins, out=out)
+        features = features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins)
+        return features if out is None else out.copy_(features)
 
 
 def start_token_read(reader: VolumeReader, spatial: Sequence[slice]) -> tuple[TokenCrop, list[tuple[str, Future]]]:
@@ -90,5 +94,5 @@ def fill_token_features(
         features = features.to(dtype)
     for b, crop in enumerate(crops):
         if crop is not None:
-            features[b].copy_(crop.features(device))
+            crop.features(device, out=features[b])
     return features
