@@ -9,6 +9,7 @@ travel (a fraction of the features' bytes) and the features are made there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dinov3_cache.errors import first_line
 from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import features_from_tokens, token_window
 from dinov3_cache.loader.reader import CachedVolume, VolumeReader, torch_dtype, volume_read_error
+
+BUILD_BYTES = 128 * 2**20  # float32 temporaries per plane while building a crop's features
 
 
 def stored_feature_array(volume: CachedVolume) -> str:
@@ -46,13 +49,22 @@ class TokenCrop:
         return next(iter(self.grids.values())).dtype
 
     def features(self, device: torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The crop's features (C, dz, dy, dx), float32, built on `device` (default: where the
-        tokens are), into `out` when given (any dtype: float32 is filled in place)."""
-        grids = self.grids if device is None else {p: g.to(device, non_blocking=True) for p, g in self.grids.items()}
-        if out is not None and out.dtype == torch.float32:
-            return features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins, out=out)
-        features = features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins)
-        return features if out is None else out.copy_(features)
+        """The crop's features (C, dz, dy, dx), built on `device` (default: where the tokens
+        are) in float32, into `out` when given (float32 is filled in place, another dtype
+        receives a copy), a channel group at a time: the float32 temporaries stay within
+        BUILD_BYTES per plane whatever the crop."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=torch.float32, device=device)
+        channels, voxels = self.shape[0], math.prod(self.shape[1:])
+        group = max(1, BUILD_BYTES // (4 * voxels))
+        for c0 in range(0, channels, group):
+            grids = {p: g[c0 : c0 + group].to(device or g.device, non_blocking=True) for p, g in self.grids.items()}
+            target = out[c0 : c0 + group]
+            if target.dtype == torch.float32:
+                features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins, out=target)
+            else:
+                target.copy_(features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins))
+        return out
 
 
 def start_token_read(reader: VolumeReader, spatial: Sequence[slice]) -> tuple[TokenCrop, list[tuple[str, Future]]]:
