@@ -6,7 +6,8 @@ write metadata and status records. Nothing else spells a file name.
 
 Layout of an output directory::
 
-    volume_000000_features.zarr   features (C, D, H, W)
+    volume_000000_features.zarr   features (C, D, H, W) (dense layout)
+    volume_000000_tokens.zarr     the planes' token grids (P, C, D, g, g) (tokens layout)
     volume_000000_gt.zarr         labels (D, H, W)
     volume_000000_mask.zarr       valid-label mask (D, H, W), with GT extension
     volume_000000_raw.zarr        raw crop at slice resolution (only with --save-raw)
@@ -43,7 +44,7 @@ from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
-ARRAY_NAMES = ("features", "gt", "mask", "raw")
+ARRAY_NAMES = ("features", "tokens", "gt", "mask", "raw")
 COMMIT_DIR_INFIX = ".commit-"
 LOGS_DIR = "logs"
 

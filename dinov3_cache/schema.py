@@ -234,8 +234,12 @@ class Configuration(Part):
     features_dtype: str = json_key("stored feature dtype", STRING, since=2)
     compression: str = json_key("compression of the arrays", STRING)
     zarr_format: int = json_key("zarr format of the arrays (2 or 3)", INT, since=2)
-    chunks: tuple[int, ...] = json_key("feature chunk shape (C, Z, Y, X)", list_of(INT))
-    codecs: dict = json_key("the feature array's codec chain as written", OBJECT, since=2)
+    layout: str | None = json_key(
+        "how the features are stored: 'dense' (features array) or 'tokens' (tokens array); absent: dense",
+        STRING, since=None)
+    chunks: tuple[int, ...] = json_key(
+        "chunk shape of the features (C, Z, Y, X) or, in the tokens layout, of the tokens (1, C, slice, a, b)", list_of(INT))
+    codecs: dict = json_key("the features (or tokens) array's codec chain as written", OBJECT, since=2)
     batch_size: int = json_key("slices per forward pass", INT, since=2)
     device: str = json_key("device the model ran on", STRING, since=2)
     compute_dtype: str = json_key("dtype of the forward pass", STRING, since=2)
@@ -278,7 +282,9 @@ class Statistics(Part):
     num_classes: int = json_key("distinct label values inside the mask", INT)
     unique_classes: tuple[int, ...] = json_key("those values (at most 1000)", list_of(INT))
     valid_gt_fraction: float = json_key("fraction of voxels with valid labels (mask mean)", NUMBER)
-    features: dict = json_key("feature mean, std, min, max, non_finite ({} when empty)", OBJECT, since=2)
+    features: dict = json_key(
+        "mean, std, min, max, non_finite of the stored features (tokens layout: of the token values; {} when empty)",
+        OBJECT, since=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,7 +319,8 @@ class VolumeMetadata(Part):
     paths: dict[str, str] = json_key("absolute path of each array when written", map_of(STRING))
     source_dataset: SourceDataset = json_key("where the crop came from", SourceDataset)
     shapes: dict[str, tuple[int, ...]] = json_key(
-        "shape of each array: features (C, D, H, W), gt and mask (D, H, W), raw (S, S, S)", map_of(list_of(INT)))
+        "shape of each array: features (C, D, H, W) (also in the tokens layout: what it delivers), "
+        "tokens (P, C, D, g, g), gt and mask (D, H, W), raw (S, S, S)", map_of(list_of(INT)))
     dtypes: dict[str, str] = json_key("numpy dtype name of each stored array", map_of(STRING), since=2)
     configuration: Configuration = json_key("settings of the run", Configuration)
     timing: dict[str, float] = json_key("seconds per stage (model_load, source_read, feature_extraction, ...)",
@@ -355,6 +362,11 @@ class VolumeMetadata(Part):
     def is_intact(self) -> bool:
         """The recorded digest matches the document (False when there is none)."""
         return metadata_is_intact(self.to_dict())
+
+    @property
+    def layout(self) -> str:
+        """'dense' or 'tokens' (files written before layouts existed are dense)."""
+        return self.configuration.layout or "dense"
 
     @property
     def has_mask(self) -> bool:

@@ -1,4 +1,4 @@
-"""Pure functions of feature extraction: interpolation, plane contributions, slab tiling, slicing."""
+"""Pure functions of feature extraction: interpolation, features_from_tokens, slab tiling, slicing."""
 
 from __future__ import annotations
 
@@ -7,19 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov3_cache.extraction.features import (
-    SPATIAL_LAYOUT,
-    emit_slab,
+from dinov3_cache.extraction.features import iter_slabs, normalise, plane_order, plane_slices
+from dinov3_cache.extraction.upsampling import (
+    features_from_tokens,
     interpolate_dim,
     interpolation_matrix,
-    normalise,
-    plane_contribution,
-    plane_order,
-    plane_slices,
-    spatial_layout,
+    rounding_bound,
+    token_window,
 )
 
 CPU = torch.device("cpu")
+# (slice, c, a, b) of a plane's grids -> (c, z, y, x)
+SPATIAL_LAYOUT = {"xy": (1, 0, 2, 3), "xz": (1, 2, 0, 3), "yz": (1, 2, 3, 0)}
 
 
 @pytest.mark.parametrize("in_size, out_size", [(4, 16), (4, 64), (3, 7), (16, 16), (5, 2)])
@@ -39,21 +38,65 @@ def test_interpolation_matrix_rows_are_the_full_matrix_rows():
     torch.testing.assert_close(interpolation_matrix(4, 16, 5, 11, CPU), full[5:11])
 
 
-@pytest.mark.parametrize("plane", ["xy", "xz", "yz"])
-def test_plane_contribution_equals_f_interpolate_per_slice(plane):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("in_size, out_size", [(4, 16), (32, 128), (3, 7)])
+def test_token_window_covers_every_nonzero_weight(in_size, out_size):
+    full = interpolation_matrix(in_size, out_size, 0, out_size, CPU)
+    for start, stop in [(0, 1), (0, out_size), (out_size // 3, out_size // 2 + 1), (out_size - 1, out_size)]:
+        t0, t1 = token_window(in_size, out_size, start, stop)
+        rows = full[start:stop]
+        assert rows[:, :t0].abs().sum() == 0 and rows[:, t1:].abs().sum() == 0
+        assert rows[:, t0].abs().sum() > 0 or t0 == 0
+
+
+def reference_features(tokens: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+    """The formula with torch's own bilinear upsampling: per slice, then the plane mean."""
+    parts = []
+    for plane, grids in tokens.items():  # (C, n, g, g)
+        up = F.interpolate(grids.transpose(0, 1), size=(d, d), mode="bilinear", align_corners=False)
+        parts.append(up.permute(*SPATIAL_LAYOUT[plane]))
+    return torch.stack(parts).mean(dim=0)
+
+
+def random_tokens(planes, c: int, d: int, g: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {p: torch.randn(c, d, g, g, generator=generator) for p in planes}
+
+
+@pytest.mark.parametrize("planes", [("xy",), ("xz",), ("yz",), ("xy", "xz", "yz")])
+def test_features_from_tokens_is_the_mean_of_torch_bilinear_upsampling(planes):
     d, g, c = 8, 2, 3
-    grids = torch.randn(d, c, g, g)  # one grid per slice along the plane's normal
-    expected = F.interpolate(grids, size=(d, d), mode="bilinear", align_corners=False)  # (slice, c, a, b)
-    expected = expected.permute(*SPATIAL_LAYOUT[plane])  # (c, z, y, x)
-    whole = plane_contribution(spatial_layout(grids, plane), plane, d, [(0, d)] * 3)
-    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
-    # a sub-block: the normal axis narrowed in the grids, the image axes by the ranges
-    ranges = [(2, 6), (1, 8), (0, 3)]
-    normal = {"xy": 0, "xz": 1, "yz": 2}[plane]
-    lo, hi = ranges[normal]
-    part = plane_contribution(spatial_layout(grids, plane).narrow(1 + normal, lo, hi - lo), plane, d, ranges)
-    torch.testing.assert_close(part, expected[:, 2:6, 1:8, 0:3], rtol=1e-5, atol=1e-6)
+    tokens = random_tokens(planes, c, d, g)
+    expected = reference_features(tokens, d)
+    torch.testing.assert_close(features_from_tokens(tokens, d), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_features_from_tokens_of_a_window_equal_that_region_of_the_whole():
+    """A crop built from the slices under it and the token windows it reads equals the crop
+    of the whole volume's features (what the loader relies on)."""
+    d, g, c = 16, 4, 5
+    tokens = random_tokens(("xy", "xz", "yz"), c, d, g)
+    whole = features_from_tokens(tokens, d)
+    region = [(3, 9), (0, 5), (11, 16)]
+    axes = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}
+    windows, origins = {}, {}
+    for plane, grids in tokens.items():
+        normal, (ia, ib) = axes[plane]
+        (a0, a1), (b0, b1) = token_window(g, d, *region[ia]), token_window(g, d, *region[ib])
+        windows[plane] = grids[:, region[normal][0] : region[normal][1], a0:a1, b0:b1]
+        origins[plane] = (a0, b0)
+        assert (a1 - a0) * (b1 - b0) < g * g or plane == "yz"  # a crop reads less than the plane
+    part = features_from_tokens(windows, d, region, grid_size=g, origins=origins)
+    torch.testing.assert_close(part, whole[:, 3:9, 0:5, 11:16], rtol=1e-5, atol=1e-6)
+
+
+def test_rounding_bound_holds_for_float16_storage():
+    d, g, c = 16, 4, 8
+    tokens = random_tokens(("xy", "xz", "yz"), c, d, g)
+    dense = features_from_tokens(tokens, d).half().float()
+    from_stored = features_from_tokens({p: t.half() for p, t in tokens.items()}, d)
+    max_abs = max(float(t.abs().max()) for t in tokens.values())
+    difference = float((dense - from_stored).abs().max())
+    assert 0 < difference <= rounding_bound(torch.float16, max_abs)
 
 
 def test_plane_order_streams_xy_when_present():
@@ -61,29 +104,14 @@ def test_plane_order_streams_xy_when_present():
     assert plane_order(("yz", "xz")) == (["yz"], "xz")
 
 
-def test_emit_slab_blocks_tile_the_slab_exactly(monkeypatch):
-    """Every voxel of the slab is handed out once, with the plane average as its value."""
-    import dinov3_cache.extraction.features as features
-
-    monkeypatch.setattr(features, "BLOCK_BYTES", 1)  # smallest tiles: many blocks
-    torch.manual_seed(0)
-    d, g, c = 8, 2, 4
-    streaming = spatial_layout(torch.randn(d, c, g, g), "xy")
-    held = {"xz": spatial_layout(torch.randn(d, c, g, g), "xz")}
-    out = torch.full((c, d, d, d), float("nan"))
-    seen = torch.zeros((c, d, d, d), dtype=torch.int32)
-
-    def emit(origin, shape, compute):
-        region = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-        out[region] = compute(0, shape[0])
-        seen[region] += 1
-
-    start, stop = 2, 6
-    emit_slab(streaming[:, start:stop], "xy", held, start, stop, 0, d, (2, 2, 2, 2), 4, emit)
-    assert (seen[:, start:stop] == 1).all() and (seen[:, :start] == 0).all() and (seen[:, stop:] == 0).all()
-    expected = (plane_contribution(streaming, "xy", d, [(0, d)] * 3)
-                + plane_contribution(held["xz"], "xz", d, [(0, d)] * 3)) / 2
-    torch.testing.assert_close(out[:, start:stop], expected[:, start:stop], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("batch, slab", [(3, 2), (2, 4), (5, 16), (1, 1)])
+def test_iter_slabs_regroups_batches_into_aligned_slabs(batch, slab):
+    n = 11
+    grids = torch.arange(n, dtype=torch.float32).view(1, n, 1, 1).expand(2, n, 1, 1)
+    batches = ((s, grids[:, s : s + batch]) for s in range(0, n, batch))
+    slabs = list(iter_slabs(batches, slab, n))
+    assert [s for s, _ in slabs] == list(range(0, n, slab))
+    torch.testing.assert_close(torch.cat([g for _, g in slabs], dim=1), grids)
 
 
 @pytest.mark.parametrize("plane, normal", [("xy", 0), ("xz", 1), ("yz", 2)])

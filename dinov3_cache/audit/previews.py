@@ -1,7 +1,8 @@
 """Preview images: the middle z slice of a volume's features (PCA as RGB), labels, mask
 and raw, side by side in one PNG per volume.
 
-Imports numpy and TensorStore: the audit imports this module only when previewing.
+Imports numpy and TensorStore (and torch for tokens volumes, whose slice is built with
+features_from_tokens): the audit imports this module only when previewing.
 """
 
 from __future__ import annotations
@@ -53,15 +54,33 @@ def grey_rgb(values, lo: float, hi: float) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+def feature_slice(paths: VolumePaths, metadata, context, z: int) -> np.ndarray:
+    """Features (C, H, W) of slice z, float32, from either layout."""
+    if metadata.layout != "tokens":
+        return open_array(paths.array("features"), context)[:, z].read().result().astype("float32")
+    import torch
+
+    from dinov3_cache.extraction.config import PLANE_AXES
+    from dinov3_cache.extraction.upsampling import features_from_tokens
+
+    tokens = open_array(paths.array("tokens"), context)
+    _, _, depth, grid_size, _ = tokens.shape
+    region = [(z, z + 1), (0, depth), (0, depth)]
+    grids = {}
+    for position, plane in enumerate(metadata.configuration.planes):
+        lo, hi = region[PLANE_AXES[plane][0]]
+        grids[plane] = torch.from_numpy(tokens[position, :, lo:hi].read().result().astype("float32"))
+    return features_from_tokens(grids, depth, region, grid_size)[:, 0].numpy()
+
+
 def write_preview(output_dir: Path, index: int, preview_dir: Path, num_threads: int = 8) -> Path:
     """Middle z slice of the features (PCA as RGB), gt, mask and raw, side by side."""
     paths = VolumePaths(Path(output_dir), index)
     metadata = load_volume_metadata(paths.metadata)
     context = ts_context(num_threads)
-    features = open_array(paths.array("features"), context)
-    depth = features.shape[1]
+    depth = metadata.shapes["features"][1]
     z = depth // 2
-    panels = [("features PCA", pca_rgb(features[:, z].read().result().astype("float32")))]
+    panels = [("features PCA", pca_rgb(feature_slice(paths, metadata, context, z)))]
     if paths.array("gt").is_dir():
         panels.append(("gt", label_rgb(open_array(paths.array("gt"), context)[z].read().result())))
     if paths.array("mask").is_dir():

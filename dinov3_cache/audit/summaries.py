@@ -31,6 +31,7 @@ class VolumeSummary:
     fingerprint: str | None
     recorded_bytes: dict[str, int]
     array_bytes: dict[str, int] = field(default_factory=dict)
+    layout: str = "dense"  # how the features are stored: dense features or token grids
 
 
 def source_label(source: dict) -> str:
@@ -49,6 +50,7 @@ def summarise_volume(index: int, metadata: VolumeMetadata) -> VolumeSummary:
         source=source_label(metadata.source_dataset.to_dict()),
         fingerprint=metadata.configuration.fingerprint,
         recorded_bytes=dict(metadata.storage.bytes or {}),
+        layout=metadata.layout,
     )
 
 
@@ -161,7 +163,23 @@ def storage_summary(
         "free_bytes": free,
         "short_of_space": still_needed is not None and free < still_needed,
         "per_volume_bytes": {str(s.index): sum(s.array_bytes.values()) for s in summaries},
+        "by_layout": layout_summary(summaries),
     }
+
+
+def layout_summary(summaries: list[VolumeSummary]) -> dict:
+    """Per layout (dense, tokens): the volumes stored so and their bytes."""
+    groups: dict[str, list[VolumeSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.layout, []).append(s)
+    out = {}
+    for layout, members in sorted(groups.items()):
+        total = sum(sum(s.array_bytes.values()) for s in members)
+        out[layout] = {
+            "volumes": len(members), "indices": format_ranges(s.index for s in members),
+            "total_bytes": total, "per_volume_mean_bytes": total / len(members),
+        }
+    return out
 
 
 def configuration_summary(summaries: list[VolumeSummary], configs: dict) -> dict:

@@ -124,6 +124,9 @@ def format_storage(report: Report, add) -> None:
     add(f"  total {human_bytes(s['total_bytes'])} in {s['volumes']} complete volume(s); per volume {human_bytes(s['per_volume_mean_bytes'])}")
     for name, total in s["by_array_bytes"].items():
         add(f"    {name:<10} {human_bytes(s['by_array_mean_bytes'][name]):>12} per volume   {human_bytes(total):>12} total")
+    for layout, group in s.get("by_layout", {}).items():
+        add(f"  layout {layout:<7} {group['volumes']:>6} volume(s), {human_bytes(group['per_volume_mean_bytes'])} per volume: "
+            f"{group['indices']}")
     if s["debris_bytes"]:
         add(f"  debris of killed runs {human_bytes(s['debris_bytes'])}")
     if s["projected_total_bytes"] is not None:

@@ -71,14 +71,17 @@ class OutOfSpace(StorageError):
     """The output file system cannot hold the volume; the staging area was removed."""
 
 
-def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size: int) -> int:
+def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size: int, grid_size: int) -> int:
     """The volume's uncompressed size (an upper bound on what compression leaves): features
-    C x D^3 in the stored dtype, the labels and mask, and the raw crop with --save-raw."""
+    C x D^3 (dense) or the planes' token grids P x C x D x g^2 (tokens) in the stored dtype,
+    the labels and mask, and the raw crop with --save-raw."""
     import numpy as np
 
     itemsize = 2 if config.features_dtype == "bfloat16" else np.dtype(config.features_dtype).itemsize
+    d = config.geometry.output_image_dim
+    values = d**3 if config.layout == "dense" else len(config.planes) * d * grid_size**2
     arrays = [crop.gt, crop.mask] + ([crop.raw] if config.save_raw else [])
-    return hidden_size * crop.gt.size * itemsize + sum(a.nbytes for a in arrays if a is not None)
+    return hidden_size * values * itemsize + sum(a.nbytes for a in arrays if a is not None)
 
 
 def check_free_space(free_bytes: int, needed_bytes: int, output_dir: Path, volume_index: int) -> None:
@@ -91,11 +94,11 @@ def check_free_space(free_bytes: int, needed_bytes: int, output_dir: Path, volum
         )
 
 
-def ensure_free_space(config: ExtractionConfig, crop: SourceCrop, hidden_size: int) -> None:
+def ensure_free_space(config: ExtractionConfig, crop: SourceCrop, hidden_size: int, grid_size: int) -> None:
     if not config.space_check:
         return
     stat = os.statvfs(config.paths.output_dir)
-    check_free_space(stat.f_bavail * stat.f_frsize, volume_bytes_needed(config, crop, hidden_size),
+    check_free_space(stat.f_bavail * stat.f_frsize, volume_bytes_needed(config, crop, hidden_size, grid_size),
                      config.paths.output_dir, config.volume_index)
 
 

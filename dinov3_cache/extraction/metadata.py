@@ -69,6 +69,9 @@ def volume_metadata(
     paths = config.paths
     shapes = {name: list(store.shape) for name, store in staged.stores.items()}
     shapes.setdefault("raw", list(crop.raw.shape))
+    d = config.geometry.output_image_dim
+    shapes.setdefault("features", [loaded.hidden_size, d, d, d])  # what a tokens volume delivers
+    stored = "tokens" if config.layout == "tokens" else "features"
     gb = {f"{name}_gb": round(n / 1e9, 6) for name, n in storage_bytes.items()}
     return {
         "volume_index": config.volume_index,
@@ -99,8 +102,9 @@ def volume_metadata(
             "features_dtype": config.features_dtype,
             "compression": config.storage.compression,
             "zarr_format": config.storage.zarr_format,
-            "chunks": list(staged.chunks["features"]),
-            "codecs": codec_description(config.storage, shapes["features"], staged.chunks["features"], config.features_dtype),
+            "layout": config.layout,
+            "chunks": list(staged.chunks[stored]),
+            "codecs": codec_description(config.storage, shapes[stored], staged.chunks[stored], config.features_dtype),
             "batch_size": config.batch_size,
             "device": str(loaded.device),
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),

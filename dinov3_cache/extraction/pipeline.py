@@ -6,8 +6,9 @@ The pipeline, per volume:
 1. A source turns the index into a crop: raw at slice resolution (S^3) and labels (D^3).
 2. For each plane (xy, xz, yz) the raw is area-averaged along the plane's normal to D
    slices of S x S, normalised, and run through the ViT in batches (features.py).
-3. Grids are upsampled bilinearly (align_corners=False) to D x D and the planes are
-   averaged into features (C, D, H, W), slab by slab (features.py).
+3. Dense layout: grids are upsampled bilinearly (align_corners=False) to D x D and the planes
+   averaged into features (C, D, H, W), slab by slab (upsampling.py, writer.py); tokens
+   layout: the grids themselves are stored (--layout).
 4. Each block is written asynchronously while the next ones are computed (writer.py).
 5. Arrays are written under OUT/volume_XXXXXX.partial/ and committed (commit.py): the
    metadata file (metadata.py) is the single commit point.
@@ -24,8 +25,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
-
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
     DEFERRED_SIGNALS,
@@ -38,17 +37,10 @@ from dinov3_cache.extraction.commit import (
     tidy_volume,
 )
 from dinov3_cache.extraction.config import ExtractionConfig
-from dinov3_cache.extraction.features import check_slice_size, extract_features
+from dinov3_cache.extraction.features import check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
 from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
-from dinov3_cache.extraction.writer import (
-    AsyncBlockWriter,
-    BlockBuffers,
-    assemble_block,
-    stage_arrays,
-    to_numpy,
-    write_label_arrays,
-)
+from dinov3_cache.extraction.writer import AsyncBlockWriter, stage_arrays, write_features, write_label_arrays
 from dinov3_cache.layout import (
     VolumeLock,
     bytes_on_disk,
@@ -187,25 +179,18 @@ def build_and_commit(
 
     t_volume = time.perf_counter()
     commit_id = uuid.uuid4().hex
-    ensure_free_space(config, crop, loaded.hidden_size)
+    grid_size = config.geometry.slice_size // loaded.patch_size
+    ensure_free_space(config, crop, loaded.hidden_size, grid_size)
     paths.staging.mkdir(parents=True)
     context = ts_context(config.storage.num_threads)
-    staged = stage_arrays(config, crop, loaded.hidden_size, commit_id, context)
+    staged = stage_arrays(config, crop, loaded.hidden_size, commit_id, context, grid_size)
     writer = AsyncBlockWriter()
     stats = FeatureStatistics()
-
-    buffers = BlockBuffers(config.features_dtype, pinned=loaded.device.type == "cuda")
-
-    def emit(origin: tuple[int, ...], shape: tuple[int, ...], compute_channels: Callable[[int, int], torch.Tensor]) -> None:
-        block = assemble_block(shape, compute_channels, buffers, stats)
-        writer.write("features", staged.stores["features"], origin, to_numpy(block, config.features_dtype),
-                     staged.chunks["features"], release=lambda: buffers.give_back(block))
-
     try:
         write_label_arrays(crop, staged, writer)
         t = time.perf_counter()
         progress = Progress(config.geometry.output_image_dim * len(config.planes), f"volume {config.volume_index}")
-        extract_features(loaded, crop, config, emit, progress)
+        write_features(loaded, crop, config, staged, writer, stats, progress)
         progress.close()
         # the writes overlap the computation; only the time spent waiting on them is not extraction
         timing["feature_extraction_seconds"] = time.perf_counter() - t - writer.wait_seconds

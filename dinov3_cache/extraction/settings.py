@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
-from dinov3_cache.extraction.config import PLANES, ExtractionConfig
+from dinov3_cache.extraction.config import LAYOUTS, PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.indices import parse_index_list
 from dinov3_cache.layout import LOGS_DIR, write_json_atomic
@@ -97,6 +97,10 @@ class ExtractionSettings:
     compile_cache: str | None = option(
         None, "persistent compilation cache shared by every job (default with --compile: OUTPUT_DIR/logs/compile_cache)"
     )
+    layout: str = option(
+        "dense", "feature storage: 'dense' (C, D, H, W) features (default), or 'tokens' (the planes' patch-token "
+        "grids, about 5x smaller; the loader builds the same features from them)", choices=LAYOUTS,
+    )
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
 
@@ -139,6 +143,7 @@ class ExtractionSettings:
             overwrite=self.overwrite,
             device=self.device,
             space_check=not self.no_space_check,
+            layout=self.layout,
         )
 
     def compile_cache_dir(self) -> Path | None:

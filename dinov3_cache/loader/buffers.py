@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dinov3_cache.loader.reader import CacheError, ReadResources, VolumeReadError, torch_dtype
+from dinov3_cache.loader.tokens import TokenCrop, start_token_read, stored_feature_array
 
 if TYPE_CHECKING:
     from dinov3_cache.loader.dataset import Sample
@@ -22,12 +23,15 @@ if TYPE_CHECKING:
 class RawBatch:
     """A batch as read: features in their stored dtype; converted and moved by the dataset's `finish`."""
 
-    features: torch.Tensor  # (B, C, D, H, W)
+    features: torch.Tensor | None  # (B, C, D, H, W)
     gt: torch.Tensor  # (B, D, H, W)
     mask: torch.Tensor | None  # (B, D, H, W) bool, True where labels are valid; None when no item has a mask
     metadata: list[dict] | None
     has_mask: list[bool] = field(default_factory=list)
     final_dtypes: bool = False  # a transform chose the dtypes: `finish` moves the tensors but never casts them
+    # items of token volumes whose features `finish` builds where the batch goes (features then
+    # holds only the dense items, or is None when there are none)
+    tokens: list[TokenCrop | None] | None = None
 
 
 def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
@@ -103,7 +107,12 @@ def read_samples(
             f"a batch needs equal shapes, got {listed}; pass crop_size, or batch_size=1, or choose volumes with volume_indices"
         )
     n, feature_shape = len(samples), shapes.pop()
-    features = buffers.empty((n, *feature_shape), features_dtype or common_dtype(samples, "features"), pin_memory)
+    token_items = [stored_feature_array(s.volume) == "tokens" for s in samples]
+    deferred = features_dtype is None  # token features are built by `finish`, where the batch goes
+    features = None
+    if not (deferred and all(token_items)):
+        features = buffers.empty((n, *feature_shape), features_dtype or common_dtype(samples, "features"), pin_memory)
+    token_crops: list[TokenCrop | None] = [None] * n
     gt = buffers.empty((n, *feature_shape[1:]), gt_dtype or common_dtype(samples, "gt"), pin_memory)
     has_mask = [s.volume.has_mask for s in samples]
     mask = buffers.empty((n, *feature_shape[1:]), torch.bool, pin_memory) if any(has_mask) else None
@@ -112,12 +121,18 @@ def read_samples(
     try:
         for b, s in enumerate(samples):
             reader = resources.reader(s.volume)
-            outputs = {"features": features[b], "gt": gt[b]}
+            outputs = {"gt": gt[b]}
+            pending = []
+            if token_items[b]:
+                token_crops[b], pending = start_token_read(reader, s.spatial)
+            else:
+                outputs["features"] = features[b]
             if s.volume.has_mask:
                 outputs["mask"] = mask[b]
             elif mask is not None:
                 mask[b].fill_(True)  # no mask written: every label voxel of this volume is valid
-            started.append((reader, reader.start_read(s.spatial, outputs)))
+            started.append((reader, pending))
+            pending += reader.start_read(s.spatial, outputs)
     finally:
         # every started read is awaited (the buffers must outlive them), then the first failure is raised
         failures = []
@@ -128,12 +143,16 @@ def read_samples(
                 failures.append(e)
         if failures and sys.exc_info()[0] is None:
             raise failures[0]
+    if any(token_items) and not deferred:
+        for b, crop in enumerate(token_crops):
+            if crop is not None:
+                crop.features(out=features[b])
     metadata = [s.volume.metadata.to_dict() | {"sample": s.describe()} for s in samples] if with_metadata else None
-    return RawBatch(features, gt, mask, metadata, has_mask)
+    return RawBatch(features, gt, mask, metadata, has_mask, tokens=token_crops if deferred and any(token_items) else None)
 
 
 def common_dtype(samples: list[Sample], array: str) -> torch.dtype:
-    names = {s.volume.metadata.dtypes[array] for s in samples}
+    names = {s.volume.metadata.dtypes[stored_feature_array(s.volume) if array == "features" else array] for s in samples}
     if len(names) > 1:
         raise CacheError(
             f"a batch mixes {array} stored as {', '.join(sorted(names))} (volumes "

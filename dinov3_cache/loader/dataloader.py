@@ -85,9 +85,9 @@ class _BatchFinisher:
     device: torch.device | None
 
     def __call__(self, raw: RawBatch) -> tuple:
-        if self.pin_batches and not raw.features.is_pinned():
+        if self.pin_batches and not raw.gt.is_pinned():
             raw = dataclasses.replace(
-                raw, features=raw.features.pin_memory(), gt=raw.gt.pin_memory(),
+                raw, features=None if raw.features is None else raw.features.pin_memory(), gt=raw.gt.pin_memory(),
                 mask=None if raw.mask is None else raw.mask.pin_memory(),
             )
         device = self.device if self.device is not None and self.device.type != "cpu" else None

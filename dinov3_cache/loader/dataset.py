@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from dinov3_cache.loader.buffers import BatchBuffers, FreshBuffers, RawBatch, SharedBuffers, collate_samples, read_samples
 from dinov3_cache.loader.reader import READER_CHOICES, CachedVolume, CacheError, ReadResources, find_volumes
+from dinov3_cache.loader.tokens import fill_token_features
 
 
 @dataclass(frozen=True)
@@ -198,11 +199,13 @@ class PreprocessedDINOv3Dataset(Dataset):
         (unless a transform chose them)."""
         features, gt, mask = raw.features, raw.gt, raw.mask
         if device is not None:
-            non_blocking = features.is_pinned()
-            features = features.to(device, non_blocking=non_blocking)
+            non_blocking = gt.is_pinned()
+            features = None if features is None else features.to(device, non_blocking=non_blocking)
             gt = gt.to(device, non_blocking=non_blocking)
             mask = None if mask is None else mask.to(device, non_blocking=non_blocking)
-        if self.features_dtype is not None and not raw.final_dtypes:
+        if raw.tokens is not None:  # token volumes: features built here, on the batch's device
+            features = fill_token_features(features, raw.tokens, device, self.features_dtype)
+        elif self.features_dtype is not None and not raw.final_dtypes:
             features = features.to(self.features_dtype)
         if self.gt_dtype is not None and not raw.final_dtypes:
             gt = gt.to(self.gt_dtype)

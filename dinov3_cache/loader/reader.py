@@ -412,7 +412,7 @@ class VolumeReader:
     ):
         self.volume = volume
         self.readers = {}
-        for array in ("features", *SPATIAL_ARRAYS):
+        for array in ("tokens" if volume.metadata.layout == "tokens" else "features", *SPATIAL_ARRAYS):
             if array == "mask" and not volume.has_mask:
                 continue
             path = volume.array_path(array)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Loader: float32 feature bytes delivered per second, tokens layout vs dense, warm, CPU.
+
+    python -m benchmarks.bench_tokens_loader [--volumes 2] [--crops 24] [--crop 64] [--threads 2]
+
+Volumes of the C=256, 128^3, float16 cache of the loader benchmarks (loader_bench_cache
+"c256x128"), extracted in both layouts (built once, then reused). Each measurement runs in its
+own process (so that its peak resident memory, from wait4, is its own): PreprocessedDINOv3Dataset
+with features_dtype float32 (what training gets), one untimed pass to warm the page cache, then
+a timed pass. Whole volumes: every volume once; crops: --crops random crops of --crop^3.
+"Read per delivered": bytes returned by read calls (/proc/self/io rchar, page-cache hits
+included) per float32 feature byte delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.loader_bench_cache import DEFAULT_ROOT, ensure_cache, extraction_args
+from dinov3_cache.layout import committed_volume_indices
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tokens_cache(volumes: int, root: Path = DEFAULT_ROOT) -> Path:
+    """The c256x128 volumes again, stored with --layout tokens."""
+    out = root / "c256x128-tokens"
+    for index in sorted(set(range(volumes)) - set(committed_volume_indices(out))):
+        subprocess.run(
+            [sys.executable, str(REPO / "preprocess_volume.py"), "--volume-index", str(index), "--output-dir", str(out),
+             "--source", "synthetic", "--device", "cpu", "--layout", "tokens", *extraction_args("c256x128", root)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    return out
+
+
+def measure(cache: str, crop: int | None, items: int, threads: int) -> dict:
+    """One pass to warm, one timed: delivered bytes, seconds, bytes returned by reads."""
+    import torch
+
+    from dinov3_cache.loader.page_cache import io_counters
+    from preprocessed_dataloader import PreprocessedDINOv3Dataset
+
+    torch.set_num_threads(threads)
+    volumes = len(committed_volume_indices(cache))
+    options = {"num_threads": threads, "features_dtype": torch.float32}
+    if crop:
+        options.update(crop_size=(crop,) * 3, samples_per_volume=max(1, items // volumes))
+    dataset = PreprocessedDINOv3Dataset(cache, **options)
+    for i in range(len(dataset)):
+        dataset[i]
+    before, started, delivered = io_counters()["rchar"], time.perf_counter(), 0
+    for i in range(len(dataset)):
+        features = dataset[i][0]
+        delivered += features.numel() * features.element_size()
+        del features
+    seconds = time.perf_counter() - started
+    return {"delivered": delivered, "seconds": seconds, "read": io_counters()["rchar"] - before}
+
+
+def run_child(cache: Path, crop: int | None, items: int, threads: int) -> dict:
+    command = [sys.executable, "-m", "benchmarks.bench_tokens_loader", "--child", str(cache),
+               "--crop", str(crop or 0), "--crops", str(items), "--threads", str(threads)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"error: measurement of {cache} failed (status {status})")
+    return json.loads(output) | {"peak_gb": usage.ru_maxrss * 1024 / 1e9}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--volumes", type=int, default=2)
+    parser.add_argument("--crops", type=int, default=24)
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.crop or None, args.crops, args.threads)))
+        return 0
+    caches = {"dense": ensure_cache("c256x128", args.volumes, device="cpu"), "tokens": tokens_cache(args.volumes)}
+    print(f"C=256, 128^3, float16 on disk; float32 delivered; {args.threads} threads; warm page cache")
+    print(f"{'':<22}{'layout':<8}{'GB/s':>8}{'read/delivered':>16}{'peak RSS GB':>13}")
+    for label, crop in (("whole volumes", None), (f"random {args.crop}^3 crops", args.crop)):
+        rates = {}
+        for layout, cache in caches.items():
+            r = run_child(cache, crop, args.crops, args.threads)
+            rates[layout] = r["delivered"] / r["seconds"]
+            print(f"{label:<22}{layout:<8}{rates[layout] / 1e9:>8.2f}{r['read'] / r['delivered']:>16.3f}{r['peak_gb']:>13.2f}")
+        print(f"{label:<22}tokens / dense throughput {rates['tokens'] / rates['dense']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The tokens layout: the same features as the dense layout of the same index, through the
+unchanged loader API; crops read only the tokens under them; audit, verify and overwrite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov3_cache.extraction.settings import ExtractionSettings
+from dinov3_cache.extraction.upsampling import rounding_bound
+from dinov3_cache.layout import VolumePaths
+from dinov3_cache.loader.dataloader import create_preprocessed_dataloader
+from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+from dinov3_cache.loader.reader import ReadResources, find_volumes
+from dinov3_cache.loader.tokens import start_token_read
+from dinov3_cache.zarr_arrays import open_array, ts_context
+from tests.conftest import call_main, preprocess_args
+
+
+@pytest.fixture(scope="module")
+def both_layouts(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """Volumes 0 and 1 extracted twice: dense in one cache, tokens in the other."""
+    dense, tokens = tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("tokens")
+    for index in (0, 1):
+        call_main("preprocess_volume", *preprocess_args(dense, index, tiny_model_dir), check=True)
+        call_main("preprocess_volume", *preprocess_args(tokens, index, tiny_model_dir, "--layout", "tokens"), check=True)
+    return dense, tokens
+
+
+def metadata(cache: Path, index: int) -> dict:
+    return json.loads(VolumePaths(cache, index).metadata.read_text())
+
+
+def bound(cache: Path, index: int) -> float:
+    tokens = open_array(VolumePaths(cache, index).array("tokens"), ts_context(2)).read().result()
+    return rounding_bound(torch.float16, float(abs(tokens.astype("float32")).max()))
+
+
+def test_tokens_volume_records_its_layout_and_shares_the_fingerprint(both_layouts):
+    dense, tokens = both_layouts
+    d, t = metadata(dense, 0), metadata(tokens, 0)
+    assert d["configuration"]["layout"] == "dense" and t["configuration"]["layout"] == "tokens"
+    assert d["configuration"]["fingerprint"] == t["configuration"]["fingerprint"]
+    assert not VolumePaths(tokens, 0).array("features").exists()
+    c, depth = d["shapes"]["features"][0], d["shapes"]["features"][1]
+    assert t["shapes"]["features"] == d["shapes"]["features"]
+    assert t["shapes"]["tokens"] == [3, c, depth, 4, 4]  # 64-pixel slices, patch 16
+    assert t["dtypes"]["tokens"] == "float16" and "features" not in t["dtypes"]
+    assert t["storage"]["bytes"]["tokens"] * 3 < d["storage"]["bytes"]["features"]
+    assert ExtractionSettings(output_dir="x", layout="tokens").values()["layout"] == "tokens"  # the settings file
+    assert ExtractionSettings(output_dir="x").config(0).layout == "dense"
+
+
+@pytest.mark.parametrize("crop_size", [None, (5, 7, 9), (1, 16, 3)])
+def test_both_layouts_deliver_the_same_features_and_identical_labels(both_layouts, crop_size):
+    dense, tokens = both_layouts
+    a = PreprocessedDINOv3Dataset(dense, crop_size=crop_size, samples_per_volume=3)
+    b = PreprocessedDINOv3Dataset(tokens, crop_size=crop_size, samples_per_volume=3)
+    for i in range(len(a)):
+        (fa, ga, ma), (fb, gb, mb) = a[i], b[i]
+        assert fa.shape == fb.shape and fa.dtype == fb.dtype == torch.float32
+        difference = float((fa - fb).abs().max())
+        assert difference <= bound(tokens, i // 3), (i, difference)
+        assert torch.equal(ga, gb) and torch.equal(ma, mb)
+
+
+@pytest.mark.parametrize("features_dtype", [torch.float32, None])
+def test_dataloader_batches_match_across_layouts(both_layouts, features_dtype):
+    dense, tokens = both_layouts
+    options = {"batch_size": 2, "crop_size": (6, 6, 6), "samples_per_volume": 2, "features_dtype": features_dtype}
+    batches = zip(create_preprocessed_dataloader(dense, **options), create_preprocessed_dataloader(tokens, **options))
+    count = 0
+    for (fa, ga, ma), (fb, gb, mb) in batches:
+        assert fa.dtype == fb.dtype == (features_dtype or torch.float16)
+        # float16 delivery rounds the built features once more: one unit roundoff of the largest
+        slack = 0 if features_dtype else 2**-11 * float(fa.float().abs().max())
+        assert float((fa.float() - fb.float()).abs().max()) <= max(bound(tokens, 0), bound(tokens, 1)) + slack
+        assert torch.equal(ga, gb) and torch.equal(ma, mb)
+        count += 1
+    assert count == 2
+
+
+def test_a_cache_may_mix_the_layouts(both_layouts, tmp_path):
+    dense, tokens = both_layouts
+    mixed = tmp_path / "mixed"
+    shutil.copytree(dense, mixed)
+    for path in VolumePaths(mixed, 1).existing_arrays() + [VolumePaths(mixed, 1).metadata]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in VolumePaths(tokens, 1).existing_arrays() + [VolumePaths(tokens, 1).metadata]:
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, mixed / path.name)
+    loader = create_preprocessed_dataloader(mixed, batch_size=2, crop_size=(4, 4, 4))
+    reference = create_preprocessed_dataloader(dense, batch_size=2, crop_size=(4, 4, 4))
+    for (fa, ga, _), (fb, gb, _) in zip(loader, reference):
+        assert float((fa - fb).abs().max()) <= bound(tokens, 1) and torch.equal(ga, gb)
+
+
+def test_a_crop_reads_only_the_tokens_under_it(both_layouts):
+    _, tokens = both_layouts
+    (volume,) = find_volumes(tokens, [0])
+    reader = ReadResources(2, "auto").reader(volume)
+    crop, pending = start_token_read(reader, (slice(0, 4), slice(0, 4), slice(12, 16)))
+    reader.finish(pending)
+    # 16 outputs from 4 tokens: outputs 0-3 read tokens 0-1, outputs 12-15 tokens 2-3
+    assert {p: tuple(g.shape[1:]) for p, g in crop.grids.items()} == {"xy": (4, 2, 2), "xz": (4, 2, 2), "yz": (4, 2, 2)}
+    assert crop.origins == {"xy": (0, 2), "xz": (0, 2), "yz": (0, 0)}
+
+
+def test_verify_checks_the_tokens_and_names_a_damaged_chunk(both_layouts, tmp_path):
+    _, tokens = both_layouts
+    cache = tmp_path / "cache"
+    shutil.copytree(tokens, cache)
+    result = call_main("check_preprocessing", "--output-dir", cache, "--verify-all")
+    assert result.returncode == 0, result.stdout
+    assert "layout tokens" in result.stdout
+    chunk = VolumePaths(cache, 0).array("tokens") / "0.0.0.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = call_main("check_preprocessing", "--output-dir", cache, "--verify-all")
+    assert result.returncode != 0 and "tokens" in result.stdout and "0.0.0.0.0" in result.stdout
+
+
+def test_overwrite_replaces_a_dense_volume_by_a_tokens_volume(both_layouts, tmp_path, tiny_model_dir):
+    dense, _ = both_layouts
+    cache = tmp_path / "cache"
+    shutil.copytree(dense, cache)
+    before = PreprocessedDINOv3Dataset(cache, [0])[0][0]
+    call_main("preprocess_volume", *preprocess_args(cache, 0, tiny_model_dir, "--layout", "tokens", "--overwrite"), check=True)
+    paths = VolumePaths(cache, 0)
+    assert paths.array("tokens").is_dir() and not paths.array("features").exists()
+    after = PreprocessedDINOv3Dataset(cache, [0])[0][0]
+    assert float((before - after).abs().max()) <= bound(cache, 0)
+
+
+def test_an_unknown_layout_is_a_usage_error(tmp_path, tiny_model_dir):
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one error line, exit status 2
+        call_main("preprocess_volume", *preprocess_args(tmp_path, 0, tiny_model_dir, "--layout", "sparse"))
+    assert exit_info.value.code == 2
+    assert not VolumePaths(tmp_path, 0).metadata.exists()
