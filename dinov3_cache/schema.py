@@ -243,6 +243,8 @@ class Configuration(Part):
     batch_size: int = json_key("slices per forward pass", INT, since=2)
     device: str = json_key("device the model ran on", STRING, since=2)
     compute_dtype: str = json_key("dtype of the forward pass", STRING, since=2)
+    execution: dict | None = json_key(
+        "how the model ran (attention kernel, RoPE tables cached, compiled); not in the fingerprint", OBJECT, since=None)
     voxel_size_nm: dict[str, tuple[float, ...]] = json_key(
         "voxel size (nm, z y x): 'features' (also gt, mask) and 'raw'", map_of(list_of(NUMBER)), since=2)
     offset_nm: tuple[float, ...] = json_key("world corner (nm, z y x) of every array", list_of(NUMBER), since=2)
