@@ -1,14 +1,14 @@
-"""Fault campaign: kill -9 at every targeted system call of a normal run and of an
-overwrite, SIGTERM after the commit, and damaged chunks and arrays; one table of trials and
-failures per category.
+"""Fault campaign: a normal run and an overwrite killed (SIGKILL) at each of their renames,
+unlinks and directory removals in turn (the k-th such call, k = 1, 2, ... until the run
+finishes), kills at random times, SIGTERM at each call, two runs of one index at once,
+damaged volumes, a full file system; one table of trials and failures per category.
 
-    python -m benchmarks.fault_campaign            # the whole campaign
-    python -m benchmarks.fault_campaign --short    # kills in the commit window only
+    python -m benchmarks.fault_campaign [--random N] [--concurrent N]
 
-A kill is injected with strace (`-e inject=SYSCALLS:signal=SIGKILL:when=K`, counted per
-thread) at the K-th rename/unlink/rmdir, K = 1, 2, ... until the run finishes. After each
-kill the loader and `check_preprocessing.py --verify-indices` must see one complete volume,
-old or new (or, for a first run, none), and a rerun must leave no debris.
+A failure is a volume lost or mixed (after a kill the loader with verify_checksums and
+`check_preprocessing.py --verify-indices` must see one complete volume, old or new, or for a
+first run none), debris left after a rerun, or wrong values delivered silently. Kills are
+made by benchmarks/fault_injection.py (needs a C compiler); the full disk needs root (tmpfs).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,47 +28,50 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TRACED = "rename,renameat,renameat2,unlink,unlinkat,rmdir"
+from benchmarks.fault_injection import FaultInjectionUnavailable, ForkServer, RunResult
+
 TINY_GEOMETRY = ["--output-image-dim", "16", "--base-resolution", "128", "--min-resolution-for-raw", "32"]
+MAX_CALLS = 1000  # a sweep stops here even if the runs never finish (each such run is a failure)
+NEW_PLANES, OLD_PLANES = ["--planes", "xy"], ["--planes", "xz"]  # two configurations, two different volumes
 
 
 @dataclass
 class Tally:
     trials: int = 0
     failures: list[str] = field(default_factory=list)
+    notes: str = ""
 
 
-def run_args(out: Path, model: Path, index: int = 0, *extra: str) -> list[str]:
-    return [
-        sys.executable, str(REPO / "preprocess_volume.py"), "--volume-index", str(index), "--output-dir", str(out),
-        "--source", "synthetic", "--model-id", str(model), *TINY_GEOMETRY, *extra,
-    ]
+@dataclass
+class Campaign:
+    """The fork server, the model, and the two reference volumes every trial is compared with."""
 
+    server: ForkServer
+    work: Path
+    model: Path
+    old: np.ndarray | None = None  # the complete volume an overwrite replaces (work/base)
+    new: np.ndarray | None = None  # what a clean run of the trials' configuration writes
 
-def killed_run(args: list[str], k: int, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The run, killed with SIGKILL at its k-th traced system call (in any one thread)."""
-    strace = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={TRACED}",
-              "-e", f"inject={TRACED}:signal=SIGKILL:when={k}"]
-    return subprocess.run(strace + args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    def args(self, out: Path, *extra: str, index: int = 0, planes: list[str] = NEW_PLANES) -> list[str]:
+        return ["--volume-index", str(index), "--output-dir", str(out), "--source", "synthetic",
+                "--model-id", str(self.model), *TINY_GEOMETRY, *planes, *extra]
 
+    def prepare(self) -> Campaign:
+        for out, planes in ((self.work / "reference", NEW_PLANES), (self.work / "base", OLD_PLANES)):
+            result = self.server.run(self.args(out, planes=planes))
+            if result.returncode != 0:
+                raise RuntimeError(f"the reference run failed: {result.stderr[-2000:]}")
+        self.new, self.old = committed_features(self.work / "reference"), committed_features(self.work / "base")
+        if np.array_equal(self.old, self.new):
+            raise RuntimeError("the old and new configurations give the same volume: a mix could not be seen")
+        return self
 
-def commit_window_ks(args: list[str], out: Path) -> list[int]:
-    """The k of every traced system call of the run's main thread that touches the volume's
-    committed names (arrays, commit directory, metadata), from one traced run (no kill)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".strace") as log:
-        subprocess.run(["strace", "-f", "-qq", "-o", log.name, "-e", f"trace={TRACED}", *args],
-                       check=True, capture_output=True, cwd=REPO)
-        lines = [line for line in log.read().splitlines() if "(" in line and not line.split(None, 1)[1].startswith("---")]
-    main_pid = lines[0].split()[0] if lines else None
-    ks, k = [], 0
-    for line in lines:
-        if line.split()[0] != main_pid or "resumed>" in line:
-            continue
-        k += 1
-        if str(out) in line and ".partial/" not in line.split(",")[0] and "logs/" not in line:
-            ks.append(k)
-    return ks
+    def trial_dir(self, name: str, overwrite: bool) -> Path:
+        out = self.work / name
+        shutil.rmtree(out, ignore_errors=True)
+        if overwrite:
+            shutil.copytree(self.work / "base", out)
+        return out
 
 
 def committed_features(out: Path, index: int = 0, verify_checksums: bool = True) -> np.ndarray | None:
@@ -81,130 +85,164 @@ def committed_features(out: Path, index: int = 0, verify_checksums: bool = True)
     return dataset[0][0].numpy()
 
 
-def verify_ok(out: Path, index: int = 0) -> bool:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "check_preprocessing.py"), "--output-dir", str(out), "--indices", str(index),
-         "--verify-indices", str(index)],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    return result.returncode == 0
-
-
 def debris_left(out: Path, index: int = 0) -> list[str]:
     from dinov3_cache.layout import VolumePaths, partial_debris
 
     return [p.name for p in partial_debris(VolumePaths(out, index))]
 
 
-def kill_campaign(model: Path, work: Path, overwrite: bool, ks, tally: Tally) -> None:
-    """Kill a normal run (overwrite=False: into an empty directory) or an overwrite of a
-    complete volume at each k (None: 1, 2, ... until the run finishes; "commit": each call
-    of the main thread on the volume's committed names); check old-or-new after each kill and no debris after a rerun."""
-    base = work / ("base_overwrite" if overwrite else "base_new")
-    old = None
-    if overwrite:
-        subprocess.run(run_args(base, model, 0, "--planes", "xy"), check=True, capture_output=True, cwd=REPO)
-        old = committed_features(base)
-    reference = work / "reference"
-    if not reference.exists():
-        subprocess.run(run_args(reference, model), check=True, capture_output=True, cwd=REPO)
-    new = committed_features(reference)
-    extra = ["--overwrite"] if overwrite else []
-    if ks == "commit":
-        probe = work / "probe"
-        shutil.rmtree(probe, ignore_errors=True)
-        if overwrite:
-            shutil.copytree(base, probe)
-        ks = commit_window_ks(run_args(probe, model, 0, *extra), probe)
-        shutil.rmtree(probe, ignore_errors=True)
-    for k in ks or itertools.count(1):
-        out = work / f"kill_{int(overwrite)}_{k}"
-        shutil.rmtree(out, ignore_errors=True)
-        if overwrite:
-            shutil.copytree(base, out)
-        result = killed_run(run_args(out, model, 0, *extra), k)
-        tally.trials += 1
-        problem = check_after_kill(out, model, old, new, extra, result.returncode)
-        if problem:
-            tally.failures.append(f"k={k}: {problem}")
-        shutil.rmtree(out, ignore_errors=True)
-        if result.returncode == 0 and not ks:
-            break
-
-
-def check_after_kill(out: Path, model: Path, old, new, extra: list[str], returncode: int) -> str | None:
+def check_volume(c: Campaign, out: Path, expected_old: np.ndarray | None) -> tuple[np.ndarray | None, str | None]:
+    """After a fault: one complete volume, old or new (or none where there was none)."""
     try:
         seen = committed_features(out)
     except Exception as e:  # noqa: BLE001 - any loader error here is a lost volume
-        return f"the loader refuses the volume after the kill ({str(e).splitlines()[0]})"
-    if seen is None and old is not None:
-        return "the old volume is gone"
-    if seen is not None and not any(v is not None and np.array_equal(seen, v) for v in (old, new)):
-        return "the volume is neither the old nor the new one"
-    if seen is not None and not verify_ok(out):
-        return "--verify fails"
-    rerun = subprocess.run(run_args(out, model, 0, *extra), capture_output=True, text=True, cwd=REPO)
+        return None, f"the loader refuses the volume ({str(e).splitlines()[0]})"
+    if seen is None and expected_old is not None:
+        return None, "the old volume is gone"
+    if seen is not None and not any(v is not None and np.array_equal(seen, v) for v in (expected_old, c.new)):
+        return seen, "the volume is neither the old nor the new one"
+    if seen is not None:
+        verify = c.server.run(["--output-dir", str(out), "--indices", "0", "--verify-indices", "0"],
+                              script="check_preprocessing")
+        if verify.returncode != 0:
+            return seen, f"--verify-indices exits {verify.returncode}"
+    return seen, None
+
+
+def check_rerun(c: Campaign, out: Path, extra: list[str]) -> str | None:
+    """A rerun completes the volume and leaves no debris."""
+    rerun = c.server.run(c.args(out, *extra))
     if rerun.returncode != 0:
         return f"the rerun exits {rerun.returncode}: {rerun.stderr.strip().splitlines()[-1:]}"
-    left = debris_left(out)
-    if left:
-        return f"debris after a rerun: {left}"
-    if not np.array_equal(committed_features(out), new):
+    if debris_left(out):
+        return f"debris after a rerun: {debris_left(out)}"
+    if not np.array_equal(committed_features(out), c.new):
         return "the rerun's volume differs from a clean run's"
     return None
 
 
-def sigterm_after_commit(model: Path, work: Path, tally: Tally) -> None:
-    """SIGTERM at the commit (the metadata rename) and after: a complete volume exits 0."""
-    for when in (1, 2, 3):
-        out = work / f"term_{when}"
+def check_after_fault(c: Campaign, out: Path, overwrite: bool, result: RunResult) -> str | None:
+    seen, problem = check_volume(c, out, c.old if overwrite else None)
+    if problem is None and result.returncode == 0 and not np.array_equal(seen, c.new):
+        problem = "the run exits 0 without the new volume"
+    if problem is None and seen is not None and np.array_equal(seen, c.new) and not result.killed and result.returncode != 0:
+        problem = f"the new volume is complete but the run exits {result.returncode}"
+    return problem or check_rerun(c, out, ["--overwrite"] if overwrite else [])
+
+
+def kill_sweep(c: Campaign, overwrite: bool, tally: Tally, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` at the k-th rename/unlink/rmdir, k = 1, 2, ... until the run finishes."""
+    extra = ["--overwrite"] if overwrite else []
+    for k in itertools.count(1):
+        out = c.trial_dir(f"sweep_{int(overwrite)}_{sig}_{k}", overwrite)
+        result = c.server.run(c.args(out, *extra), kill_at=k, sig=sig)
+        # the run ended before its k-th call: no signal was sent, the sweep is over
+        finished = not result.killed if sig == signal.SIGKILL else result.calls is not None and result.calls < k
+        tally.trials += 0 if finished else 1
+        problem = check_after_fault(c, out, overwrite, result)
+        if problem:
+            tally.failures.append(f"{signal.Signals(sig).name} at call {k}: {problem}")
         shutil.rmtree(out, ignore_errors=True)
-        strace = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=rename",
-                  "-e", f"inject=rename:signal=SIGTERM:when={when}", "-P", str(out / "volume_000000_metadata.json")]
-        result = subprocess.run(strace + run_args(out, model), capture_output=True, text=True, cwd=REPO)
+        if finished or k >= MAX_CALLS:
+            tally.notes = f"k = 1..{k - 1}: every call of the run"
+            return
+
+
+def random_kills(c: Campaign, trials: int, tally: Tally, seed: int = 0) -> None:
+    """SIGKILL at a random instant of a normal run or an overwrite (alternately)."""
+    rng = random.Random(seed)
+    durations = {}
+    for overwrite in (False, True):
+        out = c.trial_dir("timing", overwrite)
+        started = time.perf_counter()
+        c.server.run(c.args(out, *(["--overwrite"] if overwrite else [])))
+        durations[overwrite] = time.perf_counter() - started
+    killed = 0
+    for trial in range(trials):
+        overwrite = bool(trial % 2)
+        out = c.trial_dir(f"random_{trial}", overwrite)
+        result = c.server.run(c.args(out, *(["--overwrite"] if overwrite else [])),
+                              kill_after=rng.uniform(0, durations[overwrite]))
         tally.trials += 1
-        from dinov3_cache.layout import is_volume_complete
-
-        if is_volume_complete(out, 0) and result.returncode != 0:
-            tally.failures.append(f"SIGTERM at metadata rename #{when}: complete volume, exit {result.returncode}")
+        killed += result.killed
+        problem = check_after_fault(c, out, overwrite, result)
+        if problem:
+            tally.failures.append(f"random kill {trial}: {problem}")
         shutil.rmtree(out, ignore_errors=True)
+    tally.notes = f"{killed} killed before the run ended"
 
 
-def damage_campaign(cache: Path, work: Path, silent: Tally, any_damage: Tally) -> None:
-    """Each damage of a committed volume: without verify_checksums no wrong value may reach
-    training silently, with it none may reach training at all."""
+def concurrent_runs(c: Campaign, trials: int, tally: Tally) -> None:
+    """Two runs of one index started at once: one commits, the other exits 3 (or, when it
+    only starts after the first finished, skips or commits after it); never a mix."""
+    from dinov3_cache.errors import EXIT_LOCKED
+
+    refused = 0
+    for trial in range(trials):
+        overwrite = bool(trial % 2)
+        extra = ["--overwrite"] if overwrite else []
+        out = c.trial_dir(f"concurrent_{trial}", overwrite)
+        results = c.server.run_together([{"args": c.args(out, *extra)}, {"args": c.args(out, *extra)}])
+        tally.trials += 1
+        codes = sorted(r.returncode for r in results)
+        committed = sum("complete:" in r.stdout for r in results)
+        refused += codes == [0, EXIT_LOCKED]
+        problem = None
+        if codes not in ([0, 0], [0, EXIT_LOCKED]):
+            problem = f"exit statuses {codes}"
+        elif committed == 0 or (codes == [0, EXIT_LOCKED] and committed != 1) or (not overwrite and committed != 1):
+            problem = f"{committed} runs committed (exit statuses {codes})"
+        problem = problem or check_after_fault(c, out, overwrite, RunResult(0, None, "", ""))
+        if problem:
+            tally.failures.append(f"concurrent {trial}: {problem}")
+        shutil.rmtree(out, ignore_errors=True)
+    tally.notes = f"{refused} pairs overlapped (one exited {EXIT_LOCKED})"
+
+
+# ----------------------------------------------------------------------------- damage
+
+def damages(root: Path):
+    """(name, detected without verify_checksums, damage) for each damage of volume 0."""
     from dinov3_cache.layout import VolumePaths
 
-    def damages(root: Path):
-        v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
-        # (name, detected without verify_checksums, damage)
-        yield "deleted chunk", True, lambda: (v0.array("features") / "0.0.0.0").unlink()
-        yield "flipped bytes", False, lambda: flip(v0.array("features") / "0.0.0.0", 100)
-        yield "chunk from another volume", False, lambda: shutil.copy(v1.array("features") / "0.0.0.0", v0.array("features") / "0.0.0.0")
-        yield "dtype <f2 -> <i2", True, lambda: edit(v0.array("features") / ".zarray", '"<f2"', '"<i2"')
-        yield "NaNs in a chunk", False, lambda: nans(v0.array("features") / "0.0.0.0")
-        yield "feature arrays swapped", True, lambda: swap(v0.array("features"), v1.array("features"))
-        yield "gt chunk shape changed", True, lambda: edit(v0.array("gt") / ".zarray", '"chunks":[16,', '"chunks":[8,')
+    v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
+    yield "deleted chunk", True, lambda: (v0.array("features") / "0.0.0.0").unlink()
+    yield "flipped bytes", False, lambda: flip(v0.array("features") / "0.0.0.0", 100)
+    yield "chunk from another volume", False, lambda: shutil.copy(v1.array("features") / "0.0.0.0", v0.array("features") / "0.0.0.0")
+    yield "dtype <f2 -> <i2", True, lambda: edit(v0.array("features") / ".zarray", '"<f2"', '"<i2"')
+    yield "NaNs in a chunk", False, lambda: nans(v0.array("features") / "0.0.0.0")
+    yield "feature arrays swapped", True, lambda: swap(v0.array("features"), v1.array("features"))
+    yield "gt chunk shape changed", True, lambda: edit(v0.array("gt") / ".zarray", '"chunks":[16,', '"chunks":[8,')
 
+
+def damage_campaign(cache: Path, work: Path, always: Tally, verified: Tally, opt_in: Tally | None = None) -> None:
+    """Each damage of a committed volume read with and without verify_checksums. `always`:
+    kinds checked without checksums, none may reach training; `verified`: every kind with
+    checksums, none may reach training; `opt_in`: kinds only checksums catch, read without
+    them (counted in its notes, not failures: checksums are opt-in)."""
     clean = committed_features(cache, verify_checksums=False)
     copy = work / "damaged"
-    for name, always, damage in damages(copy):
+    delivered = 0
+    for name, checked_always, damage in damages(copy):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(cache, copy)
         damage()
-        for verify, tally in ((False, silent), (True, any_damage)):
-            if not (verify or always):
+        for verify, tally in ((False, always if checked_always else opt_in), (True, verified)):
+            if tally is None:
                 continue
             tally.trials += 1
             try:
                 seen = committed_features(copy, verify_checksums=verify)
             except Exception:  # noqa: BLE001 - refusing is the right answer
                 continue
-            if not np.array_equal(seen, clean):
-                tally.failures.append(f"{name} (verify_checksums={verify}): wrong values delivered silently")
+            what = "wrong values delivered silently" if not np.array_equal(seen, clean) else "damage not detected"
+            if tally is opt_in:
+                delivered += 1
             else:
-                tally.failures.append(f"{name} (verify_checksums={verify}): damage not detected")
+                tally.failures.append(f"{name} (verify_checksums={verify}): {what}")
         shutil.rmtree(copy, ignore_errors=True)
+    if opt_in is not None:
+        opt_in.notes = f"{delivered} of {opt_in.trials} reach training (not counted: verify_checksums catches them)"
 
 
 def flip(path: Path, offset: int) -> None:
@@ -220,8 +258,7 @@ def nans(path: Path) -> None:
 
 
 def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    path.write_text(text.replace(old, new, 1))
+    path.write_text(path.read_text().replace(old, new, 1))
 
 
 def swap(a: Path, b: Path) -> None:
@@ -230,6 +267,44 @@ def swap(a: Path, b: Path) -> None:
     b.rename(a)
     aside.rename(b)
 
+
+# ----------------------------------------------------------------------------- full disk
+
+def full_disk(c: Campaign, tally: Tally) -> None:
+    """A 2 MiB tmpfs (root only): the refused run, the run that fills it, an overwrite that
+    fills it: each exits 1 with one error line, the old volume stands, no debris is left."""
+    mount = c.work / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        tally.notes = "skipped: mounting a tmpfs needs root"
+        return
+    try:
+        big = ["--output-image-dim", "64", "--compression", "none"]
+        for name, extra, overwrite in (("space check", [], False), ("no space check", ["--no-space-check"], False),
+                                       ("overwrite, no space check", ["--no-space-check", "--overwrite"], True)):
+            out = mount / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            if overwrite:
+                shutil.copytree(c.work / "base", out)
+            result = c.server.run(c.args(out, *extra, *big))
+            tally.trials += 1
+            last = (result.stderr.strip().splitlines() or [""])[-1]
+            seen, problem = check_volume(c, out, c.old if overwrite else None)
+            if problem is None and (result.returncode != 1 or not last.startswith("error:")):
+                problem = f"exit {result.returncode}, last line {last!r}"
+            if problem is None and (seen is not None) != overwrite:
+                problem = "a volume appeared" if seen is not None else "the old volume is gone"
+            if problem is None and debris_left(out):
+                problem = f"debris left: {debris_left(out)}"
+            if problem:
+                tally.failures.append(f"full disk, {name}: {problem}")
+        shutil.rmtree(mount / "out", ignore_errors=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+# ----------------------------------------------------------------------------- the table
 
 def make_model(directory: Path) -> Path:
     import torch
@@ -243,33 +318,43 @@ def make_model(directory: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short", action="store_true", help="kill at a few system calls only")
-    args = parser.parse_args(argv)
-    if shutil.which("strace") is None:
-        print("strace is missing (apt-get install strace): the kill campaign is skipped", file=sys.stderr)
-        return 1
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = make_model(work)
-        tallies = {name: Tally() for name in (
-            "kill -9, normal run", "kill -9, overwrite", "SIGTERM after commit",
-            "damage checked always (missing chunk, dtype, commit id, chunks)", "damage, verify_checksums: none delivered")}
-        ks = "commit" if args.short else None
-        kill_campaign(model, work, False, ks, tallies["kill -9, normal run"])
-        kill_campaign(model, work, True, ks, tallies["kill -9, overwrite"])
-        sigterm_after_commit(model, work, tallies["SIGTERM after commit"])
+def campaign(work: Path, random_trials: int, concurrent_trials: int) -> dict[str, Tally]:
+    tallies = {name: Tally() for name in (
+        "SIGKILL at each call, normal run", "SIGKILL at each call, overwrite", "SIGKILL at a random time",
+        "SIGTERM at each call, overwrite", "two runs of one index at once", "damage, verify_checksums (all kinds)",
+        "damage, no checksums, always-checked kinds", "damage, no checksums, checksum-only kinds", "full disk (2 MiB tmpfs)")}
+    t = list(tallies.values())
+    with ForkServer(work / "server") as server:
+        c = Campaign(server, work, make_model(work)).prepare()
+        kill_sweep(c, False, t[0])
+        kill_sweep(c, True, t[1])
+        random_kills(c, random_trials, t[2])
+        kill_sweep(c, True, t[3], sig=signal.SIGTERM)
+        concurrent_runs(c, concurrent_trials, t[4])
         cache = work / "cache"
         for index in (0, 1):
-            subprocess.run(run_args(cache, model, index), check=True, capture_output=True, cwd=REPO)
-        damage_campaign(cache, work, tallies["damage checked always (missing chunk, dtype, commit id, chunks)"],
-                        tallies["damage, verify_checksums: none delivered"])
-    print("| category | trials | failures |\n| --- | ---: | ---: |")
+            server.run(c.args(cache, index=index))
+        damage_campaign(cache, work, t[6], t[5], t[7])
+        full_disk(c, t[8])
+    return tallies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--random", type=int, default=40, help="kills at random times (default 40)")
+    parser.add_argument("--concurrent", type=int, default=20, help="pairs of runs of one index at once (default 20)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tallies = campaign(Path(tmp), args.random, args.concurrent)
+    except FaultInjectionUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("| category | trials | failures | notes |\n| --- | ---: | ---: | --- |")
     for name, tally in tallies.items():
-        print(f"| {name} | {tally.trials} | {len(tally.failures)} |")
+        print(f"| {name} | {tally.trials} | {len(tally.failures)} | {tally.notes} |")
     for name, tally in tallies.items():
         for failure in tally.failures:
             print(f"{name}: {failure}")
@@ -278,5 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -1,5 +1,6 @@
-"""Crash safety: kills inside an overwrite's commit, debris of dead runs, damaged volumes
-refused by the loader (the short version of benchmarks/fault_campaign.py)."""
+"""Crash safety: an overwrite killed at each of its renames, unlinks and directory removals,
+debris of dead runs, damaged volumes refused by the loader (the short version of
+benchmarks/fault_campaign.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import shutil
 import pytest
 from conftest import call_main, preprocess_args
 
-from benchmarks.fault_campaign import Tally, damage_campaign, kill_campaign
+from benchmarks.fault_campaign import Campaign, Tally, damage_campaign, kill_sweep
+from benchmarks.fault_injection import ForkServer
 from dinov3_cache.layout import VolumePaths, partial_debris, temp_path
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import CacheError
 
-needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="a C compiler builds the library that kills runs at chosen calls")
 
 
-@needs_strace
-def test_overwrite_killed_at_each_commit_syscall_leaves_old_or_new(tmp_path, tiny_model_dir):
+@pytest.mark.slow
+@needs_cc
+def test_overwrite_killed_at_each_rename_unlink_rmdir_leaves_old_or_new(tmp_path, tiny_model_dir):
+    """SIGKILL at the k-th call, k = 1, 2, ... until the run finishes: after each kill the
+    loader (with checksums) and --verify-indices see the old or the new volume, and a rerun
+    leaves the new one and no debris."""
     tally = Tally()
-    kill_campaign(tiny_model_dir, tmp_path, True, "commit", tally)
-    assert tally.trials >= 5
+    with ForkServer(tmp_path / "server") as server:
+        kill_sweep(Campaign(server, tmp_path, tiny_model_dir).prepare(), True, tally)
+    assert tally.trials >= 20  # the whole run: staging writes, commit, removal of the old arrays
     assert tally.failures == []
 
 

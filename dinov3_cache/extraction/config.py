@@ -76,3 +76,13 @@ class ExtractionConfig:
             "upsampling": UPSAMPLING,
             "features_dtype": self.features_dtype,
         }
+
+
+def check_slice_size(geometry: CropGeometry, patch_size: int) -> None:
+    """The slices must tile into whole patches of the model."""
+    if geometry.slice_size % patch_size:
+        raise PreprocessingError(
+            f"slice size {geometry.slice_size} (= --output-image-dim {geometry.output_image_dim} x "
+            f"{geometry.raw_per_label} raw voxels per label voxel) is not a multiple of the model's patch size "
+            f"{patch_size}; change --output-image-dim or the resolutions"
+        )

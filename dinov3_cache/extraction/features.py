@@ -15,9 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dinov3_cache.extraction.config import PLANE_AXES, PreprocessingError
+from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.model import LoadedModel, token_grids
-from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.sources.base import SourceCrop
 
 BLOCK_BYTES = 64 * 2**20  # a feature block handed to the writer (a few are in flight at once)
@@ -25,15 +24,6 @@ BLOCK_BYTES = 64 * 2**20  # a feature block handed to the writer (a few are in f
 
 class SliceProgress(Protocol):
     def update(self, n: int) -> None: ...
-
-
-def check_slice_size(geometry: CropGeometry, patch_size: int) -> None:
-    if geometry.slice_size % patch_size:
-        raise PreprocessingError(
-            f"slice size {geometry.slice_size} (= --output-image-dim {geometry.output_image_dim} x "
-            f"{geometry.raw_per_label} raw voxels per label voxel) is not a multiple of the model's patch size "
-            f"{patch_size}; change --output-image-dim or the resolutions"
-        )
 
 
 def plane_slices(

@@ -36,8 +36,7 @@ from dinov3_cache.extraction.commit import (
     existing_volume_check,
     tidy_volume,
 )
-from dinov3_cache.extraction.config import ExtractionConfig
-from dinov3_cache.extraction.features import check_slice_size
+from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
 from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
 from dinov3_cache.extraction.writer import AsyncBlockWriter, stage_arrays, write_features, write_label_arrays

@@ -14,14 +14,14 @@ import argparse
 from pathlib import Path
 
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
-from dinov3_cache.extraction.config import ExtractionConfig
+from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.weights import (
     RANDOM_MODEL_PRESETS,
     ModelError,
     random_preset,
     weights_identity_resolved,
 )
-from dinov3_cache.layout import VolumePaths, committed_volume_indices
+from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_json
 from dinov3_cache.schema import MetadataError, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import SourceError, VolumeSource
 
@@ -49,9 +49,11 @@ def model_config_values(model_id: str, revision: str | None) -> dict | None:
         except ModelError as e:
             raise PreflightError(first_line(e)) from None
         return {"hidden_size": RANDOM_MODEL_PRESETS[preset]["hidden_size"], "patch_size": RANDOM_PATCH_SIZE}
+    local = Path(model_id).is_dir()
+    if local:
+        return local_config_values(Path(model_id))
     from transformers import AutoConfig
 
-    local = Path(model_id).is_dir()
     try:
         config = AutoConfig.from_pretrained(model_id, revision=None if local else revision)
     except (OSError, ValueError) as e:
@@ -63,10 +65,19 @@ def model_config_values(model_id: str, revision: str | None) -> dict | None:
     return {"hidden_size": config.hidden_size, "patch_size": config.patch_size}
 
 
+def local_config_values(directory: Path) -> dict:
+    """hidden_size and patch_size from a local checkpoint's config.json (plain JSON: no torch)."""
+    try:
+        config = read_json(directory / "config.json")
+        return {"hidden_size": int(config["hidden_size"]), "patch_size": int(config["patch_size"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PreflightError(
+            f"cannot read the config of model {str(directory)!r} ({type(e).__name__}: {first_line(e, 160)}); check --model-id"
+        ) from None
+
+
 def check_model(config: ExtractionConfig) -> dict | None:
     """The model's config values, and the slice size checked against its patch size."""
-    from dinov3_cache.extraction.features import check_slice_size  # torch: only once the config is read
-
     values = model_config_values(config.model_id, config.model_revision)
     if values is None:
         print(f"note: the config of {config.model_id} is not readable here (hub unreachable, not cached); "
