@@ -205,3 +205,16 @@ def test_a_dropped_loader_stops_the_stream_it_carried_into_the_next_epoch(built_
     gc.collect()
     thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_interpreter_exit_stops_a_stream_still_reading_the_next_epoch(built_cache):
+    """A script that ends right after its last epoch leaves the loader reading ahead; the exit
+    hook stops and joins that thread before the interpreter tears TensorStore down."""
+    from dinov3_cache.loader.prefetch import _stop_every_prefetcher
+
+    loader = create_preprocessed_dataloader(built_cache, batch_size=2, **CROPS)
+    epoch_pass = iter(loader)
+    list(epoch_pass)
+    assert epoch_pass.thread.is_alive()  # reading epoch 1 ahead, the loader still referenced
+    _stop_every_prefetcher()
+    assert not epoch_pass.thread.is_alive()

@@ -17,6 +17,7 @@ from dinov3_cache.extraction.weights import (
     RANDOM_MODEL_PRESETS,
     RANDOM_MODEL_SEED,
     ModelError,
+    hub_offline_reason,
     random_preset,
     weights_identity,
 )
@@ -140,23 +141,6 @@ def load_pretrained_model(model_id: str, revision: str | None) -> tuple[torch.nn
         LOADED_HUB_COMMITS[(model_id, revision)] = commit
     identity = {"model_id": model_id, "revision": revision or commit, "commit_hash": commit, "pretrained": True}
     return model, identity
-
-
-HUB_PROBE_TIMEOUT_SECONDS = 3.0
-
-
-def hub_offline_reason() -> str | None:
-    """Why the hub cannot be asked (HF_HUB_OFFLINE set, or it does not answer a HEAD request
-    within a few seconds), or None when it answers."""
-    from huggingface_hub import constants, get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE=1 forbids downloading it"
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_SECONDS)
-    except Exception as e:  # any failure to get an answer (DNS, refused, timeout, proxy) means unreachable
-        return f"the hub {constants.ENDPOINT} is unreachable: {first_line(e, 120)}"
-    return None
 
 
 # ----------------------------------------------------------------------------- faster forward

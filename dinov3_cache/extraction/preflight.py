@@ -18,6 +18,7 @@ from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.weights import (
     RANDOM_MODEL_PRESETS,
     ModelError,
+    hub_offline_reason,
     random_preset,
     weights_identity_resolved,
 )
@@ -26,7 +27,6 @@ from dinov3_cache.schema import MetadataError, config_fingerprint, load_volume_m
 from dinov3_cache.sources.base import SourceError, VolumeSource
 
 RANDOM_PATCH_SIZE = 16  # model.build_random_model's DINOv3ViTConfig
-UNREACHABLE = "couldn't connect"  # transformers' words when neither the hub nor its cache answers
 
 
 class PreflightError(UsageError):
@@ -49,20 +49,34 @@ def model_config_values(model_id: str, revision: str | None) -> dict | None:
         except ModelError as e:
             raise PreflightError(first_line(e)) from None
         return {"hidden_size": RANDOM_MODEL_PRESETS[preset]["hidden_size"], "patch_size": RANDOM_PATCH_SIZE}
-    local = Path(model_id).is_dir()
-    if local:
+    if Path(model_id).is_dir():
         return local_config_values(Path(model_id))
-    from transformers import AutoConfig
+    return hub_config_values(model_id, revision)
 
+
+def hub_config_values(model_id: str, revision: str | None) -> dict | None:
+    """The config.json of a hub id, fetched alone (huggingface_hub: no torch, no weights), or
+    None when neither the hub nor the local cache has it here."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = hub_offline_reason()
     try:
-        config = AutoConfig.from_pretrained(model_id, revision=None if local else revision)
-    except (OSError, ValueError) as e:
-        if not local and UNREACHABLE in str(e):
-            return None
-        raise PreflightError(
-            f"cannot read the config of model {model_id!r} ({first_line(e, 160)}); check --model-id"
-        ) from None
-    return {"hidden_size": config.hidden_size, "patch_size": config.patch_size}
+        path = hf_hub_download(model_id, "config.json", revision=revision, local_files_only=offline is not None)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # not cached, and the hub is not asked here
+        return None
+    except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise PreflightError(f"cannot read the config of model {model_id!r} ({first_line(e, 160)}); check --model-id") from None
+    except Exception:  # unreachable and not cached: the jobs may still reach it
+        return None
+    return local_config_values(Path(path).parent)
 
 
 def local_config_values(directory: Path) -> dict:

@@ -116,3 +116,20 @@ def cached_hub_commit(model_id: str, revision: str | None) -> str | None:
     except (OSError, ValueError):
         return None
     return commit if COMMIT_HASH.fullmatch(commit) else None
+
+
+HUB_PROBE_TIMEOUT_SECONDS = 3.0
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be asked (HF_HUB_OFFLINE set, or it does not answer a HEAD request
+    within a few seconds), or None when it answers."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 forbids downloading it"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_SECONDS)
+    except Exception as e:  # any failure to get an answer (DNS, refused, timeout, proxy) means unreachable
+        return f"the hub {constants.ENDPOINT} is unreachable: {first_line(e, 120)}"
+    return None

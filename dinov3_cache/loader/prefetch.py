@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 
 _END = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # prefetchers whose thread may still be reading
+
+
+@atexit.register
+def _stop_every_prefetcher() -> None:
+    """At interpreter exit, stop and join every prefetch thread: a loader that is still reading
+    ahead (the next epoch's first batches) when a script ends must not be torn down mid-read
+    inside TensorStore, which aborts the process."""
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
 
 
 class _Failure:
@@ -72,6 +84,7 @@ class PrefetchIterator:
         self.closed = False
         self.thread = threading.Thread(target=self.producer.run, name="batch-prefetch", daemon=True)
         if depth > 0:
+            _LIVE.add(self)
             self.thread.start()
 
     def __iter__(self):
