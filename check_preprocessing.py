@@ -9,6 +9,7 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --preview PREVIEW_DIR --verify-indices 0 3
     python check_preprocessing.py --output-dir OUT --remove-debris
     python check_preprocessing.py --output-dir OUT --view 3            (neuroglancer; pip install neuroglancer)
+    python check_preprocessing.py --output-dir OUT --view 3 --data-root ROOT   (and the source crop)
 
 Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
 when asked); 1 an expected volume is not complete; 2 bad arguments; 4 verification
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--view-state", metavar="FILE", default=None,
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
     )
+    view.add_argument(
+        "--data-root", default=None,
+        help="with --view: also show the source crop from this CellMap data root (directory or s3://; default $DINOV3_DATA_ROOT)",
+    )
+    view.add_argument("--catalog", default=None, help="with --view: find the source arrays in this catalog file instead")
+    view.add_argument("--s3-endpoint", default=None, help="with --view: endpoint of an S3-compatible store holding the source (default AWS)")
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
     parser.add_argument(
         "--remove-debris", action="store_true",

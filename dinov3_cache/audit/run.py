@@ -141,12 +141,16 @@ def run_audit(args: argparse.Namespace) -> int:
 def run_view(args: argparse.Namespace) -> int:
     """--view INDEX: serve the volume in neuroglancer, or write its state (--view-state)."""
     from dinov3_cache.audit import view
+    from dinov3_cache.audit.view_source import reachable_source_layers
 
     check_index(args.view, "--view")
+    output_dir = Path(args.output_dir)
+    view.volume_metadata_path(output_dir, args.view)  # a missing volume is an error before the source is read
+    source, root = reachable_source_layers(output_dir, args.view, args)
     if args.view_state:
-        print(view.write_state(Path(args.output_dir), args.view, Path(args.view_state), args.bind_address))
+        print(view.write_state(output_dir, args.view, Path(args.view_state), args.bind_address, source, root))
         return 0
-    view.serve(view.open_viewer(Path(args.output_dir), args.view, args.bind_address))
+    view.serve(view.open_viewer(output_dir, args.view, args.bind_address, source))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dinov3_cache.audit.previews import pca_rgb
+from dinov3_cache.audit.view_source import SourceLayer, state_url
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, UNIT, AxisTransform
 from dinov3_cache.layout import VolumePaths
@@ -27,6 +28,7 @@ DEFAULT_BIND_ADDRESS = "127.0.0.1"
 MAX_FEATURE_VALUES = 2**26  # features read for the PCA view; larger volumes are strided
 # --view-state: neuroglancer reads the arrays over HTTP; serve OUTPUT_DIR here with CORS on
 STATE_BASE_URL = "http://{host}:8000"
+SOURCE_BASE_URL = "http://{host}:8001"  # --view-state with a local data root: serve ROOT here
 RGB_SHADER = "void main() { emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)), toNormalized(getDataValue(2)))); }"
 MASK_SHADER = "void main() { emitRGBA(vec4(0.0, 0.6, 1.0, 0.35 * float(getDataValue() == 0u))); }"
 
@@ -50,12 +52,18 @@ def world_space(neuroglancer, voxel_size: list[float], channels: bool = False):
     return neuroglancer.CoordinateSpace(names=names, units=units, scales=scales)
 
 
-def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[str, tuple[np.ndarray, dict]]:
-    """name -> (unmoved z, y, x[, rgb] array, its attributes) for every array of the volume."""
+def volume_metadata_path(output_dir: Path, index: int) -> Path:
+    """The volume's metadata file; ViewError when the volume is not complete."""
     paths = VolumePaths(Path(output_dir), index)
     if not paths.metadata.is_file():
         raise ViewError(f"volume {index} is not complete in {output_dir} (no {paths.metadata.name}); run check_preprocessing.py to see why")
-    metadata = load_volume_metadata(paths.metadata)
+    return paths.metadata
+
+
+def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[str, tuple[np.ndarray, dict]]:
+    """name -> (unmoved z, y, x[, rgb] array, its attributes) for every array of the volume."""
+    paths = VolumePaths(Path(output_dir), index)
+    metadata = load_volume_metadata(volume_metadata_path(output_dir, index))
     transform = AxisTransform.from_record(metadata.source_dataset.to_dict().get("world_transform"))
     arrays = {}
     for name in ("raw", "gt", "mask"):
@@ -73,22 +81,25 @@ def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[st
     return arrays
 
 
+def world_source(neuroglancer, data: np.ndarray, voxel: list[float], offset: list[float], channels: bool = False):
+    """A LocalVolume in world nm: its transform translates by the offset in its voxels
+    (LocalVolume's voxel_offset is whole voxels only; crop offsets need not be)."""
+    dimensions = world_space(neuroglancer, voxel, channels)
+    shift = [o / v for o, v in zip(offset, voxel)] + ([0.0] if channels else [])
+    rank = len(shift)
+    return neuroglancer.LayerDataSource(
+        url=neuroglancer.LocalVolume(data, dimensions=dimensions),
+        transform=neuroglancer.CoordinateSpaceTransform(
+            output_dimensions=dimensions,
+            matrix=[[1.0 if j == i else 0.0 for j in range(rank)] + [shift[i]] for i in range(rank)],
+        ),
+    )
+
+
 def add_volume_layers(neuroglancer, state, arrays: dict[str, tuple[np.ndarray, dict]]) -> None:
-    """Layers in world nm: each source's transform translates by the array's offset in its
-    voxels (LocalVolume's voxel_offset is whole voxels only; crop offsets need not be)."""
+    """The cached arrays' layers in world nm, and the view centred on the crop."""
     for name, (data, attributes) in arrays.items():
-        voxel, offset = attributes["voxel_size"], attributes["offset"]
-        channels = name == "features"
-        dimensions = world_space(neuroglancer, voxel, channels)
-        shift = [o / v for o, v in zip(offset, voxel)] + ([0.0] if channels else [])
-        rank = len(shift)
-        volume = neuroglancer.LayerDataSource(
-            url=neuroglancer.LocalVolume(data, dimensions=dimensions),
-            transform=neuroglancer.CoordinateSpaceTransform(
-                output_dimensions=dimensions,
-                matrix=[[1.0 if j == i else 0.0 for j in range(rank)] + [shift[i]] for i in range(rank)],
-            ),
-        )
+        volume = world_source(neuroglancer, data, attributes["voxel_size"], attributes["offset"], name == "features")
         if name == "gt":
             state.layers[name] = neuroglancer.SegmentationLayer(source=volume)
         elif name == "raw":
@@ -105,14 +116,24 @@ def add_volume_layers(neuroglancer, state, arrays: dict[str, tuple[np.ndarray, d
     state.position = [(o + (n // 2 + 0.5) * v) / f for o, n, v, f in zip(attributes["offset"], gt.shape, attributes["voxel_size"], finest)]
 
 
-def open_viewer(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS):
-    """A neuroglancer viewer showing the volume (served from this process)."""
+def add_source_layers(neuroglancer, state, layers: list[SourceLayer]) -> None:
+    """The source crop's layers (read now, served from this process), under the cached ones."""
+    for layer in layers:
+        volume = world_source(neuroglancer, layer.read(), layer.voxel_size, layer.offset)
+        kind = neuroglancer.SegmentationLayer if layer.kind == "segmentation" else neuroglancer.ImageLayer
+        state.layers[layer.name] = kind(source=volume)
+
+
+def open_viewer(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = ()):
+    """A neuroglancer viewer showing the volume (served from this process), and the source
+    crop's layers when given (view_source.reachable_source_layers)."""
     neuroglancer = import_neuroglancer()
     arrays = volume_arrays(output_dir, index)
     neuroglancer.set_server_bind_address(bind_address)
     viewer = neuroglancer.Viewer()
     with viewer.txn() as state:
         add_volume_layers(neuroglancer, state, arrays)
+        add_source_layers(neuroglancer, state, list(source))
     return viewer
 
 
@@ -127,12 +148,39 @@ def serve(viewer) -> None:
         pass
 
 
-def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS) -> dict:
+def state_layer(kind: str, name: str, url: str, voxel: list[float], offset: list[float]) -> dict:
+    """A layer whose voxel 0 corner lies at offset nm (voxels of voxel nm, z, y, x)."""
+    return {
+        "type": kind, "name": name,
+        "source": {
+            "url": url,
+            "transform": {
+                "outputDimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, voxel)},
+                "matrix": [[1.0 if j == i else 0.0 for j in range(3)] + [o / v] for i, (o, v) in enumerate(zip(offset, voxel))],
+            },
+        },
+    }
+
+
+def source_state_layers(layers: list[SourceLayer], root: str | None, bind_address: str) -> list[dict]:
+    """Whole source levels placed at their world corners (the crop lies where the cached
+    arrays do); local levels read from ROOT served at SOURCE_BASE_URL."""
+    out = []
+    for layer in layers:
+        url = state_url(layer, root, SOURCE_BASE_URL.format(host=bind_address))
+        if url is None:
+            print(f"note: {layer.name} ({layer.level.url}) left out of the state: only z, y, x zarr under the data root or on s3:// is written")
+            continue
+        out.append(state_layer(layer.kind, layer.name, url, layer.voxel_size, [float(v) for v in layer.level.lo]))
+    return out
+
+
+def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), root: str | None = None) -> dict:
     """Viewer state for a neuroglancer the user runs: raw, gt and mask read as zarr over
-    HTTP from STATE_BASE_URL (neuroglancer cannot open the float16 features)."""
+    HTTP from STATE_BASE_URL (neuroglancer cannot open the float16 features), and the
+    source levels when given."""
     paths = VolumePaths(Path(output_dir), index)
-    if not paths.metadata.is_file():
-        raise ViewError(f"volume {index} is not complete in {output_dir} (no {paths.metadata.name})")
+    volume_metadata_path(output_dir, index)
     base = STATE_BASE_URL.format(host=bind_address)
     layers, gt_attributes = [], None
     for name, kind in (("raw", "image"), ("gt", "segmentation"), ("mask", "image")):
@@ -141,25 +189,15 @@ def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIN
             continue
         attributes = read_attributes(array)
         gt_attributes = attributes if name == "gt" else gt_attributes
-        voxel, offset = attributes["voxel_size"], attributes["offset"]
-        layers.append({
-            "type": kind, "name": name,
-            "source": {
-                "url": f"zarr://{base}/{array.name}",
-                "transform": {
-                    "outputDimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, voxel)},
-                    "matrix": [[1.0 if j == i else 0.0 for j in range(3)] + [o / v] for i, (o, v) in enumerate(zip(offset, voxel))],
-                },
-            },
-        })
+        layers.append(state_layer(kind, name, f"zarr://{base}/{array.name}", attributes["voxel_size"], attributes["offset"]))
     return {
         "dimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, gt_attributes["voxel_size"])},
         "position": [o / v + n / 2 for o, v, n in zip(gt_attributes["offset"], gt_attributes["voxel_size"], read_array_metadata(paths.array("gt")).shape)],
-        "layers": layers,
+        "layers": layers + source_state_layers(list(source), root, bind_address),
         "layout": "4panel",
     }
 
 
-def write_state(output_dir: Path, index: int, path: Path, bind_address: str = DEFAULT_BIND_ADDRESS) -> Path:
-    Path(path).write_text(json.dumps(state_document(output_dir, index, bind_address), indent=2))
+def write_state(output_dir: Path, index: int, path: Path, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), root: str | None = None) -> Path:
+    Path(path).write_text(json.dumps(state_document(output_dir, index, bind_address, source, root), indent=2))
     return Path(path)
