@@ -14,7 +14,7 @@ import sys
 from dinov3_cache.loader.buffers import collate_samples
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
-from dinov3_cache.loader.reader import CacheError, VolumeReadError
+from dinov3_cache.loader.volumes import CacheError, VolumeReadError
 
 __all__ = [
     "PreprocessedDINOv3Dataset",

@@ -13,7 +13,7 @@ from benchmarks.fault_campaign import Campaign, Tally, damage_campaign, kill_swe
 from benchmarks.fault_injection import ForkServer
 from dinov3_cache.layout import VolumePaths, partial_debris, temp_path
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
-from dinov3_cache.loader.reader import CacheError
+from dinov3_cache.loader.volumes import CacheError
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="a C compiler builds the library that kills runs at chosen calls")

@@ -15,7 +15,8 @@ import torch
 from dinov3_cache.errors import OneLineParser, UsageError, report_error
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
-from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES, CacheError
+from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES
+from dinov3_cache.loader.volumes import CacheError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

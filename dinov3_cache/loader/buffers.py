@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dinov3_cache.loader.reader import CacheError, ReadResources, VolumeReadError, torch_dtype
+from dinov3_cache.loader.reader import ReadResources, torch_dtype
 from dinov3_cache.loader.tokens import TokenCrop, start_token_read, stored_feature_array
+from dinov3_cache.loader.volumes import CacheError, VolumeReadError
 
 if TYPE_CHECKING:
     from dinov3_cache.loader.dataset import Sample

@@ -35,9 +35,9 @@ from dinov3_cache.loader.buffers import RawBatch
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.epochs import BatchStream, EpochPass
 from dinov3_cache.loader.prefetch import PrefetchIterator
-from dinov3_cache.loader.reader import CacheError
 from dinov3_cache.loader.resume import check_state, loader_identity, make_state
 from dinov3_cache.loader.sampler import EpochBatchSampler, resolve_ranks
+from dinov3_cache.loader.volumes import CacheError
 
 DATASET_OPTIONS = (
     "transform", "return_metadata", "features_dtype", "gt_dtype", "crop_size", "samples_per_volume", "seed",

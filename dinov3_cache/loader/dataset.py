@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dinov3_cache.loader.buffers import BatchBuffers, FreshBuffers, RawBatch, SharedBuffers, collate_samples, read_samples
-from dinov3_cache.loader.reader import READER_CHOICES, CachedVolume, CacheError, ReadResources, find_volumes
+from dinov3_cache.loader.reader import READER_CHOICES, ReadResources
 from dinov3_cache.loader.tokens import fill_token_features
+from dinov3_cache.loader.volumes import CachedVolume, CacheError, find_volumes
 
 
 @dataclass(frozen=True)

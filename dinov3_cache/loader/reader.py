@@ -1,7 +1,6 @@
-"""Reading a feature cache: which volumes are visible, and fast reads of their arrays.
+"""Fast reads of a cached volume's arrays (which volumes are visible: volumes.py).
 
-`find_volumes` lists the committed volumes (metadata present, see dinov3_cache.layout) and
-refuses volumes made with different configurations. `VolumeReader` reads any region of
+`VolumeReader` reads any region of
 a volume's features / gt / mask into arrays the caller allocated (a batch slot, pinned
 memory), so no array is allocated or copied twice.
 
@@ -30,7 +29,6 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +36,8 @@ import tensorstore as ts
 import torch
 
 from dinov3_cache.chunk_files import fill_chunk_crc32, missing_written_chunks
-from dinov3_cache.errors import CacheToolError, first_line
-from dinov3_cache.indices import check_index, format_some
-from dinov3_cache.layout import VolumePaths, committed_volume_indices
-from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
+from dinov3_cache.errors import first_line
+from dinov3_cache.loader.volumes import CachedVolume, CacheError, volume_read_error
 from dinov3_cache.zarr_arrays import (
     chunk_key,
     crc32_of,
@@ -59,124 +55,6 @@ TORCH_DTYPES = {
     "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
 }
 SPATIAL_ARRAYS = ("gt", "mask")
-
-
-class CacheError(CacheToolError):
-    """A cache that cannot be loaded as asked; the message says what to do."""
-
-
-class VolumeReadError(CacheError):
-    """Reading one array of one volume failed (one message argument, so that torch can
-    re-raise it unchanged in the main process when a worker process hits it)."""
-
-
-def volume_read_error(volume_index: int, array: str, path: Path, cause: str) -> VolumeReadError:
-    return VolumeReadError(
-        f"cannot read volume {volume_index} array '{array}' ({path}): {cause}; check the volume with "
-        f"'check_preprocessing.py --output-dir {path.parent} --verify-indices {volume_index}' and recompute it "
-        f"with 'preprocess_volume.py --volume-index {volume_index} --overwrite'"
-    )
-
-
-# ----------------------------------------------------------------------------- visible volumes
-
-
-@dataclass(frozen=True)
-class CachedVolume:
-    """One committed volume: where its arrays are and what its metadata says."""
-
-    paths: VolumePaths
-    metadata: VolumeMetadata
-
-    @property
-    def index(self) -> int:
-        return self.paths.volume_index
-
-    @property
-    def fingerprint(self) -> str | None:
-        return self.metadata.configuration.fingerprint
-
-    @property
-    def has_mask(self) -> bool:
-        return self.metadata.has_mask
-
-    @property
-    def features_shape(self) -> tuple[int, ...]:
-        return tuple(self.metadata.shapes["features"])
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        return self.features_shape[1:]
-
-    @property
-    def commit_id(self) -> str | None:
-        return self.metadata.integrity.commit_id if self.metadata.integrity else None
-
-    def recorded_checksums(self, array: str) -> dict[str, int]:
-        integrity = self.metadata.integrity
-        return (integrity.crc32.get(array) if integrity else None) or {}
-
-    def array_path(self, array: str) -> Path:
-        # the directory may have moved since the metadata was written: locate files by the layout
-        return self.paths.located_array(array, self.commit_id)
-
-
-def find_volumes(
-    preprocessed_dir: Path | str,
-    volume_indices: Sequence[int] | None = None,
-    allow_mixed_configurations: bool = False,
-) -> list[CachedVolume]:
-    """The committed volumes to load, in the order asked (sorted when not given)."""
-    root = Path(preprocessed_dir)
-    if not root.is_dir():
-        raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
-    committed = committed_volume_indices(root)
-    if volume_indices is None:
-        indices = committed
-    else:
-        if isinstance(volume_indices, (str, bytes)):
-            raise CacheError(
-                f"volume_indices must be a list of integers, got the string {volume_indices!r} "
-                "(a string would be read digit by digit); write e.g. volume_indices=[12]"
-            )
-        indices = [check_index(int(i), "volume_indices") for i in volume_indices]
-        missing = sorted(set(indices) - set(committed))
-        if missing:
-            raise CacheError(
-                f"volumes {format_some(missing)} are not committed in {root} (no metadata file: missing, "
-                "running or failed); run check_preprocessing.py to see gaps, or leave them out of volume_indices"
-            )
-    if not indices:
-        raise CacheError(
-            f"no preprocessed volumes found in {root} (no volume_XXXXXX_metadata.json); "
-            "run preprocess_volume.py or check progress with check_preprocessing.py"
-        )
-    volumes = [CachedVolume(VolumePaths(root, i), load_metadata(root, i)) for i in indices]
-    if not allow_mixed_configurations:
-        check_one_configuration(volumes)
-    return volumes
-
-
-def load_metadata(root: Path, index: int) -> VolumeMetadata:
-    try:
-        return load_volume_metadata(VolumePaths(root, index).metadata)
-    except MetadataError as e:
-        raise CacheError(
-            f"volume {index}: {e}; recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
-        ) from None
-
-
-def check_one_configuration(volumes: Sequence[CachedVolume]) -> None:
-    """Volumes extracted with different settings (model, geometry, dtype...) must not be mixed silently."""
-    groups: dict[str | None, list[int]] = {}
-    for volume in volumes:
-        groups.setdefault(volume.fingerprint, []).append(volume.index)
-    if len(groups) > 1:
-        described = "; ".join(f"{fp}: volumes {format_some(ix)}" for fp, ix in groups.items())
-        raise CacheError(
-            f"volumes were extracted with {len(groups)} different configurations (fingerprint {described}); "
-            "select one group with volume_indices, or pass allow_mixed_configurations=True"
-        )
 
 
 # ----------------------------------------------------------------------------- array readers

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from dinov3_cache.loader.reader import CacheError
+from dinov3_cache.loader.volumes import CacheError
 
 STATE_VERSION = 1
 # a position is only meaningful for the same samples, batches and rank split

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from dinov3_cache.loader.reader import CacheError
+from dinov3_cache.loader.volumes import CacheError
 
 
 def resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:

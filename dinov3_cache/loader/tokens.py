@@ -19,7 +19,8 @@ import torch
 from dinov3_cache.errors import first_line
 from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import features_from_tokens, token_window
-from dinov3_cache.loader.reader import CachedVolume, VolumeReader, torch_dtype, volume_read_error
+from dinov3_cache.loader.reader import VolumeReader, torch_dtype
+from dinov3_cache.loader.volumes import CachedVolume, volume_read_error
 
 BUILD_BYTES = 128 * 2**20  # float32 temporaries per plane while building a crop's features
 
