@@ -137,6 +137,17 @@ def bench_volume(batch_size: int) -> None:
     print(f"  last run's metadata timing: {timing}")
 
 
+def gpu_baseline() -> float | None:
+    """The card and its measured bf16 matmul rate (TFLOP/s), printed; None without a GPU."""
+    if not torch.cuda.is_available():
+        print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
+        return None
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    peak = matmul_tflops()
+    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (baseline)")
+    return peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
@@ -144,14 +155,11 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
     parser.add_argument("--compile", action="store_true", help="also time the forward under torch.compile")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
+    peak = gpu_baseline()
+    if peak is None:
         return 0
     from dinov3_cache.extraction.model import build_random_model
 
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    peak = matmul_tflops()
-    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (baseline)")
     model, _ = build_random_model("random:vitl16")
     model = model.cuda().eval()
     tokens = 1 + model.config.num_register_tokens + (512 // 16) ** 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_gpu_extraction import cuda_time, matmul_tflops, vit_flops_per_slice
+from benchmarks.bench_gpu_extraction import cuda_time, gpu_baseline, vit_flops_per_slice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,16 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", default=None, help="where the caches are written (default: a temporary directory)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
+    peak = gpu_baseline()
+    if peak is None:
         return 0
     from transformers import DINOv3ViTConfig
 
     from dinov3_cache.extraction.weights import RANDOM_MODEL_PRESETS
 
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    peak = matmul_tflops()
-    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (baseline)")
     config = DINOv3ViTConfig(patch_size=16, **RANDOM_MODEL_PRESETS["vitl16"])
     flops = vit_flops_per_slice(config, 1 + config.num_register_tokens + (512 // 16) ** 2)
     print(f"ViT-L/16 at 512^2, bf16, batch {args.batch_size}:")

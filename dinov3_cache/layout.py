@@ -366,8 +366,14 @@ def iter_files(root: Path) -> Iterator[os.DirEntry]:
 
 
 def bytes_on_disk(root: Path) -> int:
-    """Bytes allocated on disk below root (like du), which is what storage planning needs.
-    Files that vanish while running jobs commit or clean up are skipped."""
+    """Bytes allocated on disk below root, or by root itself when it is a file (like du),
+    which is what storage planning needs. Files that vanish while running jobs commit or
+    clean up are skipped."""
+    try:
+        if not root.is_dir() or root.is_symlink():
+            return root.lstat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
     total = 0
     for entry in iter_files(root):
         try:

@@ -31,13 +31,6 @@ def dead_debris(paths: VolumePaths, scan: DirectoryScan) -> list[Path]:
     return debris if debris and not lock_is_held(paths) else []
 
 
-def path_bytes(path: Path) -> int:
-    try:
-        return bytes_on_disk(path) if path.is_dir() else path.lstat().st_blocks * 512
-    except FileNotFoundError:
-        return 0
-
-
 @dataclass
 class Removed:
     path: str
@@ -57,7 +50,7 @@ def remove_debris(output_dir: Path) -> tuple[list[Removed], list[int]]:
         try:
             with VolumeLock(paths):  # a run starting now waits for (or is refused by) this lock
                 for path in partial_debris(paths):  # listed again, under the lock
-                    size = path_bytes(path)
+                    size = bytes_on_disk(path)
                     remove_tree(path)
                     removed.append(Removed(str(path), size))
         except VolumeLocked:

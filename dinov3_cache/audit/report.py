@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dinov3_cache.audit.debris import dead_debris, path_bytes
+from dinov3_cache.audit.debris import dead_debris
 from dinov3_cache.audit.joblogs import PendingVolume, SchedulerLogs, classify_pending
 from dinov3_cache.audit.live_jobs import mark_vanished_jobs
 from dinov3_cache.audit.scan import AuditError, StorageMeasure, expected_volumes, scan_directory
@@ -31,7 +31,7 @@ from dinov3_cache.audit.summaries import (
 )
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import ARRAY_NAMES, VolumePaths, read_submission_records, submissions_dir
+from dinov3_cache.layout import ARRAY_NAMES, VolumePaths, bytes_on_disk, read_submission_records, submissions_dir
 
 if TYPE_CHECKING:
     from dinov3_cache.audit.verify import VolumeCheck
@@ -121,7 +121,7 @@ def gather_report(
         else:
             summary.array_bytes = dict(summary.recorded_bytes)
     for entry in pending_all:
-        entry.debris_bytes = sum(sizes[Path(d).name] if Path(d).name in sizes else path_bytes(Path(d)) for d in entry.debris)
+        entry.debris_bytes = sum(sizes[Path(d).name] if Path(d).name in sizes else bytes_on_disk(Path(d)) for d in entry.debris)
 
     by_state = {s: [p for p in pending if p.state == s] for s in ("running", "failed", "partial", "not_started")}
     report = Report(
