@@ -18,7 +18,7 @@ import sys
 
 from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
-from dinov3_cache.indices import check_index, format_ranges, parse_index_list
+from dinov3_cache.indices import format_ranges, parse_index_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         settings = settings_from_args(args)
-        indices = volume_indices(args.volume_index)
+        indices = parse_index_list(args.volume_index, "--volume-index")
         configs = [settings.config(index) for index in indices]
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
@@ -76,13 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         print(summary_line(results))
     return exit_status(results)
-
-
-def volume_indices(tokens: list[str]) -> list[int]:
-    for token in tokens:
-        if token.strip().startswith("-") and token.strip()[1:].isdigit():
-            check_index(int(token))  # a negative index: the message of any index out of range
-    return parse_index_list(tokens, "--volume-index")
 
 
 def report(result, several: bool) -> None:

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dinov3_cache.layout import iter_files
-from dinov3_cache.zarr_arrays import chunk_slices, read_array_metadata
+from dinov3_cache.zarr_arrays import chunk_slices, dtype_itemsize, read_array_metadata
 
 
 @dataclass
@@ -45,9 +43,8 @@ def stored_layout(path: Path, itemsize: int) -> StoredLayout:
     return StoredLayout(tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
 
 
-def present_files(path: Path, layout: StoredLayout) -> dict[str, int]:
-    """Relative path -> size of every file that could hold chunks (one listing, or a walk
-    of c/ for v3)."""
+def present_files(path: Path) -> dict[str, int]:
+    """Relative path -> size of every file below the array that could hold chunks."""
     files = {}
     for entry in iter_files(path):
         rel = os.path.relpath(entry.path, path).replace(os.sep, "/")
@@ -66,18 +63,14 @@ def fill_chunk_crc32(nbytes: int) -> int:
     return zlib.crc32(bytes(nbytes))
 
 
-def itemsize_of(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-
-
 def missing_written_chunks(
     path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str, recorded: dict[str, int]
 ) -> list[str]:
     """Chunk keys whose file is missing although the recorded checksum says the writer wrote
     data other than the fill value (one listing of the array; zarr v3 per shard file)."""
-    itemsize = itemsize_of(dtype)
+    itemsize = dtype_itemsize(dtype)
     layout = stored_layout(path, itemsize)
-    files = present_files(path, layout)
+    files = present_files(path)
     missing = []
     for grid_index, slices in chunk_slices(shape, chunks):
         unit = tuple(g * c // u for g, c, u in zip(grid_index, chunks, layout.unit))

@@ -19,14 +19,6 @@ EXIT_LOCKED = 3  # another live run holds the volume; nothing was touched
 EXIT_DAMAGED = 4  # verification found damage, or a metadata file is unreadable
 EXIT_TERMINATED = 143  # SIGTERM (a scheduler's walltime or kill): 128 + 15
 
-EXIT_STATUSES = {
-    EXIT_OK: "done (complete, skipped, submitted, or nothing wrong found)",
-    EXIT_FAILED: "a run failed, or expected volumes are not complete",
-    EXIT_USAGE: "bad command-line input; nothing was done",
-    EXIT_LOCKED: "another live run holds the volume; nothing was touched",
-    EXIT_DAMAGED: "verification found damage, or a metadata file is unreadable",
-    EXIT_TERMINATED: "terminated by SIGTERM (walltime or scheduler kill)",
-}
 
 
 class CacheToolError(Exception):

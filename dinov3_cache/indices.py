@@ -18,6 +18,8 @@ def parse_index_list(tokens: Sequence[str], option: str = "--indices") -> list[i
     indices: set[int] = set()
     for token in (t for text in tokens for t in str(text).split(",")):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", token.strip())
+        if not match and re.fullmatch(r"-\d+", token.strip()):
+            check_index(int(token), option)  # a negative index: the message of any index out of range
         if not match:
             raise UsageError(f"{option}: {token!r} is not an index or a range A-B; write e.g. {option} 10 15 23-40")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))

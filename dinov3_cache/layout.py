@@ -45,6 +45,12 @@ from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
 ARRAY_NAMES = ("features", "tokens", "gt", "mask", "raw")
+
+
+def feature_array_name(layout: str | None) -> str:
+    """The array that holds a volume's features: `tokens` in the tokens layout, else `features`."""
+    return "tokens" if layout == "tokens" else "features"
+
 COMMIT_DIR_INFIX = ".commit-"
 LOGS_DIR = "logs"
 
@@ -82,9 +88,6 @@ class VolumePaths:
         """Where a commit's arrays sit from the staging rename until they take the seed's names."""
         return self.output_dir / f"{self.name}{COMMIT_DIR_INFIX}{commit_id}"
 
-    def commit_dirs(self) -> list[Path]:
-        return sorted(self.output_dir.glob(f"{self.name}{COMMIT_DIR_INFIX}*"))
-
     def located_array(self, array_name: str, commit_id: str | None) -> Path:
         """Where the committed volume's array is: in its commit directory while the commit is
         being finished (or was killed before it finished), else under the seed's name."""
@@ -93,10 +96,6 @@ class VolumePaths:
             if moving.is_dir():
                 return moving
         return self.array(array_name)
-
-    def temp_files(self) -> list[Path]:
-        """Temporary files of this volume's atomic JSON writes (metadata, status)."""
-        return [p for target in (self.metadata, self.status) for p in target.parent.glob(f".{target.name}.*.tmp")]
 
     @property
     def logs(self) -> Path:

@@ -119,7 +119,7 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
         return problems + layout_problems, info
 
     layout = stored_layout(path, store.dtype.numpy_dtype.itemsize)
-    files = present_files(path, layout)
+    files = present_files(path)
     recorded = (integrity.crc32.get(name) if integrity else None) or {}
     written_but_missing = set(missing_written_chunks(path, shape, chunks, dtype, recorded)) if recorded else None
     missing_files, file_problems = set(), []

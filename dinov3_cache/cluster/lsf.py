@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dinov3_cache.cluster.base import Scheduler, SchedulerError
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import Resources
-from dinov3_cache.layout import scheduler_logs_dir
+from dinov3_cache.layout import scheduler_log_name, scheduler_logs_dir
 
 
 class LsfScheduler(Scheduler):
@@ -34,7 +34,8 @@ class LsfScheduler(Scheduler):
             argv += ["-gpu", "num=1" + (f":gmem={math.ceil(r.gpu_memory_gb * 1024)}M" if r.gpu_memory_gb else "")]
         argv += ["-q", r.queue] if r.queue else []
         argv += ["-P", r.project] if r.project else []
-        argv += ["-o", str(logs / f"{array.spec.name}_%J_%I.out"), "-e", str(logs / f"{array.spec.name}_%J_%I.err")]
+        argv += ["-o", str(logs / scheduler_log_name(array.spec.name, "%J", "%I", "out")),
+                 "-e", str(logs / scheduler_log_name(array.spec.name, "%J", "%I", "err"))]
         argv += list(r.scheduler_args)
         return RenderedArray(array, argv, self.script(array))
 

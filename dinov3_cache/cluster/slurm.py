@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dinov3_cache.cluster.base import Scheduler, SchedulerError
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
-from dinov3_cache.layout import scheduler_logs_dir
+from dinov3_cache.layout import scheduler_log_name, scheduler_logs_dir
 
 
 class SlurmScheduler(Scheduler):
@@ -40,7 +40,8 @@ class SlurmScheduler(Scheduler):
         argv += ["--gres=gpu:1"] if r.gpu else []
         argv += [f"--partition={r.queue}"] if r.queue else []
         argv += [f"--account={r.project}"] if r.project else []
-        argv += [f"--output={logs / f'{array.spec.name}_%A_%a.out'}", f"--error={logs / f'{array.spec.name}_%A_%a.err'}"]
+        argv += [f"--output={logs / scheduler_log_name(array.spec.name, '%A', '%a', 'out')}",
+                 f"--error={logs / scheduler_log_name(array.spec.name, '%A', '%a', 'err')}"]
         argv += list(r.scheduler_args)
         return RenderedArray(array, argv, self.script(array))
 

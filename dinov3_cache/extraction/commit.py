@@ -30,6 +30,7 @@ from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
 from dinov3_cache.extraction.weights import weights_identity_resolved
 from dinov3_cache.layout import (
     ARRAY_NAMES,
+    LOGS_DIR,
     VolumePaths,
     committed_arrays,
     fsync_directory,
@@ -39,7 +40,7 @@ from dinov3_cache.layout import (
 )
 from dinov3_cache.schema import MetadataError, VolumeMetadata, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
-from dinov3_cache.zarr_arrays import StorageError
+from dinov3_cache.zarr_arrays import StorageError, dtype_itemsize
 
 log = logging.getLogger("dinov3_preprocessing")
 
@@ -52,12 +53,13 @@ class VolumeOutcome:
 
 
 def ensure_writable(output_dir: Path) -> None:
+    logs = output_dir / LOGS_DIR
     try:
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        what = f"{output_dir / 'logs'} in output directory" if output_dir.is_dir() else "output directory"
+        what = f"{logs} in output directory" if output_dir.is_dir() else "output directory"
         raise PreprocessingError(f"cannot create {what} {output_dir} ({e.strerror}); choose a writable --output-dir") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK) or not os.access(output_dir / "logs", os.W_OK | os.X_OK):
+    if not os.access(output_dir, os.W_OK | os.X_OK) or not os.access(logs, os.W_OK | os.X_OK):
         raise PreprocessingError(f"output directory {output_dir} is not writable; choose a writable --output-dir")
 
 
@@ -75,9 +77,7 @@ def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size:
     """The volume's uncompressed size (an upper bound on what compression leaves): features
     C x D^3 (dense) or the planes' token grids P x C x D x g^2 (tokens) in the stored dtype,
     the labels and mask, and the raw crop with --save-raw."""
-    import numpy as np
-
-    itemsize = 2 if config.features_dtype == "bfloat16" else np.dtype(config.features_dtype).itemsize
+    itemsize = dtype_itemsize(config.features_dtype)
     d = config.geometry.output_image_dim
     values = d**3 if config.layout == "dense" else len(config.planes) * d * grid_size**2
     arrays = [crop.gt, crop.mask] + ([crop.raw] if config.save_raw else [])

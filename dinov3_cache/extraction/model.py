@@ -16,6 +16,7 @@ from dinov3_cache.extraction.weights import (
     LOADED_HUB_COMMITS,
     RANDOM_MODEL_PRESETS,
     RANDOM_MODEL_SEED,
+    RANDOM_PATCH_SIZE,
     ModelError,
     hub_offline_reason,
     random_preset,
@@ -100,7 +101,7 @@ def build_random_model(model_id: str) -> tuple[torch.nn.Module, dict]:
     preset = random_preset(model_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_MODEL_SEED)
-        config = DINOv3ViTConfig(patch_size=16, **RANDOM_MODEL_PRESETS[preset])
+        config = DINOv3ViTConfig(patch_size=RANDOM_PATCH_SIZE, **RANDOM_MODEL_PRESETS[preset])
         config._attn_implementation = ATTENTION
         model = DINOv3ViTModel(config)
     log.warning(

@@ -19,7 +19,7 @@ from dinov3_cache.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, CacheToolErro
 from dinov3_cache.extraction.commit import VolumeOutcome
 from dinov3_cache.extraction.config import ExtractionConfig
 from dinov3_cache.extraction.model import ExecutionOptions
-from dinov3_cache.extraction.pipeline import ModelOnDemand, Terminated, raise_on_sigterm, run_volume
+from dinov3_cache.extraction.pipeline import ModelOnDemand, Terminated, raise_on_sigterm, read_now, run_volume
 from dinov3_cache.layout import VolumeLocked
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 
@@ -72,12 +72,8 @@ def preprocess_volumes(
     return results
 
 
-def read_now(source: VolumeSource, config: ExtractionConfig) -> SourceCrop:
-    return source.sample(config.volume_index, config.geometry, config.sampling)
-
-
 def read_in_background(reader: ThreadPoolExecutor, source: VolumeSource, config: ExtractionConfig) -> Future[SourceCrop]:
-    return reader.submit(source.sample, config.volume_index, config.geometry, config.sampling)
+    return reader.submit(read_now, source, config)
 
 
 def run_one(config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand, read_crop) -> VolumeResult:

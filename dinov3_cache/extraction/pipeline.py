@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
@@ -133,8 +134,12 @@ def preprocess_volume(
 ) -> VolumeOutcome:
     """Extract, write and commit one volume, under its lock. Raises PreprocessingError,
     SourceError or StorageError with an actionable one-line message."""
-    return run_volume(config, source, ModelOnDemand(config, loaded), lambda: source.sample(
-        config.volume_index, config.geometry, config.sampling))
+    return run_volume(config, source, ModelOnDemand(config, loaded), partial(read_now, source, config))
+
+
+def read_now(source: VolumeSource, config: ExtractionConfig) -> SourceCrop:
+    """The volume's crop, read in this thread."""
+    return source.sample(config.volume_index, config.geometry, config.sampling)
 
 
 def run_volume(

@@ -17,6 +17,7 @@ from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.weights import (
     RANDOM_MODEL_PRESETS,
+    RANDOM_PATCH_SIZE,
     ModelError,
     hub_offline_reason,
     random_preset,
@@ -25,8 +26,6 @@ from dinov3_cache.extraction.weights import (
 from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_json
 from dinov3_cache.schema import MetadataError, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import SourceError, VolumeSource
-
-RANDOM_PATCH_SIZE = 16  # model.build_random_model's DINOv3ViTConfig
 
 
 class PreflightError(UsageError):

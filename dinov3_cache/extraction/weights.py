@@ -26,6 +26,7 @@ RANDOM_MODEL_PRESETS = {
     "vitl16-1layer": dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4),
 }
 RANDOM_MODEL_SEED = 0
+RANDOM_PATCH_SIZE = 16
 # the files whose bytes decide a local checkpoint's outputs
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "config.json")
 HASH_READ_BYTES = 16 * 2**20

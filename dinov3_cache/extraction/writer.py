@@ -26,6 +26,7 @@ from dinov3_cache.extraction.features import (
 from dinov3_cache.extraction.metadata import FeatureStatistics
 from dinov3_cache.extraction.model import LoadedModel
 from dinov3_cache.extraction.upsampling import features_from_tokens
+from dinov3_cache.layout import feature_array_name
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import (
     DEFAULT_LABEL_CHUNKS,
@@ -221,7 +222,7 @@ def write_features(
     writer: AsyncBlockWriter, stats: FeatureStatistics, progress: SliceProgress,
 ) -> None:
     """Run the planes through the model and write the volume's features in its layout."""
-    name = "tokens" if config.layout == "tokens" else "features"
+    name = feature_array_name(config.layout)
     buffers = BlockBuffers(config.features_dtype, pinned=loaded.device.type == "cuda")
     output = FeatureOutput(name, staged, writer, buffers, stats, config.features_dtype, config.storage.zarr_format)
     d, unit = config.geometry.output_image_dim, output.unit

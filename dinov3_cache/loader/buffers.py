@@ -148,7 +148,7 @@ def read_samples(
         for b, crop in enumerate(token_crops):
             if crop is not None:
                 crop.features(out=features[b])
-    metadata = [s.volume.metadata.to_dict() | {"sample": s.describe()} for s in samples] if with_metadata else None
+    metadata = [s.volume.metadata_dict | {"sample": s.describe()} for s in samples] if with_metadata else None
     return RawBatch(features, gt, mask, metadata, has_mask, tokens=token_crops if deferred and any(token_items) else None)
 
 

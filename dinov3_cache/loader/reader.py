@@ -37,6 +37,7 @@ import torch
 
 from dinov3_cache.chunk_files import fill_chunk_crc32, missing_written_chunks
 from dinov3_cache.errors import first_line
+from dinov3_cache.layout import feature_array_name
 from dinov3_cache.loader.volumes import CachedVolume, CacheError, volume_read_error
 from dinov3_cache.zarr_arrays import (
     chunk_key,
@@ -290,7 +291,7 @@ class VolumeReader:
     ):
         self.volume = volume
         self.readers = {}
-        for array in ("tokens" if volume.metadata.layout == "tokens" else "features", *SPATIAL_ARRAYS):
+        for array in (feature_array_name(volume.metadata.layout), *SPATIAL_ARRAYS):
             if array == "mask" and not volume.has_mask:
                 continue
             path = volume.array_path(array)

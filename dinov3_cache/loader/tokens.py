@@ -19,6 +19,7 @@ import torch
 from dinov3_cache.errors import first_line
 from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import features_from_tokens, token_window
+from dinov3_cache.layout import feature_array_name
 from dinov3_cache.loader.reader import VolumeReader, torch_dtype
 from dinov3_cache.loader.volumes import CachedVolume, volume_read_error
 
@@ -27,7 +28,7 @@ BUILD_BYTES = 128 * 2**20  # float32 temporaries per plane while building a crop
 
 def stored_feature_array(volume: CachedVolume) -> str:
     """The array holding a volume's features: 'features' (dense) or 'tokens'."""
-    return "tokens" if volume.metadata.layout == "tokens" else "features"
+    return feature_array_name(volume.metadata.layout)
 
 
 @dataclass

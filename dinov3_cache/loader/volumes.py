@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from dinov3_cache.errors import CacheToolError
@@ -48,6 +49,12 @@ class CachedVolume:
     @property
     def fingerprint(self) -> str | None:
         return self.metadata.configuration.fingerprint
+
+    @cached_property
+    def metadata_dict(self) -> dict:
+        """The metadata as the JSON document (what `return_metadata` hands out), built once
+        per volume: it holds every chunk checksum, too much to rebuild per sample."""
+        return self.metadata.to_dict()
 
     @property
     def has_mask(self) -> bool:
