@@ -3,9 +3,12 @@ persistent compilation cache: the features stay those of the eager transformers 
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -107,3 +110,121 @@ def test_a_second_process_reuses_the_compile_cache(tmp_path, tiny_model_dir):
     assert second["hits"] == first["misses"] and second["misses"] == 0
     assert first["execution"]["compiled"] is True
     assert max(first["difference"], second["difference"]) <= FEATURE_TOLERANCE["float32"]
+
+
+# ----------------------------------------------------------------------------- commits overlap the next volume
+
+
+def run_in_process(out, model_dir, indices: str, overlap_commits: bool = True, report=lambda result: None):
+    """preprocess_volumes as preprocess_volume.py calls it, on the tiny geometry."""
+    import preprocess_volume
+    from dinov3_cache.extraction.multi import preprocess_volumes
+    from dinov3_cache.extraction.settings import settings_from_args
+    from dinov3_cache.indices import parse_index_list
+    from dinov3_cache.sources.base import source_from_args
+
+    args = preprocess_volume.parse_args([str(a) for a in preprocess_args(out, 0, model_dir)])
+    settings = settings_from_args(args)
+    configs = [settings.config(i) for i in parse_index_list(indices)]
+    return preprocess_volumes(configs, source_from_args(args), report=report, overlap_commits=overlap_commits)
+
+
+class CommitProbe:
+    """Records, for each volume's commit, the thread it ran on and whether the next volume's
+    extraction had started by then (waiting up to `wait` seconds for it)."""
+
+    def __init__(self, monkeypatch, wait: float):
+        from dinov3_cache.extraction import pipeline
+
+        self.computing: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+        self.commits: dict[int, tuple[bool, str]] = {}
+        real_write, real_commit = pipeline.write_features, pipeline.commit_volume
+
+        def write_features(loaded, crop, config, *rest):
+            self.computing[config.volume_index].set()
+            return real_write(loaded, crop, config, *rest)
+
+        def commit_volume(paths, commit_id, metadata):
+            next_started = self.computing[paths.volume_index + 1].wait(timeout=wait)
+            self.commits[paths.volume_index] = (next_started, threading.current_thread().name)
+            return real_commit(paths, commit_id, metadata)
+
+        monkeypatch.setattr(pipeline, "write_features", write_features)
+        monkeypatch.setattr(pipeline, "commit_volume", commit_volume)
+
+
+def test_each_commit_overlaps_the_next_volumes_extraction(tmp_path, tiny_model_dir, monkeypatch):
+    """Volumes 0 and 1 commit on the commit thread while the next volume is computed; the last
+    commits on the main thread. Without the overlap no commit sees the next volume started;
+    the features are the same either way, results come in order."""
+    probe = CommitProbe(monkeypatch, wait=60)
+    reported = []
+    results = run_in_process(tmp_path / "overlap", tiny_model_dir, "0-2", report=lambda r: reported.append(r.volume_index))
+    assert [r.state for r in results] == ["complete"] * 3 and reported == [0, 1, 2]
+    assert probe.commits[0][0] and probe.commits[1][0] and not probe.commits[2][0]
+    assert probe.commits[0][1].startswith("commit") and probe.commits[2][1] == "MainThread"
+
+    serial = CommitProbe(monkeypatch, wait=1)
+    results = run_in_process(tmp_path / "serial", tiny_model_dir, "0-2", overlap_commits=False)
+    assert [r.state for r in results] == ["complete"] * 3
+    assert not any(started for started, _ in serial.commits.values())
+    for index in range(3):
+        np.testing.assert_array_equal(features(VolumePaths(tmp_path / "overlap", index)),
+                                      features(VolumePaths(tmp_path / "serial", index)))
+        assert read_json(VolumePaths(tmp_path / "overlap", index).status)["state"] == "complete"
+
+
+def test_a_failed_background_commit_fails_only_its_volume(tmp_path, tiny_model_dir, monkeypatch):
+    from dinov3_cache.extraction import pipeline
+    from dinov3_cache.extraction.config import PreprocessingError
+
+    real_commit = pipeline.commit_volume
+
+    def commit_volume(paths, commit_id, metadata):
+        if paths.volume_index == 0:
+            raise PreprocessingError("volume 0: the commit failed here")
+        return real_commit(paths, commit_id, metadata)
+
+    monkeypatch.setattr(pipeline, "commit_volume", commit_volume)
+    results = run_in_process(tmp_path, tiny_model_dir, "0-1")
+    assert [(r.volume_index, r.state) for r in results] == [(0, "failed"), (1, "complete")]
+    assert "the commit failed here" in results[0].message
+    failed = VolumePaths(tmp_path, 0)
+    assert read_json(failed.status)["state"] == "failed"
+    assert not failed.metadata.exists() and not failed.staging.exists()
+    with VolumeLock(failed):  # released by the commit thread
+        pass
+    assert VolumePaths(tmp_path, 1).metadata.exists()
+
+
+def test_termination_during_a_background_commit(tmp_path, tiny_model_dir, monkeypatch):
+    """SIGTERM (as the handler raises it) while volume 0 commits on the commit thread and 1 is
+    computed: 0 completes, 1 is recorded as terminated and removed, 2 never starts."""
+    from dinov3_cache.extraction import pipeline
+    from dinov3_cache.extraction.pipeline import Terminated
+
+    committing = threading.Event()
+    real_write, real_commit = pipeline.write_features, pipeline.commit_volume
+
+    def commit_volume(paths, commit_id, metadata):
+        committing.set()
+        time.sleep(0.5)  # still committing when the signal arrives
+        return real_commit(paths, commit_id, metadata)
+
+    def write_features(loaded, crop, config, *rest):
+        if config.volume_index == 1:
+            assert committing.wait(timeout=60)
+            raise Terminated(15)
+        return real_write(loaded, crop, config, *rest)
+
+    monkeypatch.setattr(pipeline, "commit_volume", commit_volume)
+    monkeypatch.setattr(pipeline, "write_features", write_features)
+    reported = []
+    with pytest.raises(Terminated):
+        run_in_process(tmp_path, tiny_model_dir, "0-2", report=reported.append)
+    assert [(r.volume_index, r.state) for r in reported] == [(0, "complete")]
+    assert read_json(VolumePaths(tmp_path, 0).status)["state"] == "complete"
+    stopped = VolumePaths(tmp_path, 1)
+    assert "Terminated" in read_json(stopped.status)["error"]
+    assert not stopped.staging.exists() and not stopped.metadata.exists()
+    assert not VolumePaths(tmp_path, 2).status.exists()

@@ -11,7 +11,9 @@ The pipeline, per volume:
    layout: the grids themselves are stored (--layout).
 4. Each block is written asynchronously while the next ones are computed (writer.py).
 5. Arrays are written under OUT/volume_XXXXXX.partial/ and committed (commit.py): the
-   metadata file (metadata.py) is the single commit point.
+   metadata file (metadata.py) is the single commit point. The volume is extracted
+   (`start_volume`), then finished (`ExtractedVolume.finish`: the last writes and the
+   commit), so that a process of several volumes commits one while computing the next (multi.py).
 
 The model itself (loading, the forward pass, the weights' identity) lives in model.py.
 """
@@ -22,8 +24,9 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from dinov3_cache.errors import named_first_line
@@ -40,9 +43,10 @@ from dinov3_cache.extraction.commit import (
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
 from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
-from dinov3_cache.extraction.writer import AsyncBlockWriter, stage_arrays, write_features, write_label_arrays
+from dinov3_cache.extraction.writer import AsyncBlockWriter, StagedArrays, stage_arrays, write_features, write_label_arrays
 from dinov3_cache.layout import (
     VolumeLock,
+    VolumePaths,
     bytes_on_disk,
     now_iso,
     remove_tree,
@@ -134,7 +138,8 @@ def preprocess_volume(
 ) -> VolumeOutcome:
     """Extract, write and commit one volume, under its lock. Raises PreprocessingError,
     SourceError or StorageError with an actionable one-line message."""
-    return run_volume(config, source, ModelOnDemand(config, loaded), partial(read_now, source, config))
+    started = start_volume(config, source, ModelOnDemand(config, loaded), partial(read_now, source, config))
+    return started.finish() if isinstance(started, ExtractedVolume) else started
 
 
 def read_now(source: VolumeSource, config: ExtractionConfig) -> SourceCrop:
@@ -142,35 +147,105 @@ def read_now(source: VolumeSource, config: ExtractionConfig) -> SourceCrop:
     return source.sample(config.volume_index, config.geometry, config.sampling)
 
 
-def run_volume(
+def start_volume(
     config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand, read_crop: Callable[[], SourceCrop]
-) -> VolumeOutcome:
-    """preprocess_volume with a shared model and the crop read by read_crop (which may have
-    started earlier, in the background)."""
+) -> VolumeOutcome | ExtractedVolume:
+    """Under the volume's lock: tidy, skip a complete volume, else compute its features and
+    start their writes. The lock passes to the ExtractedVolume returned, which must be
+    finished (or abandoned): the last writes and the commit can then overlap the next volume."""
     paths = config.paths
     ensure_writable(paths.output_dir)
-    with VolumeLock(paths):
+    with ExitStack() as lock:
+        lock.enter_context(VolumeLock(paths))
         tidy_volume(paths)
         skip = existing_volume_check(config, source, load_model=model.get)
         if skip is not None:
             return skip
         write_status(paths, "running", started=now_iso())
-        try:
-            metadata = build_and_commit(config, source, model, read_crop)
-        except BaseException as caught:
-            e = as_storage_error(caught, paths)
-            remove_tree(paths.staging)  # first: it frees the space the status record needs
-            write_status(paths, "failed", finished=now_iso(), error=named_first_line(e))
-            if e is not caught:
-                raise e from None
-            raise
-        write_status(paths, "complete", finished=now_iso(), timing=metadata.timing)
-        return VolumeOutcome("complete", f"volume {config.volume_index} complete: {paths.metadata}", metadata)
+        with failure_recorded(paths):
+            extracted = extract(config, source, model, read_crop)
+        extracted.lock = lock.pop_all()
+        return extracted
 
 
-def build_and_commit(
+@contextmanager
+def failure_recorded(paths: VolumePaths) -> Iterator[None]:
+    """A failure inside removes the staged arrays and is written to the status record."""
+    try:
+        yield
+    except BaseException as caught:
+        e = record_failure(paths, caught)
+        if e is not caught:
+            raise e from None
+        raise
+
+
+def record_failure(paths: VolumePaths, caught: BaseException) -> BaseException:
+    """Remove the staged arrays and record the failure; returns the error as the user sees it
+    (a full file system as one line)."""
+    e = as_storage_error(caught, paths)
+    remove_tree(paths.staging)  # first: it frees the space the status record needs
+    write_status(paths, "failed", finished=now_iso(), error=named_first_line(e))
+    return e
+
+
+@dataclass
+class ExtractedVolume:
+    """A volume whose features are computed and whose last writes may still be in flight,
+    its lock held until `finish` commits it or `abandon` records why it will not be."""
+
+    config: ExtractionConfig
+    source: VolumeSource
+    loaded: LoadedModel
+    crop: SourceCrop
+    staged: StagedArrays
+    writer: AsyncBlockWriter
+    stats: FeatureStatistics
+    commit_id: str
+    timing: dict[str, float]
+    started: float  # perf_counter at the start of the volume's extraction
+    lock: ExitStack = field(default_factory=ExitStack)
+
+    def finish(self) -> VolumeOutcome:
+        """Wait for the writes, seal the metadata and commit; safe on any thread."""
+        paths = self.config.paths
+        with self.lock:
+            with failure_recorded(paths):
+                try:
+                    self.writer.flush()
+                except BaseException:
+                    self.writer.abandon()
+                    raise
+                metadata = self.commit()
+            write_status(paths, "complete", finished=now_iso(), timing=metadata.timing)
+        return VolumeOutcome("complete", f"volume {self.config.volume_index} complete: {paths.metadata}", metadata)
+
+    def abandon(self, error: BaseException) -> None:
+        """The run stops before this volume is finished: its staged arrays go, the failure is recorded."""
+        with self.lock:
+            self.writer.abandon()
+            record_failure(self.config.paths, error)
+
+    def commit(self) -> VolumeMetadata:
+        config, timing = self.config, self.timing
+        timing["tensorstore_write_seconds"] = self.writer.wait_seconds
+        storage = {name: bytes_on_disk(config.paths.staged_array(name)) for name in self.staged.stores}
+        # after the load: the fingerprint records the weights actually loaded
+        fingerprint_values = config.fingerprint_values(self.source)
+        body = volume_metadata(config, self.loaded, self.crop, self.staged, self.writer.checksums, storage, self.stats,
+                               self.commit_id, fingerprint_values)
+        # checked against the schema before anything of an existing volume is touched
+        metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
+        timing["total_seconds"] = time.perf_counter() - self.started
+        metadata = replace(metadata, timing=rounded(timing)).sealed()
+        commit_volume(config.paths, self.commit_id, metadata.to_dict())
+        return metadata
+
+
+def extract(
     config: ExtractionConfig, source: VolumeSource, model: ModelOnDemand, read_crop: Callable[[], SourceCrop]
-) -> VolumeMetadata:
+) -> ExtractedVolume:
+    """Stage the arrays, run the model over the crop and start every write."""
     paths = config.paths
     timing: dict[str, float] = {}
     loaded = model.get()
@@ -181,7 +256,7 @@ def build_and_commit(
     crop = read_crop()
     timing["source_read_seconds"] = time.perf_counter() - t  # the wait only, when read in the background
 
-    t_volume = time.perf_counter()
+    started = time.perf_counter()
     commit_id = uuid.uuid4().hex
     grid_size = config.geometry.slice_size // loaded.patch_size
     ensure_free_space(config, crop, loaded.hidden_size, grid_size)
@@ -198,21 +273,10 @@ def build_and_commit(
         progress.close()
         # the writes overlap the computation; only the time spent waiting on them is not extraction
         timing["feature_extraction_seconds"] = time.perf_counter() - t - writer.wait_seconds
-        writer.flush()
     except BaseException:
         writer.abandon()
         raise
-    timing["tensorstore_write_seconds"] = writer.wait_seconds
-    storage = {name: bytes_on_disk(paths.staged_array(name)) for name in staged.stores}
-    # after the load: the fingerprint records the weights actually loaded
-    fingerprint_values = config.fingerprint_values(source)
-    body = volume_metadata(config, loaded, crop, staged, writer.checksums, storage, stats, commit_id, fingerprint_values)
-    # checked against the schema before anything of an existing volume is touched
-    metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
-    timing["total_seconds"] = time.perf_counter() - t_volume
-    metadata = replace(metadata, timing=rounded(timing)).sealed()
-    commit_volume(paths, commit_id, metadata.to_dict())
-    return metadata
+    return ExtractedVolume(config, source, loaded, crop, staged, writer, stats, commit_id, timing, started)
 
 
 def rounded(timing: dict[str, float]) -> dict[str, float]:
