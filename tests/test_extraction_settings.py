@@ -15,10 +15,12 @@ from dinov3_cache.extraction.settings import (
     SETTINGS_FORMAT,
     SETTINGS_VERSION,
     ExtractionSettings,
+    settings_from_args,
     write_settings_file,
 )
 from dinov3_cache.layout import VolumePaths, is_volume_complete, read_json
-from preprocess_volume import parse_args
+from dinov3_cache.switch import Switch
+from preprocess_volume import build_parser, parse_args
 
 
 def settings_file(path: Path, **values) -> Path:
@@ -33,6 +35,7 @@ def test_defaults_are_the_documented_ones():
     assert args.compression == "none" and args.zarr_format == 2 and args.num_threads == 8
     assert args.model_id == "facebook/dinov3-vitl16-pretrain-sat493m" and args.device == "auto"
     assert args.organelles == ["cell"] and args.min_unique_ids == 2 and args.no_gt_extension is False
+    assert not (args.save_raw or args.overwrite or args.no_space_check or args.compile or args.augment)
     assert parse_args(["--volume-index", "0", "--output-dir", "o", "--compression"]).compression == "lz4"
 
 
@@ -46,6 +49,39 @@ def test_command_line_beats_settings_file_beats_defaults(tmp_path):
     assert args.features_dtype == "float16" and args.zarr_format == 2  # defaults (also recorded in the file)
     bare = parse_args(["--settings", str(path), "--volume-index", "4"])
     assert bare.batch_size == 3 and bare.planes == ["xy"]
+
+
+# each flag a settings file can hold, by dest, and the option that turns it off
+OPPOSITES = {"no_gt_extension": "--gt-extension", "save_raw": "--no-save-raw", "overwrite": "--no-overwrite",
+             "no_space_check": "--space-check", "compile": "--no-compile", "augment": "--no-augment"}
+
+
+def test_every_flag_has_an_opposite():
+    flags = {a.dest: a for a in build_parser()._actions if a.nargs == 0 and a.dest not in ("help", "refresh_catalog")}
+    assert set(flags) == set(OPPOSITES) and all(isinstance(a, Switch) for a in flags.values())
+    assert all(OPPOSITES[dest] in a.option_strings for dest, a in flags.items())
+    assert "[--save-raw | --no-save-raw]" in build_parser().format_usage()
+
+
+def test_the_command_line_turns_off_a_flag_the_settings_file_turns_on(tmp_path):
+    path = settings_file(tmp_path / "s.json", output_dir="o", **{d: True for d in OPPOSITES if d != "augment"},
+                         source_options={"augment": True})
+    on = parse_args(["--settings", str(path), "--volume-index", "0"])
+    off = parse_args(["--settings", str(path), "--volume-index", "0", *OPPOSITES.values()])
+    assert all(getattr(on, dest) is True for dest in OPPOSITES)
+    assert all(getattr(off, dest) is False for dest in OPPOSITES)
+    again = parse_args(["--settings", str(path), "--volume-index", "0", "--no-save-raw", "--save-raw"])
+    assert again.save_raw is True  # the last one given wins
+
+
+def test_a_submission_accepts_the_opposites_and_writes_what_wins():
+    from submit_preprocessing_jobs import build_parser as submit_parser
+
+    args = submit_parser().parse_args(["--num-volumes", "1", "--output-dir", "o", "--save-raw", "--no-save-raw",
+                                       "--no-space-check", "--compile", "--augment", "--no-augment"])
+    values = settings_from_args(args).values()  # what the settings file holds
+    assert values["save_raw"] is False and values["no_space_check"] is True and values["compile"] is True
+    assert values["augment"] is False
 
 
 def test_a_job_runs_from_the_settings_file_alone(tmp_path, tiny_model_dir):

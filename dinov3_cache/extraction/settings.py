@@ -12,6 +12,8 @@ read from that type, so each default has one definition. The data source's own o
 `add_cellmap_arguments` and travel in `source_options`.
 
 Precedence, highest first: the command line, the settings file (--settings), the defaults.
+Each flag has its opposite (`Switch`: --save-raw / --no-save-raw), so the command line can
+also turn off what a settings file turned on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dinov3_cache.indices import parse_index_list
 from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
+from dinov3_cache.switch import Switch
 from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
@@ -174,8 +177,8 @@ def argparse_kwargs(f) -> dict[str, Any]:
     """The add_argument keywords of one settings field, derived from its type and metadata."""
     kwargs = {"help": f.metadata["help"], **f.metadata["argparse"]}
     kind, _ = _base_type(_field_types()[f.name])
-    if kind is bool:
-        return {**kwargs, "action": "store_true"}
+    if kind is bool:  # with its opposite (--no-save-raw), which undoes a settings file's value
+        return {**kwargs, "action": Switch, "default": f.default}
     if typing.get_origin(kind) is tuple:
         return {"type": typing.get_args(kind)[0], "default": list(f.default), **kwargs}
     return {"type": kind, "default": f.default, **kwargs}
@@ -277,7 +280,7 @@ def _check_value(path: str | Path, name: str, value: Any, f) -> None:
     """A file value must be what the command line would have produced for that option."""
     if f is None:  # a source option: a string, or a flag
         action = source_option_actions()[name]
-        expected = bool if isinstance(action, argparse._StoreTrueAction) else (str, type(None))
+        expected = bool if isinstance(action, Switch) else (str, type(None))
         if not isinstance(value, expected):
             raise SettingsError(f"settings file {path}: {name} = {value!r} has the wrong type")
         return

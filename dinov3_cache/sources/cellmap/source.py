@@ -26,6 +26,7 @@ from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
 from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
+from dinov3_cache.switch import Switch
 
 
 def add_cellmap_arguments(parser: argparse.ArgumentParser, add_pass_through) -> None:
@@ -40,7 +41,7 @@ def add_cellmap_arguments(parser: argparse.ArgumentParser, add_pass_through) -> 
         help="endpoint URL of an S3-compatible store (default AWS); credentials from AWS_* variables, else anonymous",
     )
     add_pass_through(
-        parser, "--augment", action="store_true",
+        parser, "--augment", action=Switch,
         help="flips, axis swaps and intensity changes seeded by the volume index, recorded in metadata",
     )
     parser.add_argument(
