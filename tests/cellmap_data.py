@@ -169,7 +169,10 @@ def write_multiscale(
         write_array(group / name, data, fmt, chunks, compression)
         levels.append((name, scale, level_translation(corner, scale)))
         if fmt == "n5":
-            update_attributes(group / name, fmt, {"transform": cosem_transform(scale, levels[-1][2]), "pixelResolution": pixel_resolution(scale)})
+            update_attributes(group / name, fmt, {
+                "transform": cosem_transform(scale, levels[-1][2]), "pixelResolution": pixel_resolution(scale),
+                "downsamplingFactors": [round(a / b) for a, b in zip(scale[::-1], scales[0][::-1])],
+            })
         arrays[name] = data
     write_group_attributes(group, fmt, cellmap_n5_multiscales(levels) if fmt == "n5" else ome_multiscales(levels))
     return arrays
@@ -296,10 +299,10 @@ def build_beta(root: Path) -> dict:
     return info
 
 
-def build_gamma(root: Path) -> dict:
-    """N5 container (CellMap N5 metadata): raw 32 nm, crop4 cell at 128 nm."""
+def build_gamma(root: Path, corner: Sequence[float] = (0.0, 0.0, 0.0)) -> dict:
+    """N5 container (CellMap N5 metadata): raw 32/64 nm, crop4 cell at 128 nm, all from corner nm."""
     rng = np.random.default_rng(3)
-    corner = np.array([0.0, 0.0, 0.0])
+    corner = np.asarray(corner, float)
     extent = np.array([2560.0] * 3)
     mito = random_spheres(rng, corner, corner + extent, 20, (150, 300), 1)
     cells = random_spheres(rng, corner, corner + extent, 10, (500, 900), 1)

@@ -6,8 +6,12 @@ import contextlib
 import importlib
 import io
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +61,39 @@ def call_main(module: str, *args: str, check: bool = False) -> subprocess.Comple
     if check and code != 0:
         raise AssertionError(f"{module} exited {code}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def s3_server_holding(root: Path, dataset: str, bucket: str = "cellmap-test", prefix: str = "data") -> Iterator[str]:
+    """A real S3-compatible server (moto_server, CORS on) on 127.0.0.1 whose public bucket
+    holds root/dataset under prefix; yields its endpoint URL."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=0.5)
+                break
+            except OSError:
+                time.sleep(0.05)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=bucket, ACL="public-read")
+        for file in sorted((root / dataset).rglob("*")):
+            if file.is_file():
+                client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(root).as_posix()}", ExtraArgs={"ACL": "public-read"})
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def preprocess_args(output_dir: Path, index: int, model_dir: Path, *extra: str) -> list[str]:

@@ -8,17 +8,14 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import cellmap_data as data
 import numpy as np
 import pytest
-from conftest import TINY_GEOMETRY_ARGS, run_script
+from conftest import TINY_GEOMETRY_ARGS, free_port, run_script, s3_server_holding
 
 from dinov3_cache.layout import VolumePaths, read_json
 from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions, SourceError
@@ -488,38 +485,11 @@ def test_axes_in_another_order_and_micrometres_are_converted():
 # ----------------------------------------------------------------------------- S3 (moto_server)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_s3(cellmap_root):
     """A real S3-compatible server on 127.0.0.1 holding jrc_alpha as a public bucket."""
-    import boto3
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=0.5)
-                break
-            except OSError:
-                time.sleep(0.05)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket="cellmap-test", ACL="public-read")
-        root = cellmap_root[0]
-        for file in sorted((root / "jrc_alpha").rglob("*")):
-            if file.is_file():
-                key = "data/" + file.relative_to(root).as_posix()
-                client.upload_file(str(file), "cellmap-test", key, ExtraArgs={"ACL": "public-read"})
+    with s3_server_holding(cellmap_root[0], "jrc_alpha") as endpoint:
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("credentials", ["anonymous", "environment"])

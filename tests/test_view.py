@@ -1,25 +1,52 @@
 """check_preprocessing.py --view: a cached CellMap volume in neuroglancer, in world nm, checked
-in a real headless Chromium; the axis-naming attributes every array carries."""
+in a real headless Chromium; the state file (--view-state) loaded as is into the same browser,
+its source levels in zarr, N5 and on an S3-compatible server; the axis-naming attributes every
+array carries."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cellmap_data as data
 import numpy as np
 import pytest
-from conftest import TINY_GEOMETRY_ARGS, call_main, run_script
+from conftest import TINY_GEOMETRY_ARGS, call_main, run_script, s3_server_holding
 
+from dinov3_cache.audit.view import SOURCE_BASE_URL, STATE_BASE_URL, state_layer
+from dinov3_cache.audit.view_source import SourceLayer, SourceOrigin, StoredDimensions, state_url, stored_dimensions
 from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.sources.cellmap import Level, LevelArray, Multiscale, Storage
 from dinov3_cache.zarr_arrays import read_attributes
 
 INDEX = 1
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "neuroglancer_view.png"
+GAMMA_CORNER = (100.0, 40.0, 0.0)  # off the origin and different on each axis: a lost translation or axis shows
+BUCKET_ROOT = "s3://cellmap-test/data"  # where s3_server_holding puts the datasets
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_source(monkeypatch):
+    for name in ("DINOV3_DATA_ROOT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def cached_volume(root: Path, out: Path, model: Path, *extra: str) -> Path:
+    """One volume (raw saved) built from root by the real CLI."""
+    run_script(
+        "preprocess_volume.py", "--volume-index", str(INDEX), "--output-dir", str(out), "--model-id", str(model),
+        *TINY_GEOMETRY_ARGS, "--data-root", str(root), "--save-raw", *extra, check=True, env={"DINOV3_DATA_ROOT": ""},
+    )
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +58,32 @@ def cellmap_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cellmap_cache(cellmap_root, tmp_path_factory, tiny_model_dir) -> Path:
-    """One volume of alpha's crop2 mito (raw saved) built by the real CLI."""
-    root = cellmap_root
-    out = tmp_path_factory.mktemp("cache")
-    run_script(
-        "preprocess_volume.py", "--volume-index", str(INDEX), "--output-dir", str(out), "--model-id", str(tiny_model_dir),
-        *TINY_GEOMETRY_ARGS, "--data-root", str(root), "--organelles", "mito", "--crop-filter", "crop2", "--save-raw",
-        check=True, env={"DINOV3_DATA_ROOT": ""},
-    )
-    return out
+    """alpha's crop2 mito (zarr), raw at 32 nm."""
+    return cached_volume(cellmap_root, tmp_path_factory.mktemp("cache"), tiny_model_dir, "--organelles", "mito", "--crop-filter", "crop2")
+
+
+@pytest.fixture(scope="module")
+def gamma_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cellmap_n5") / "data"
+    data.build_gamma(root, GAMMA_CORNER)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gamma_cache(gamma_root, tmp_path_factory, tiny_model_dir) -> Path:
+    """gamma's crop4 cell (N5), raw at 64 nm: gamma's s1, whose voxel i neuroglancer puts at
+    2 i (its downsamplingFactors)."""
+    return cached_volume(gamma_root, tmp_path_factory.mktemp("cache_n5"), tiny_model_dir, "--organelles", "cell", "--min-resolution-for-raw", "64")
+
+
+@pytest.fixture(scope="module")
+def moto_alpha(cellmap_root) -> Iterator[str]:
+    """The endpoint of a real S3-compatible server holding alpha under BUCKET_ROOT."""
+    pytest.importorskip("boto3")
+    if shutil.which("moto_server") is None:
+        pytest.skip("needs moto_server (pip install 'moto[server]')")
+    with s3_server_holding(cellmap_root, "jrc_alpha") as endpoint:
+        yield endpoint
 
 
 def test_every_array_names_its_axes_and_types(cellmap_cache):
@@ -100,13 +144,30 @@ def headless_browser(viewer):
     return webdriver, errors
 
 
-def plain_xy_section(viewer) -> None:
+def plain_xy_section(viewer, unit_nm: float = 32.0) -> None:
+    """One black-backed section; unit_nm: the viewer's global voxel (--view: the finest array's)."""
     with viewer.txn() as s:
         s.layout = "xy"
         s.show_axis_lines = False
         s.show_scale_bar = False
         s.cross_section_background_color = "#000000"
-        s.cross_section_scale = 2048 / 512 / 32  # the 2048 nm crop fills 512 px (in units of the 32 nm raw voxel)
+        s.cross_section_scale = 2048 / 512 / unit_nm  # the 2048 nm crop fills 512 px
+
+
+def bright(image: np.ndarray) -> np.ndarray:
+    return image.mean(axis=-1) > 128
+
+
+def labelled(image: np.ndarray) -> np.ndarray:
+    return image.max(axis=-1) > 0
+
+
+def coverage(under: np.ndarray, over: np.ndarray) -> tuple[float, float]:
+    """The share of the under mask's pixels the over mask covers, as rendered and moved by
+    24 px (96 nm); the outer 8 px are left out (a state's layers draw their bounds there)."""
+    inner = (slice(8, -8), slice(8, -8))
+    under, moved, over = under[inner], np.roll(over, 24, axis=1)[inner], over[inner]
+    return float(over[under].mean()), float(moved[under].mean())
 
 
 def shown(viewer, webdriver, names: list[str]) -> np.ndarray:
@@ -133,14 +194,11 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
         plain_xy_section(viewer)
         raw, gt, both = (shown(viewer, webdriver, names) for names in (["raw"], ["gt"], ["raw", "gt"]))
     assert not errors, errors
-    bright = raw.mean(axis=-1) > 128
-    labelled = gt.max(axis=-1) > 0
     for name, image in (("raw", raw), ("gt", gt), ("both", both)):
         Image.fromarray(image).save(tmp_path.parent / f"view_{name}.png")
-    assert 0.05 < bright.mean() < 0.95 and labelled.any()
+    assert 0.05 < bright(raw).mean() < 0.95 and labelled(gt).any()
     # gt is 128 nm voxels on 32 nm raw: most labelled pixels are bright; moved 96 nm, far fewer
-    on_raw = float(bright[labelled].mean())
-    shifted = float(np.roll(bright, 24, axis=1)[labelled].mean())
+    on_raw, shifted = coverage(labelled(gt), bright(raw))
     assert on_raw > 0.7 and on_raw > shifted + 0.1, (on_raw, shifted)
     if os.environ.get("DINOV3_WRITE_DOCS_SCREENSHOT"):
         Image.fromarray(both).resize((384, 384)).save(SCREENSHOT, optimize=True)
@@ -153,10 +211,12 @@ def state_layers(cache: Path, state_file: Path, *extra: str) -> tuple[dict, str]
 
 
 def world_placement(layer: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(voxel size, voxel 0 corner) in nm from a state layer's transform."""
+    """(voxel size, voxel 0 corner) in nm, z, y, x, from a state layer's transform (its rows
+    follow its output dimensions, in the source's order)."""
     transform = layer["source"]["transform"]
-    voxel = np.array([transform["outputDimensions"][a][0] * 1e9 for a in "zyx"])
-    return voxel, np.array([row[3] for row in transform["matrix"]]) * voxel
+    voxel = {a: unit[0] * 1e9 for a, unit in transform["outputDimensions"].items()}
+    corner = {a: row[3] * voxel[a] for a, row in zip(transform["outputDimensions"], transform["matrix"])}
+    return np.array([voxel[a] for a in "zyx"]), np.array([corner[a] for a in "zyx"])
 
 
 def test_view_state_puts_the_source_crop_on_the_cached_arrays(cellmap_cache, cellmap_root, tmp_path):
@@ -220,9 +280,141 @@ def test_source_labels_land_on_cached_gt_in_a_real_browser(cellmap_cache, cellma
         plain_xy_section(viewer)
         gt, source_labels, source_raw = (shown(viewer, webdriver, [n]) for n in ("gt", "source mito", "source raw"))
     assert not errors, errors
-    labelled, source_labelled = gt.max(axis=-1) > 0, source_labels.max(axis=-1) > 0
-    assert labelled.mean() > 0.02 and source_labelled.any() and (source_raw.mean(axis=-1) > 128).any()
-    on_gt = float(source_labelled[labelled].mean())
-    shifted = float(np.roll(source_labelled, 24, axis=1)[labelled].mean())
+    assert labelled(gt).mean() > 0.02 and labelled(source_labels).any() and bright(source_raw).any()
+    on_gt, shifted = coverage(labelled(gt), labelled(source_labels))
     # 128 nm gt on 64 nm source labels differs only along boundaries (0.87 measured); moved: 0.5
     assert on_gt > 0.8 and on_gt > shifted + 0.2, (on_gt, shifted)
+
+
+def level_layer(url: str, driver: str = "zarr") -> SourceLayer:
+    """A source layer on level s0 of the multiscale at url (nothing opened)."""
+    level = Level("s0", (8.0, 8.0, 8.0), (4.0, 4.0, 4.0))
+    return SourceLayer("source raw", "image", LevelArray(Multiscale(url, driver, (level,), (0, 1, 2)), level, False, None), (0, 0, 0), (1, 1, 1))
+
+
+def test_state_urls_of_s3_levels_name_the_endpoint_when_given():
+    layer = level_layer("s3://bucket/data/raw")
+    assert state_url(layer, SourceOrigin("s3://bucket/data"), "http://h:8001") == "zarr://s3://bucket/data/raw/s0"
+    # path-style on the server the levels were read through, in any format neuroglancer reads
+    assert state_url(layer, SourceOrigin("s3://bucket/data", "https://minio.lab:9000/"), "") == "zarr://https://minio.lab:9000/bucket/data/raw/s0"
+    assert state_url(level_layer("s3://bucket/a.n5/raw", "n5"), SourceOrigin(None, "http://127.0.0.1:9000"), "") == "n5://http://127.0.0.1:9000/bucket/a.n5/raw/s0"
+    assert state_url(level_layer("/data/raw", "zarr3"), SourceOrigin("/data"), "http://h:8001") == "zarr3://http://h:8001/raw/s0"
+    assert state_url(level_layer("/elsewhere/raw"), SourceOrigin("/data"), "http://h:8001") is None
+
+
+def test_zarr_levels_stored_in_another_axis_order_keep_neuroglancer_names(tmp_path):
+    """A zarr level stored x, y, z: its dimensions keep their stored order and the names
+    neuroglancer gives them (`_ARRAY_DIMENSIONS`, else d0, d1, d2)."""
+    level = Level("s0", (8.0, 8.0, 8.0), (4.0, 4.0, 4.0))
+    array = LevelArray(Multiscale(str(tmp_path / "raw"), "zarr", (level,), (2, 1, 0)), level, False, None)
+    assert stored_dimensions(array, Storage()) == StoredDimensions(("d0", "d1", "d2"), (2, 1, 0))
+    (tmp_path / "raw" / "s0").mkdir(parents=True)
+    (tmp_path / "raw" / "s0" / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": ["x", "y", "z"]}))
+    dimensions = stored_dimensions(array, Storage())
+    assert dimensions == StoredDimensions(("x", "y", "z"), (2, 1, 0))
+    transform = state_layer("image", "raw", "zarr://u", [40.0, 8.0, 4.0], [400.0, 80.0, 40.0], dimensions)["source"]["transform"]
+    assert transform["inputDimensions"] == transform["outputDimensions"] == {"x": [4e-9, "m"], "y": [8e-9, "m"], "z": [4e-8, "m"]}
+    assert [row[3] for row in transform["matrix"]] == [10.0, 10.0, 10.0]
+
+
+def test_view_state_writes_n5_levels_as_neuroglancer_reads_them(gamma_cache, gamma_root, tmp_path):
+    """neuroglancer names an N5 level's dimensions x, y, z (its `axes`, stored fastest first)
+    and puts voxel i of gamma's raw s1 at 2 i (its downsamplingFactors): the written input
+    dimensions say so, and the output places each level at its world corner."""
+    layers, stdout = state_layers(gamma_cache, tmp_path / "state.json", "--data-root", str(gamma_root))
+    assert "note:" not in stdout and {"source raw", "source cell"} <= set(layers)
+    for name, voxel, step in (("source raw", 64.0, 2.0), ("source cell", 128.0, 1.0)):
+        source = layers[name]["source"]
+        assert source["url"].startswith("n5://http://127.0.0.1:8001/jrc_gamma/jrc_gamma.n5/recon-1/")
+        assert source["transform"]["inputDimensions"] == {a: [voxel / step * 1e-9, "m"] for a in "xyz"}
+        assert list(source["transform"]["outputDimensions"]) == ["x", "y", "z"]
+        assert [v.tolist() for v in world_placement(layers[name])] == [[voxel] * 3, list(GAMMA_CORNER)]
+
+
+def test_view_state_with_an_s3_endpoint_reads_the_levels_from_it(cellmap_cache, cellmap_root, moto_alpha, tmp_path):
+    """The same state as from the local copy of the data, but for the URLs: path-style on the
+    --s3-endpoint server."""
+    local, _ = state_layers(cellmap_cache, tmp_path / "local.json", "--data-root", str(cellmap_root))
+    remote, stdout = state_layers(cellmap_cache, tmp_path / "s3.json", "--data-root", BUCKET_ROOT, "--s3-endpoint", moto_alpha)
+    assert "note:" not in stdout and set(remote) == set(local) and {"source raw", "source mito"} <= set(remote)
+    for name, layer in local.items():
+        if name.startswith("source "):
+            url = layer["source"]["url"].replace(SOURCE_BASE_URL.format(host="127.0.0.1"), f"{moto_alpha}/cellmap-test/data")
+            layer = {**layer, "source": {**layer["source"], "url": url}}
+        assert remote[name] == layer
+
+
+class CorsFiles(http.server.SimpleHTTPRequestHandler):
+    """A directory's files, readable from any page (CORS), as a neuroglancer the user runs needs."""
+
+    def end_headers(self):
+        self.send_header("Access-Control-Allow-Origin", "*")
+        super().end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def served(directory: Path) -> Iterator[str]:
+    """directory over HTTP on a free port of 127.0.0.1; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CorsFiles, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def rendered_state(state: dict, names: list[str], unit_nm: float) -> dict[str, np.ndarray]:
+    """The state loaded as is into neuroglancer in headless Chromium: the named layers, one at a time."""
+    import neuroglancer
+
+    viewer = neuroglancer.Viewer()
+    viewer.set_state(neuroglancer.ViewerState(state))
+    webdriver, errors = headless_browser(viewer)
+    with webdriver:
+        plain_xy_section(viewer, unit_nm)
+        images = {name: shown(viewer, webdriver, [name]) for name in names}
+    assert not errors, errors
+    return images
+
+
+# case: the cache, where its source is (a data root, or an S3 server's endpoint) and its label layer
+STATE_SOURCES = {
+    "zarr": ("cellmap_cache", "cellmap_root", "source mito"),
+    "n5": ("gamma_cache", "gamma_root", "source cell"),
+    "s3-endpoint": ("cellmap_cache", "moto_alpha", "source mito"),
+}
+
+
+@pytest.mark.skipif(not chromium_available(), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+@pytest.mark.parametrize("case", STATE_SOURCES)
+def test_state_file_puts_the_source_on_the_cached_arrays_in_a_real_browser(case, request, tmp_path):
+    """The written state, served where it says (the cache and a local data root over HTTP,
+    S3 levels from the server), rendered by neuroglancer: the source raw, read at the cached
+    raw's own level, covers the cached raw's bright pixels, and far fewer when moved by 96 nm;
+    the source labels cover the cached gt."""
+    pytest.importorskip("neuroglancer")
+    cache_fixture, source_fixture, labels = STATE_SOURCES[case]
+    cache, source = request.getfixturevalue(cache_fixture), request.getfixturevalue(source_fixture)
+    host = "127.0.0.1"
+    with contextlib.ExitStack() as stack:
+        replace = {STATE_BASE_URL.format(host=host): stack.enter_context(served(cache))}
+        if case == "s3-endpoint":
+            options = ["--data-root", BUCKET_ROOT, "--s3-endpoint", source]
+        else:
+            options = ["--data-root", str(source)]
+            replace[SOURCE_BASE_URL.format(host=host)] = stack.enter_context(served(source))
+        state_file = tmp_path / "state.json"
+        call_main("check_preprocessing", "--output-dir", str(cache), "--view", str(INDEX), "--view-state", str(state_file), *options, check=True)
+        text = functools.reduce(lambda t, pair: t.replace(*pair), replace.items(), state_file.read_text())
+        gt_voxel = read_attributes(VolumePaths(cache, INDEX).array("gt"))["voxel_size"][0]
+        images = rendered_state(json.loads(text), ["raw", "source raw", "gt", labels], gt_voxel)
+    assert 0.02 < bright(images["raw"]).mean() < 0.95 and labelled(images["gt"]).mean() > 0.02
+    on_raw, shifted = coverage(bright(images["raw"]), bright(images["source raw"]))
+    assert on_raw > 0.95 and on_raw > shifted + 0.2, (on_raw, shifted)
+    # gamma's cells are large: a 96 nm move uncovers little of them
+    on_gt, shifted = coverage(labelled(images["gt"]), labelled(images[labels]))
+    assert on_gt > 0.8 and on_gt > shifted, (on_gt, shifted)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dinov3_cache.audit.previews import pca_rgb
-from dinov3_cache.audit.view_source import SourceLayer, state_url
+from dinov3_cache.audit.view_source import CACHED_DIMENSIONS, SourceLayer, SourceOrigin, StoredDimensions, state_url
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, UNIT, AxisTransform
 from dinov3_cache.layout import VolumePaths
@@ -148,34 +148,39 @@ def serve(viewer) -> None:
         pass
 
 
-def state_layer(kind: str, name: str, url: str, voxel: list[float], offset: list[float]) -> dict:
-    """A layer whose voxel 0 corner lies at offset nm (voxels of voxel nm, z, y, x)."""
+def state_layer(kind: str, name: str, url: str, voxel: list[float], offset: list[float], dimensions: StoredDimensions = CACHED_DIMENSIONS) -> dict:
+    """A layer whose voxel 0 corner lies at offset nm (voxel, offset: z, y, x nm). neuroglancer's
+    matrix maps the source's coordinates to the output's in the physical units of each, so the
+    input dimensions are given too (a zarr array's own are unitless), under the names
+    neuroglancer gives them (a name it does not know leaves that dimension untransformed)."""
+    names, axes, step = dimensions.names, dimensions.axes, dimensions.step
     return {
         "type": kind, "name": name,
         "source": {
             "url": url,
             "transform": {
-                "outputDimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, voxel)},
-                "matrix": [[1.0 if j == i else 0.0 for j in range(3)] + [o / v] for i, (o, v) in enumerate(zip(offset, voxel))],
+                "inputDimensions": {n: [voxel[a] / s * 1e-9, "m"] for n, a, s in zip(names, axes, step)},
+                "outputDimensions": {SPATIAL_AXES[a]: [voxel[a] * 1e-9, "m"] for a in axes},
+                "matrix": [[1.0 if j == k else 0.0 for j in range(3)] + [offset[a] / voxel[a]] for k, a in enumerate(axes)],
             },
         },
     }
 
 
-def source_state_layers(layers: list[SourceLayer], root: str | None, bind_address: str) -> list[dict]:
+def source_state_layers(layers: list[SourceLayer], origin: SourceOrigin | None, bind_address: str) -> list[dict]:
     """Whole source levels placed at their world corners (the crop lies where the cached
-    arrays do); local levels read from ROOT served at SOURCE_BASE_URL."""
+    arrays do); local levels read from ROOT served at SOURCE_BASE_URL (state_url)."""
     out = []
     for layer in layers:
-        url = state_url(layer, root, SOURCE_BASE_URL.format(host=bind_address))
+        url = state_url(layer, origin, SOURCE_BASE_URL.format(host=bind_address))
         if url is None:
-            print(f"note: {layer.name} ({layer.level.url}) left out of the state: only z, y, x zarr under the data root or on s3:// is written")
+            print(f"note: {layer.name} ({layer.level.url}) left out of the state: only levels under the data root or on S3 are written")
             continue
-        out.append(state_layer(layer.kind, layer.name, url, layer.voxel_size, [float(v) for v in layer.level.lo]))
+        out.append(state_layer(layer.kind, layer.name, url, layer.voxel_size, [float(v) for v in layer.level.lo], layer.dimensions))
     return out
 
 
-def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), root: str | None = None) -> dict:
+def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), origin: SourceOrigin | None = None) -> dict:
     """Viewer state for a neuroglancer the user runs: raw, gt and mask read as zarr over
     HTTP from STATE_BASE_URL (neuroglancer cannot open the float16 features), and the
     source levels when given."""
@@ -193,11 +198,11 @@ def state_document(output_dir: Path, index: int, bind_address: str = DEFAULT_BIN
     return {
         "dimensions": {a: [v * 1e-9, "m"] for a, v in zip(SPATIAL_AXES, gt_attributes["voxel_size"])},
         "position": [o / v + n / 2 for o, v, n in zip(gt_attributes["offset"], gt_attributes["voxel_size"], read_array_metadata(paths.array("gt")).shape)],
-        "layers": layers + source_state_layers(list(source), root, bind_address),
+        "layers": layers + source_state_layers(list(source), origin, bind_address),
         "layout": "4panel",
     }
 
 
-def write_state(output_dir: Path, index: int, path: Path, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), root: str | None = None) -> Path:
-    Path(path).write_text(json.dumps(state_document(output_dir, index, bind_address, source, root), indent=2))
+def write_state(output_dir: Path, index: int, path: Path, bind_address: str = DEFAULT_BIND_ADDRESS, source: list[SourceLayer] = (), origin: SourceOrigin | None = None) -> Path:
+    Path(path).write_text(json.dumps(state_document(output_dir, index, bind_address, source, origin), indent=2))
     return Path(path)
