@@ -46,14 +46,14 @@ print(json.dumps({"seconds": time.perf_counter() - started, **compile_cache_coun
 
 
 def forward_rates(batch: int, flops: float, peak: float) -> None:
-    from dinov3_cache.extraction.model import FEATURE_TOLERANCE, build_random_model, cache_rope_tables, compiled
+    from dinov3_cache.extraction.model import build_random_model, cache_rope_tables, compiled, feature_difference, features_match
 
     model, _ = build_random_model("random:vitl16")
     model = model.cuda().to(torch.bfloat16).eval()
     x = torch.randn(batch, 3, 512, 512, device="cuda", dtype=torch.bfloat16)
 
     with torch.inference_mode():
-        reference = model(pixel_values=x).last_hidden_state.float()
+        reference = model(pixel_values=x).last_hidden_state
 
     def rate_of(name: str, m: torch.nn.Module) -> None:
         @torch.inference_mode()
@@ -61,9 +61,11 @@ def forward_rates(batch: int, flops: float, peak: float) -> None:
             return m(pixel_values=x)
 
         rate = batch / cuda_time(step, repeats=5, warmup=2)
-        difference = (step().last_hidden_state.float() - reference).abs().max().item()
+        hidden = step().last_hidden_state
+        difference = feature_difference(hidden, reference)
         print(f"  {name:20s}: {rate:7.1f} slices/s, {rate * flops / 1e12 / peak:5.1%} of matmul rate, "
-              f"max |difference| from eager {difference:.3g} (bf16 tolerance {FEATURE_TOLERANCE['bfloat16']})")
+              f"difference from eager: RMS {difference['rms_relative']:.2g} of its RMS, max {difference['max_abs']:.3g} "
+              f"(within the bf16 tolerance: {features_match(hidden, reference, torch.bfloat16)})")
 
     rate_of("eager", model)
     cache_rope_tables(model)

@@ -29,6 +29,8 @@ def test_forward_matches_the_eager_transformers_model(tiny_model_dir):
     a second image size gets its own tables."""
     from transformers import DINOv3ViTModel
 
+    from dinov3_cache.extraction.model import features_match
+
     reference = DINOv3ViTModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     loaded = load_model(str(tiny_model_dir), device="cpu")
     assert isinstance(loaded.model.rope_embeddings, CachedRopeTables)
@@ -39,8 +41,35 @@ def test_forward_matches_the_eager_transformers_model(tiny_model_dir):
             x = torch.randn(3, 3, size, size)
             got = loaded.model(pixel_values=x).last_hidden_state
             want = reference(pixel_values=x).last_hidden_state
-            assert (got - want).abs().max().item() <= FEATURE_TOLERANCE["float32"]
+            assert features_match(got, want, torch.float32)
     assert len(loaded.model.rope_embeddings.tables) == 2
+
+
+def test_bf16_forward_is_within_the_bf16_tolerance(tiny_model_dir):
+    """bf16 weights and activations on a CPU, as on a GPU: our execution is within the bf16 tolerance
+    of the eager model in float32 and in bf16, and no farther from float32 than the eager bf16 model.
+    Attention is sharpened so that token positions matter, as in a trained model (random weights
+    attend almost uniformly): RoPE tables of the wrong image size fail it."""
+    from transformers import DINOv3ViTModel
+
+    from benchmarks.bench_bf16_tolerance import sharpen_attention
+    from dinov3_cache.extraction.model import feature_difference, features_match
+
+    truth, eager = (DINOv3ViTModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval() for _ in range(2))
+    ours = load_model(str(tiny_model_dir), device="cpu").model
+    for model in (truth, eager, ours):
+        sharpen_attention(model, 8)
+    for model in (eager, ours):
+        model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for size in (32, 64, 32):  # a second size after the first: its own tables
+            x = torch.randn(3, 3, size, size)
+            want = truth(pixel_values=x).last_hidden_state
+            got, eager_got = (m(pixel_values=x.bfloat16()).last_hidden_state for m in (ours, eager))
+            assert features_match(got, want, torch.bfloat16, eager=eager_got), feature_difference(got, want)
+            assert features_match(got, eager_got, torch.bfloat16)
+            assert feature_difference(got, want)["rms_relative"] > 0  # bf16 did round: not a float32 forward
 
 
 def test_several_volumes_in_one_process(tmp_path, tiny_model_dir):
