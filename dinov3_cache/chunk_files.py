@@ -1,7 +1,8 @@
 """Which files hold an array's chunks (zarr v2: one per chunk; v3: one per shard), which of
-them exist, and whether a missing one may be missing: the writer skips a chunk equal to
-the fill value, and records its checksum like any other, so a missing chunk is legitimate
-exactly when its recorded checksum is that of a fill-valued chunk."""
+them exist, and whether a missing one may be missing (`may_be_missing`, the one rule the
+audit and the loader apply): the writer skips a chunk equal to the fill value, and records
+its checksum like any other, so a missing chunk is legitimate exactly when its recorded
+checksum is that of a fill-valued chunk."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinov3_cache.layout import iter_files
-from dinov3_cache.zarr_arrays import chunk_slices, dtype_itemsize, read_array_metadata
+from dinov3_cache.zarr_arrays import ArrayMetadata, chunk_key, chunk_slices
 
 
 @dataclass
 class StoredLayout:
     """How an array's chunks map to files: zarr v2 one file per chunk, v3 one per shard."""
 
+    chunks: tuple[int, ...]  # the read/write chunk
     unit: tuple[int, ...]  # region covered by one file
     key_prefix: str
     separator: str
@@ -29,18 +31,22 @@ class StoredLayout:
     def file_key(self, unit_index: Sequence[int]) -> str:
         return self.key_prefix + self.separator.join(map(str, unit_index))
 
+    def chunk_file(self, grid_index: Sequence[int]) -> str:
+        """The file holding the chunk at grid_index."""
+        return self.file_key(tuple(g * c // u for g, c, u in zip(grid_index, self.chunks, self.unit, strict=True)))
 
-def stored_layout(path: Path, itemsize: int) -> StoredLayout:
-    array = read_array_metadata(path)
+
+def stored_layout(array: ArrayMetadata) -> StoredLayout:
     meta = array.document
     if array.zarr_format == 2:
-        size = math.prod(array.chunks) * itemsize if meta.get("compressor") is None and not meta.get("filters") else None
-        return StoredLayout(array.chunks, "", meta.get("dimension_separator", "."), size)
+        plain = meta.get("compressor") is None and not meta.get("filters")
+        size = math.prod(array.chunks) * array.itemsize if plain else None
+        return StoredLayout(array.chunks, array.chunks, "", meta.get("dimension_separator") or ".", size)
     encoding = meta.get("chunk_key_encoding") or {"name": "default"}
     default = encoding.get("name") == "default"
     separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
     prefix = "c" + separator if default else ""
-    return StoredLayout(tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
+    return StoredLayout(array.chunks, tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
 
 
 def present_files(path: Path) -> dict[str, int]:
@@ -63,21 +69,29 @@ def fill_chunk_crc32(nbytes: int) -> int:
     return zlib.crc32(bytes(nbytes))
 
 
+def chunk_nbytes(grid_index: Sequence[int], chunks: Sequence[int], shape: Sequence[int], itemsize: int) -> int:
+    """Bytes of one chunk's data, edge chunks cropped (what its checksum covers)."""
+    return itemsize * math.prod(min(c, s - g * c) for g, c, s in zip(grid_index, chunks, shape, strict=True))
+
+
+def may_be_missing(recorded: int | None, nbytes: int, fill_value) -> bool:
+    """Whether a chunk's file may legitimately be absent: the chunk held the fill value (its
+    recorded checksum is that of a zero-filled chunk, and the fill value is 0), or no checksum
+    was recorded (an older cache: the fill value, as zarr reads it)."""
+    return recorded is None or (not fill_value and int(recorded) == fill_chunk_crc32(nbytes))
+
+
 def missing_written_chunks(
-    path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str, recorded: dict[str, int]
-) -> list[str]:
-    """Chunk keys whose file is missing although the recorded checksum says the writer wrote
-    data other than the fill value (one listing of the array; zarr v3 per shard file)."""
-    itemsize = dtype_itemsize(dtype)
-    layout = stored_layout(path, itemsize)
-    files = present_files(path)
+    array: ArrayMetadata, layout: StoredLayout, files: dict[str, int], recorded: dict[str, int]
+) -> list[tuple[int, ...]]:
+    """Grid indices of the chunks whose file is not in `files` (present_files of the array)
+    although the recorded checksum says the writer wrote data there (zarr v3: per shard file)."""
+    fill_value = array.document.get("fill_value")
     missing = []
-    for grid_index, slices in chunk_slices(shape, chunks):
-        unit = tuple(g * c // u for g, c, u in zip(grid_index, chunks, layout.unit))
-        if layout.file_key(unit) in files:
+    for grid_index, _ in chunk_slices(array.shape, array.chunks):
+        if layout.chunk_file(grid_index) in files:
             continue
-        key = ".".join(map(str, grid_index))
-        nbytes = math.prod(s.stop - s.start for s in slices) * itemsize
-        if key in recorded and int(recorded[key]) != fill_chunk_crc32(nbytes):
-            missing.append(key)
+        nbytes = chunk_nbytes(grid_index, array.chunks, array.shape, array.itemsize)
+        if not may_be_missing(recorded.get(chunk_key(grid_index)), nbytes, fill_value):
+            missing.append(grid_index)
     return missing

@@ -239,6 +239,10 @@ class ArrayMetadata:
     chunks: tuple[int, ...]  # the read/write chunk (a v3 shard's inner chunk)
     document: dict  # the parsed metadata document, for format-specific keys
 
+    @property
+    def itemsize(self) -> int:
+        return dtype_itemsize(self.dtype)
+
 
 def read_array_metadata(path: Path) -> ArrayMetadata:
     """Parse the metadata document of the local array at path (the one parser of it)."""
@@ -253,14 +257,19 @@ def read_array_metadata(path: Path) -> ArrayMetadata:
     return ArrayMetadata(3, tuple(document["shape"]), document["data_type"], tuple(chunks), document)
 
 
-def open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore:
+def open_array(path: Path, context: ts.Context | None = None, zarr_format: int | None = None) -> ts.TensorStore:
     """Open an existing array read-only, v2 or v3, with caching off (reads go to the files)."""
-    spec = {"driver": ZARR_DRIVERS[zarr_format_of(path)], "kvstore": {"driver": "file", "path": str(path)}, "open": True}
+    driver = ZARR_DRIVERS[zarr_format or zarr_format_of(path)]
+    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}, "open": True}
     return ts.open(spec, context=context or ts.Context(), read=True, write=False).result()
 
 
-def read_attributes(path: Path) -> dict:
-    zarr_format = zarr_format_of(path)
+def read_attributes(path: Path, array: ArrayMetadata | None = None) -> dict:
+    """An array's user attributes; given its parsed metadata, zarr v3's are taken from that
+    document rather than parsed again (v2 keeps them in their own file, .zattrs)."""
+    zarr_format = array.zarr_format if array is not None else zarr_format_of(path)
+    if array is not None and ATTRIBUTE_FILES[zarr_format] == METADATA_FILES[zarr_format]:
+        return attributes_in(zarr_format, array.document)
     document = path / ATTRIBUTE_FILES[zarr_format]
     return attributes_in(zarr_format, json.loads(document.read_text())) if document.is_file() else {}
 

@@ -110,3 +110,28 @@ def built_cache(tmp_path_factory, tiny_model_dir) -> Path:
     for index in range(3):
         call_main("preprocess_volume", *preprocess_args(out, index, tiny_model_dir), check=True)
     return out
+
+
+def make_chunk_fill_valued(cache: Path, index: int, array: str, grid_index: tuple[int, ...]) -> None:
+    """Leave one chunk as the writer leaves a chunk equal to the fill value: zeros, nothing
+    stored for it (TensorStore stores no chunk equal to the fill value), and the checksum of
+    zeros recorded in the (resealed) metadata."""
+    import math
+    import zlib
+
+    import tensorstore as ts
+
+    from dinov3_cache.layout import VolumePaths, read_json, write_json_atomic
+    from dinov3_cache.schema import seal_metadata
+    from dinov3_cache.zarr_arrays import ZARR_DRIVERS, chunk_key, read_array_metadata
+
+    paths = VolumePaths(cache, index)
+    stored = read_array_metadata(paths.array(array))
+    kvstore = {"driver": "file", "path": str(paths.array(array))}
+    store = ts.open({"driver": ZARR_DRIVERS[stored.zarr_format], "kvstore": kvstore}).result()
+    region = tuple(slice(g * c, min(s, (g + 1) * c)) for g, c, s in zip(grid_index, stored.chunks, stored.shape))
+    store[region] = 0
+    metadata = read_json(paths.metadata)
+    nbytes = math.prod(r.stop - r.start for r in region) * store.dtype.numpy_dtype.itemsize  # edge chunks cropped
+    metadata["integrity"]["crc32"][array][chunk_key(grid_index)] = zlib.crc32(bytes(nbytes))
+    write_json_atomic(paths.metadata, seal_metadata(metadata))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import call_main, preprocess_args, run_script
+from conftest import call_main, make_chunk_fill_valued, preprocess_args, run_script
 
 from dinov3_cache.audit.joblogs import last_error_line, recognise_kill
 from dinov3_cache.audit.png import MARGIN, decode_png
@@ -414,6 +414,14 @@ def test_deleted_and_truncated_chunks_are_named(varied):
     assert f"chunk file {array / '0.1.0.1'} is missing" in problems
     assert f"chunk file {array / '1.1.1.1'} has {len(data) // 3} bytes, expected {len(data)}" in problems
     assert "chunk 1.1.1.1 cannot be read" in problems
+
+
+def test_a_chunk_the_writer_skipped_is_not_damage(varied):
+    make_chunk_fill_valued(varied, 0, "features", (1, 0, 1, 0))
+    assert not (VolumePaths(varied, 0).array("features") / "1.0.1.0").exists()
+    check, problems, rc = verify(varied, 0)
+    assert rc == EXIT_OK and check["ok"], problems
+    assert check["arrays"]["features"]["chunks_checked"] == 15  # no file, nothing to check: its zeros are the fill value
 
 
 def test_damage_in_a_v3_shard_is_named(varied):

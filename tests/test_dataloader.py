@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocess_args, run_script
+from conftest import make_chunk_fill_valued, preprocess_args, run_script
 
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader.reader import read_fully
@@ -344,6 +344,25 @@ def test_a_truncated_chunk_raises_an_error_naming_volume_and_array(built_cache, 
     loader = create_preprocessed_dataloader(tmp_path, batch_size=1, reader=reader)
     with pytest.raises(VolumeReadError, match=r"volume 1 array 'features'"):
         list(loader)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_missing_chunk_the_writer_wrote_is_refused_naming_it(mixed_cache, tmp_path, reader):
+    copy_volume(mixed_cache, 0, tmp_path)
+    (VolumePaths(tmp_path, 0).array("features") / "1.2.3.0").unlink()
+    with pytest.raises(VolumeReadError, match=r"volume 0 array 'features'.*chunk 1\.2\.3\.0.*the writer wrote data there") as failed:
+        PreprocessedDINOv3Dataset(tmp_path, reader=reader)[0]
+    assert "preprocess_volume.py --volume-index 0 --overwrite" in str(failed.value)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_chunk_the_writer_skipped_reads_as_the_fill_value(mixed_cache, tmp_path, reader):
+    copy_volume(mixed_cache, 0, tmp_path)
+    make_chunk_fill_valued(tmp_path, 0, "features", (1, 2, 3, 0))
+    assert not (VolumePaths(tmp_path, 0).array("features") / "1.2.3.0").exists()
+    features = PreprocessedDINOv3Dataset(tmp_path, reader=reader, features_dtype=None)[0][0]
+    assert torch.equal(features, torch.from_numpy(stored(tmp_path, 0, "features")))
+    assert not features[16:32, 8:12, 12:16, 0:4].any() and features[0:16, 8:12, 12:16, 0:4].any()
 
 
 def short_reads(monkeypatch, at_most: int) -> list[int]:

@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dinov3_cache.chunk_files import present_files, stored_layout
 from dinov3_cache.zarr_arrays import (
     StorageOptions,
+    chunk_slices,
     clamp_chunks,
     codec_description,
     create_array,
     feature_chunks,
     open_array,
+    read_array_metadata,
+    read_attributes,
     shard_shape,
     ts_context,
     write_unit,
@@ -130,3 +134,17 @@ def test_write_unit_is_the_chunk_in_v2_and_the_shard_in_v3():
     assert write_unit(shape, chunks, 2) == chunks
     assert write_unit(shape, chunks, 3) == shard_shape(shape, chunks) == (256, 64, 64, 64)
     assert write_unit((32, 40, 40, 40), (16, 16, 16, 16), 3) == (16, 40, 40, 40)  # shard clamped to the array
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_one_parse_of_the_metadata_gives_the_attributes_and_the_chunk_files(tmp_path, zarr_format):
+    path = tmp_path / "a.zarr"
+    attributes = {"voxel_size": [8, 8, 8], "dinov3_cache": {"commit_id": "abc"}}
+    store = create_array(path, SHAPE, "float16", CHUNKS, StorageOptions(zarr_format=zarr_format), ts_context(2), attributes, ["c", "z", "y", "x"])
+    store.write(np.ones(SHAPE, "float16")).result()
+    array = read_array_metadata(path)
+    assert read_attributes(path, array) == read_attributes(path) == attributes
+    layout = stored_layout(array)
+    files = {layout.chunk_file(grid_index) for grid_index, _ in chunk_slices(SHAPE, CHUNKS)}
+    assert files == set(present_files(path))  # every chunk's file, and no other
+    assert len(files) == (128 if zarr_format == 2 else 2)  # v3: one shard per channel chunk

@@ -25,8 +25,8 @@ from dinov3_cache.zarr_arrays import (
     chunk_slices,
     crc32_of,
     open_array,
+    read_array_metadata,
     read_attributes,
-    storage_chunks,
     ts_context,
 )
 
@@ -93,19 +93,24 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
         return [f"{where}: array {path} is missing"], info
     problems = []
     integrity = metadata.integrity
+    try:  # the array's metadata document, parsed once here for all that follows
+        store = open_array(path, context)
+        array = read_array_metadata(path)
+        open_error = None
+    except Exception as e:  # TensorStore raises ValueError / RuntimeError with the reason
+        store = array = None
+        open_error = f"{where}: cannot open {path} ({first_line(e)})"
     try:
-        attributes = read_attributes(path)
+        attributes = read_attributes(path, array)
     except (OSError, ValueError) as e:
         problems.append(f"{where}: attributes of {path} are unreadable ({e})")
         attributes = {}
     problems += attribute_problems(where, name, attributes, metadata)
-    try:
-        store = open_array(path, context)
-    except Exception as e:  # TensorStore raises ValueError / RuntimeError with the reason
-        return problems + [f"{where}: cannot open {path} ({first_line(e)})"], info
+    if open_error is not None:
+        return problems + [open_error], info
     shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)
     info.update(shape=shape, dtype=dtype)
-    chunks = storage_chunks(path)
+    chunks = array.chunks
     layout_problems = []
     recorded_shape = metadata.shapes.get(name)
     if shape != list(recorded_shape or ()):
@@ -118,19 +123,18 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
     if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
         return problems + layout_problems, info
 
-    layout = stored_layout(path, store.dtype.numpy_dtype.itemsize)
-    files = present_files(path)
+    layout = stored_layout(array)
+    files = present_files(path)  # the one listing of the array's files
     recorded = (integrity.crc32.get(name) if integrity else None) or {}
-    written_but_missing = set(missing_written_chunks(path, shape, chunks, dtype, recorded)) if recorded else None
+    written_but_missing = (  # files missing although a chunk of theirs held data; None: nothing recorded
+        {layout.chunk_file(g) for g in missing_written_chunks(array, layout, files, recorded)} if recorded else None
+    )
     missing_files, file_problems = set(), []
     for unit_index, _ in chunk_slices(shape, layout.unit):
         key = layout.file_key(unit_index)
         if key not in files:
             missing_files.add(key)
-            if written_but_missing is None or any(
-                layout.file_key(tuple(int(g) * c // u for g, c, u in zip(k.split("."), chunks, layout.unit))) == key
-                for k in written_but_missing
-            ):
+            if written_but_missing is None or key in written_but_missing:
                 file_problems.append(f"{where}: chunk file {path / key} is missing (zarr would silently read zeros)")
         elif layout.uncompressed_nbytes is not None and files[key] != layout.uncompressed_nbytes:
             file_problems.append(
@@ -138,7 +142,7 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
             )
     problems += _chunk_problems_limit(file_problems, where)
 
-    data_problems, stats = check_chunk_data(store, shape, chunks, layout, missing_files, recorded, where, path)
+    data_problems, stats = check_chunk_data(store, shape, layout, missing_files, recorded, where, path)
     problems += _chunk_problems_limit(data_problems, where)
     info.update(stats, chunk_files=len(files), chunks=list(chunks))
     return problems, info
@@ -162,18 +166,16 @@ def attribute_problems(where: str, name: str, attributes: dict, metadata: Volume
     return problems
 
 
-def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, recorded, where, path):
+def check_chunk_data(store, shape, layout: StoredLayout, missing_files, recorded, where, path):
     """Read slabs (chunk-sized along leading axes, whole along the last two), compare each
     chunk's crc32 with the recorded one and count NaN/Inf. Where a slab cannot be read,
     read its chunks one by one to name the damaged ones."""
     problems: list[str] = []
+    chunks = layout.chunks
     floating = store.dtype.numpy_dtype.kind == "f" or str(store.dtype.numpy_dtype) == "bfloat16"
     stats = {"chunks_checked": 0, "chunks_without_checksum": 0, "non_finite": 0}
     lead = len(shape) - 2
     slab_chunks = tuple(chunks[:lead]) + tuple(shape[lead:])
-
-    def chunk_file(grid_index) -> str:
-        return layout.file_key(tuple(g * c // u for g, c, u in zip(grid_index, chunks, layout.unit, strict=True)))
 
     def check(grid_index, block) -> None:
         key = chunk_key(grid_index)
@@ -182,7 +184,7 @@ def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, 
             if bad:
                 stats["non_finite"] += bad
                 problems.append(f"{where}: chunk {key} holds {bad} NaN/Inf values")
-        if chunk_file(grid_index) in missing_files:
+        if layout.chunk_file(grid_index) in missing_files:
             return
         if key not in recorded:
             stats["chunks_without_checksum"] += 1
@@ -193,7 +195,7 @@ def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, 
         if found != int(recorded[key]):
             problems.append(
                 f"{where}: chunk {key} crc32 {found} differs from the recorded {recorded[key]} "
-                f"(file {path / chunk_file(grid_index)})"
+                f"(file {path / layout.chunk_file(grid_index)})"
             )
 
     for slab_index, slab_region in chunk_slices(shape, slab_chunks):
@@ -212,7 +214,7 @@ def check_chunk_data(store, shape, chunks, layout: StoredLayout, missing_files, 
             except Exception as e:
                 problems.append(
                     f"{where}: chunk {chunk_key(grid_index)} cannot be read ({first_line(e)}) "
-                    f"(file {path / chunk_file(grid_index)})"
+                    f"(file {path / layout.chunk_file(grid_index)})"
                 )
     return problems, stats
 

@@ -35,17 +35,17 @@ import numpy as np
 import tensorstore as ts
 import torch
 
-from dinov3_cache.chunk_files import fill_chunk_crc32, missing_written_chunks
+from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
 from dinov3_cache.layout import feature_array_name
 from dinov3_cache.loader.volumes import CachedVolume, CacheError, volume_read_error
 from dinov3_cache.zarr_arrays import (
+    ArrayMetadata,
     chunk_key,
     crc32_of,
     open_array,
     read_array_metadata,
     read_attributes,
-    storage_chunks,
     ts_context,
 )
 
@@ -66,14 +66,13 @@ class RawChunkReader:
     copied once into the destination (one file read + one copy per chunk). The copy is
     torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
 
-    def __init__(self, path: Path, zarray: dict, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
+    def __init__(self, path: Path, array: ArrayMetadata, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
         self.path = path
         self.recorded, self.verify = recorded, verify
-        self.shape = tuple(zarray["shape"])
-        self.chunks = tuple(zarray["chunks"])
-        self.dtype = stored_torch_dtype(zarray["dtype"])
-        self.separator = zarray.get("dimension_separator") or "."
-        self.fill_value = zarray.get("fill_value") or 0
+        self.shape, self.chunks = array.shape, array.chunks
+        self.dtype = stored_torch_dtype(array.dtype)
+        self.layout = stored_layout(array)
+        self.fill_value = array.document.get("fill_value") or 0
         self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self.executor = executor
         self.local = threading.local()
@@ -86,7 +85,7 @@ class RawChunkReader:
         ]
 
     def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
-        key = chunk_key(grid_index) if self.separator == "." else "/".join(map(str, grid_index))
+        key = self.layout.chunk_file(grid_index)
         try:
             fd = os.open(self.path / key, os.O_RDONLY)
         except FileNotFoundError:
@@ -112,13 +111,10 @@ class RawChunkReader:
         return tuple(slice(0, min(c, s - g * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
 
     def _check_skipped(self, grid_index) -> None:
-        """A missing chunk file is legitimate only where the writer recorded a fill-valued chunk."""
-        recorded = self.recorded.get(chunk_key(grid_index))
-        if recorded is None:
-            return  # no checksums recorded (an older cache): the fill value, as before
-        nbytes = self.dtype.itemsize * int(np.prod([s.stop for s in self._valid_extent(grid_index)]))
-        if int(recorded) != fill_chunk_crc32(nbytes) or self.fill_value:
-            raise OSError(f"chunk {chunk_key(grid_index)}: the file is missing, but the writer wrote data there")
+        key = chunk_key(grid_index)
+        nbytes = chunk_nbytes(grid_index, self.chunks, self.shape, self.dtype.itemsize)
+        if not may_be_missing(self.recorded.get(key), nbytes, self.fill_value):
+            raise OSError(f"chunk {key}: the file is missing, but the writer wrote data there")
 
     def _check_crc(self, grid_index, chunk: torch.Tensor) -> None:
         key = chunk_key(grid_index)
@@ -158,15 +154,17 @@ class TensorStoreReader:
     into the destination array (no intermediate result array), converting the dtype.
     With verify, each chunk is read on its own, checked, then copied."""
 
-    def __init__(self, path: Path, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
-        self.store = open_array(path, context)
+    def __init__(
+        self, path: Path, array: ArrayMetadata, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool
+    ):
+        self.store = open_array(path, context, array.zarr_format)
         self.shape = tuple(self.store.shape)
         self.recorded, self.verify, self.executor = recorded, verify, executor
-        self.chunks = storage_chunks(path)
+        self.chunks = array.chunks
         if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
-            missing = missing_written_chunks(path, self.shape, self.chunks, str(self.store.dtype.numpy_dtype), recorded)
+            missing = missing_written_chunks(array, stored_layout(array), present_files(path), recorded)
             if missing:
-                raise OSError(f"chunk {missing[0]} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
+                raise OSError(f"chunk {chunk_key(missing[0])} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
 
     def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
         if self.verify:
@@ -210,28 +208,29 @@ def torch_dtype(name: str) -> torch.dtype:
         raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
 
 
-def open_reader(path: Path, mode: str, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
-    zarray = raw_readable_zarray(path) if mode == "auto" else None
-    if zarray is not None:
-        return RawChunkReader(path, zarray, executor, recorded, verify)
-    return TensorStoreReader(path, context, executor, recorded, verify)
+def open_reader(
+    path: Path, array: ArrayMetadata, mode: str, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool
+):
+    if mode == "auto" and raw_readable(array):
+        return RawChunkReader(path, array, executor, recorded, verify)
+    return TensorStoreReader(path, array, context, executor, recorded, verify)
 
 
-def layout_problem(volume: CachedVolume, array: str, path: Path, reader) -> str | None:
+def layout_problem(volume: CachedVolume, array: str, path: Path, stored: ArrayMetadata, reader) -> str | None:
     """What makes an array not the one the metadata describes (checked at every open; the
     numbers come from files the open reads anyway, plus the array's attributes)."""
     metadata = volume.metadata
     expected = tuple(metadata.shapes[array])
     if reader.shape != expected:
         return f"shape {list(reader.shape)} on disk, metadata says {list(expected)}"
-    stored = stored_dtype_name(reader)
-    if stored != metadata.dtypes.get(array):
-        return f"dtype {stored} on disk, metadata says {metadata.dtypes.get(array)}"
+    dtype = stored_dtype_name(reader)
+    if dtype != metadata.dtypes.get(array):
+        return f"dtype {dtype} on disk, metadata says {metadata.dtypes.get(array)}"
     recorded_chunks = metadata.integrity.chunks.get(array) if metadata.integrity else None
     if recorded_chunks is not None and tuple(reader.chunks) != tuple(recorded_chunks):
         return f"chunk shape {list(reader.chunks)} on disk, metadata says {list(recorded_chunks)}"
     if volume.commit_id is not None:
-        written_by = (read_attributes(path).get("dinov3_cache") or {}).get("commit_id")
+        written_by = (read_attributes(path, stored).get("dinov3_cache") or {}).get("commit_id")
         if written_by != volume.commit_id:
             return f"the array was written by another run (commit id {written_by}, metadata says {volume.commit_id})"
     return None
@@ -243,20 +242,17 @@ def stored_dtype_name(reader) -> str:
     return str(reader.store.dtype.numpy_dtype)
 
 
-def raw_readable_zarray(path: Path) -> dict | None:
-    """The .zarray of an array whose chunk files are plain C-order bytes, else None."""
-    metadata = read_array_metadata(path)
-    if metadata.zarr_format != 2:
-        return None
-    zarray = metadata.document
-    plain = (
-        zarray.get("compressor") is None
+def raw_readable(array: ArrayMetadata) -> bool:
+    """Whether the array's chunk files are plain C-order bytes (zarr v2, no compressor or filters)."""
+    zarray = array.document
+    return (
+        array.zarr_format == 2
+        and zarray.get("compressor") is None
         and not zarray.get("filters")
         and zarray.get("order", "C") == "C"
         and plain_dtype(zarray["dtype"])
         and isinstance(zarray.get("fill_value", 0), (int, float, type(None)))
     )
-    return zarray if plain else None
 
 
 def plain_dtype(dtype) -> bool:
@@ -296,8 +292,9 @@ class VolumeReader:
                 continue
             path = volume.array_path(array)
             try:
-                self.readers[array] = open_reader(path, mode, context, executor, volume.recorded_checksums(array), verify)
-                problem = layout_problem(volume, array, path, self.readers[array])
+                stored = read_array_metadata(path)  # parsed once per array and process
+                self.readers[array] = open_reader(path, stored, mode, context, executor, volume.recorded_checksums(array), verify)
+                problem = layout_problem(volume, array, path, stored, self.readers[array])
             except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
                 raise volume_read_error(volume.index, array, path, first_line(e)) from None
             if problem is not None:
