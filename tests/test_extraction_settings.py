@@ -31,7 +31,7 @@ def settings_file(path: Path, **values) -> Path:
 def test_defaults_are_the_documented_ones():
     args = parse_args(["--volume-index", "0", "--output-dir", "o"])
     assert args.base_resolution == 128.0 and args.min_resolution_for_raw == 32.0 and args.output_image_dim == 128
-    assert args.planes == ["xy", "xz", "yz"] and args.batch_size == 8 and args.chunks == "256,16,16,16"
+    assert args.planes == ["xy", "xz", "yz"] and args.batch_size == 8 and args.chunks == "auto"
     assert args.compression == "none" and args.zarr_format == 2 and args.num_threads == 8
     assert args.model_id == "facebook/dinov3-vitl16-pretrain-sat493m" and args.device == "auto"
     assert args.organelles == ["cell"] and args.min_unique_ids == 2 and args.no_gt_extension is False

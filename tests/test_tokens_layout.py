@@ -110,6 +110,24 @@ def test_a_crop_reads_only_the_tokens_under_it(both_layouts):
     assert crop.origins == {"xy": (0, 2), "xz": (0, 2), "yz": (0, 0)}
 
 
+def test_chunks_option_shapes_the_tokens_array(both_layouts, tmp_path, tiny_model_dir):
+    """--chunks C,SLICE,A,B in the tokens layout: the tokens array is chunked so (one plane per
+    chunk), verifies, and delivers exactly what the default chunks deliver."""
+    _, tokens = both_layouts
+    out = tmp_path / "small_chunks"
+    call_main("preprocess_volume", *preprocess_args(out, 0, tiny_model_dir, "--layout", "tokens", "--chunks", "16,4,2,2"),
+              check=True)
+    assert metadata(out, 0)["configuration"]["chunks"] == [1, 16, 4, 2, 2]
+    assert list(open_array(VolumePaths(out, 0).array("tokens"), ts_context(2)).chunk_layout.read_chunk.shape) == [1, 16, 4, 2, 2]
+    assert metadata(tokens, 0)["configuration"]["chunks"] == [1, 32, 16, 4, 4]  # auto: (128, 16, 8, 8) clamped
+    audit = call_main("check_preprocessing", "--output-dir", out, "--verify-all")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    a = PreprocessedDINOv3Dataset(out, crop_size=(5, 7, 9), samples_per_volume=2)
+    b = PreprocessedDINOv3Dataset(tokens, crop_size=(5, 7, 9), samples_per_volume=2, volume_indices=[0])
+    for i in range(len(a)):
+        assert torch.equal(a[i][0], b[i][0])
+
+
 def test_verify_checks_the_tokens_and_names_a_damaged_chunk(both_layouts, tmp_path):
     _, tokens = both_layouts
     cache = tmp_path / "cache"

@@ -36,7 +36,7 @@ from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
 from dinov3_cache.switch import Switch
-from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
+from dinov3_cache.zarr_arrays import COMPRESSIONS, DEFAULT_FEATURE_CHUNKS, ZARR_FORMATS, StorageOptions, parse_chunks
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
@@ -89,7 +89,9 @@ class ExtractionSettings:
     batch_size: int = option(8, "slices per forward pass (default %(default)s)")
     features_dtype: str = option("float16", None, choices=FEATURE_DTYPES)
     chunks: str = option(
-        ",".join(map(str, StorageOptions.feature_chunks)), "feature chunk shape 'C,Z,Y,X' (default %(default)s)"
+        "auto", "feature chunk shape, 4 numbers: 'C,Z,Y,X' (dense, auto: "
+        + ",".join(map(str, DEFAULT_FEATURE_CHUNKS["dense"])) + ") or 'C,SLICE,A,B' of the token grids (tokens, auto: "
+        + ",".join(map(str, DEFAULT_FEATURE_CHUNKS["tokens"])) + ")"
     )
     zarr_format: int = option(StorageOptions.zarr_format, "2 (default) or 3 (sharded, crc32c)", choices=ZARR_FORMATS)
     save_raw: bool = option(False, "also write volume_XXXXXX_raw.zarr at slice resolution")

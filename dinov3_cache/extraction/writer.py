@@ -39,9 +39,6 @@ from dinov3_cache.zarr_arrays import (
 )
 
 COMPUTE_CHANNELS = 64  # channels upsampled at once: bounds the float32 temporaries
-# tokens layout (plane, C, slice, a, b): a 64^3 crop of a 128^3 volume from 32^2 grids reads
-# about a third of each plane's chunks; 128 KiB-256 KiB chunks at the seed geometry
-TOKEN_CHUNKS = (1, 128, 16, 8, 8)
 TOKEN_DIMENSIONS = ["plane", "c", "slice", "a", "b"]
 
 
@@ -149,11 +146,12 @@ class StagedArrays:
 def feature_array_spec(config: ExtractionConfig, n_channels: int, grid_size: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """(array name, shape, chunks) of the volume's feature storage in its layout."""
     d = config.geometry.output_image_dim
+    requested = config.storage.chunks_of(config.layout)
     if config.layout == "tokens":
         shape = (len(config.planes), n_channels, d, grid_size, grid_size)
-        return "tokens", shape, (1, *feature_chunks(shape[1:], TOKEN_CHUNKS[1:]))
+        return "tokens", shape, (1, *feature_chunks(shape[1:], requested))  # one plane per chunk
     shape = (n_channels, d, d, d)
-    return "features", shape, feature_chunks(shape, config.storage.feature_chunks)
+    return "features", shape, feature_chunks(shape, requested)
 
 
 def stage_arrays(
