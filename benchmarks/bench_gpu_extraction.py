@@ -17,6 +17,7 @@ On a machine without CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -24,27 +25,43 @@ import time
 
 import torch
 
+from benchmarks.bench_common import host_seconds
 
-def cuda_time(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call, timed with CUDA events after warm-up."""
+
+def device_time(fn, repeats: int, warmup: int = 2, device: str = "cuda", summary=statistics.median) -> float:
+    """Seconds per call after warm-up, summarised over repeats (median by default): timed with
+    CUDA events on a GPU, with the host clock elsewhere (the --smoke runs on a CPU)."""
     for _ in range(warmup):
         fn()
+    synchronize(device)
+    once = event_seconds if torch.device(device).type == "cuda" else host_seconds
+    return summary([once(fn) for _ in range(repeats)])
+
+
+def event_seconds(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+    return start.elapsed_time(end) / 1e3
+
+
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
-def matmul_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    seconds = cuda_time(lambda: a @ b, repeats=10, warmup=3)
+def device_name(device: str | torch.device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def matmul_tflops(n: int = 8192, device: str = "cuda") -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = device_time(lambda: a @ b, repeats=10, warmup=3, device=device)
     return 2 * n**3 / seconds / 1e12
 
 
@@ -66,7 +83,7 @@ def forward_rate(model, batch: int, size: int, autocast: bool) -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             model(pixel_values=x)
 
-    return batch / cuda_time(step, repeats=5)
+    return batch / device_time(step, repeats=5)
 
 
 def profile_forward(model, batch: int) -> None:
@@ -96,7 +113,7 @@ def compiled_rate(model, batch: int, flops: float, peak: float) -> None:
     def step():
         compiled(pixel_values=x)
 
-    rate = batch / cuda_time(step, repeats=5)
+    rate = batch / device_time(step, repeats=5)
     print(f"  torch.compile bf16 batch {batch}: {rate:7.1f} slices/s, {rate * flops / 1e12 / peak:5.1%} of matmul rate, "
           f"first call (compilation) {compile_seconds:.0f} s")
 
@@ -129,7 +146,7 @@ def bench_volume(batch_size: int) -> None:
         for _ in range(384 // batch_size):
             loaded.model(pixel_values=x)
 
-    bare = cuda_time(forwards, repeats=2, warmup=1)
+    bare = device_time(forwards, repeats=2, warmup=1)
     wall = min(walls)
     print(f"volume (1024 x 128^3 float16, 3 planes x 128 slices of 512^2): {wall:.2f} s per volume "
           f"(runs: {', '.join(f'{w:.2f}' for w in walls)}); bare forward of the same 384 slices {bare:.2f} s; "
@@ -137,14 +154,15 @@ def bench_volume(batch_size: int) -> None:
     print(f"  last run's metadata timing: {timing}")
 
 
-def gpu_baseline() -> float | None:
-    """The card and its measured bf16 matmul rate (TFLOP/s), printed; None without a GPU."""
-    if not torch.cuda.is_available():
+def gpu_baseline(device: str = "cuda", n: int = 8192) -> float | None:
+    """The device and its measured bf16 matmul rate (TFLOP/s), printed; None when CUDA is asked
+    for and there is no GPU."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU on this machine: nothing to measure (run this on a GPU machine)")
         return None
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    peak = matmul_tflops()
-    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (baseline)")
+    print(f"device: {device_name(device)}, torch {torch.__version__}")
+    peak = matmul_tflops(n, device)
+    print(f"bf16 matmul {n}^3: {peak:,.1f} TFLOP/s (baseline)")
     return peak
 
 

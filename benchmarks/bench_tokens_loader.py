@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Loader: float32 feature bytes delivered per second, tokens layout vs dense, warm, CPU.
+"""Loader: float32 feature bytes delivered per second, tokens layout vs dense, warm, CPU or GPU.
 
-    python -m benchmarks.bench_tokens_loader [--volumes 2] [--crops 24] [--crop 64] [--threads 2]
+    python -m benchmarks.bench_tokens_loader [--volumes 2] [--crops 24] [--crop 64] [--threads 2] [--device cpu|cuda]
 
 Volumes of the C=256, 128^3, float16 cache of the loader benchmarks (loader_bench_cache
 "c256x128"), extracted in both layouts (built once, then reused). Each measurement runs in its
@@ -9,7 +9,11 @@ own process (so that its peak resident memory, from wait4, is its own): Preproce
 with features_dtype float32 (what training gets), one untimed pass to warm the page cache, then
 a timed pass. Whole volumes: every volume once; crops: --crops random crops of --crop^3.
 "Read per delivered": bytes returned by read calls (/proc/self/io rchar, page-cache hits
-included) per float32 feature byte delivered.
+included) per float32 feature byte delivered. With --device cuda each item is delivered as the
+loader's device="cuda" does it: stored bytes read into pinned memory, copied to the GPU, and
+converted (dense) or built from the token grids (tokens) there.
+--smoke runs the same steps over a tiny 1-volume cache in a temporary directory (8^3 crops), so
+a broken script shows in seconds; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -19,31 +23,35 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.loader_bench_cache import DEFAULT_ROOT, ensure_cache, extraction_args
+from dinov3_cache.errors import CacheToolError
+from dinov3_cache.extraction.model import resolve_device
 from dinov3_cache.layout import committed_volume_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tokens_cache(volumes: int, root: Path = DEFAULT_ROOT) -> Path:
-    """The c256x128 volumes again, stored with --layout tokens."""
-    out = root / "c256x128-tokens"
+def tokens_cache(kind: str, volumes: int, root: Path = DEFAULT_ROOT) -> Path:
+    """The volumes of cache `kind` again, stored with --layout tokens."""
+    out = root / f"{kind}-tokens"
     for index in sorted(set(range(volumes)) - set(committed_volume_indices(out))):
         subprocess.run(
             [sys.executable, str(REPO / "preprocess_volume.py"), "--volume-index", str(index), "--output-dir", str(out),
-             "--source", "synthetic", "--device", "cpu", "--layout", "tokens", *extraction_args("c256x128", root)],
+             "--source", "synthetic", "--device", "cpu", "--layout", "tokens", *extraction_args(kind, root)],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
     return out
 
 
-def measure(cache: str, crop: int | None, items: int, threads: int) -> dict:
+def measure(cache: str, crop: int | None, items: int, threads: int, device: str) -> dict:
     """One pass to warm, one timed: delivered bytes, seconds, bytes returned by reads."""
     import torch
 
+    from benchmarks.bench_gpu_extraction import synchronize
     from dinov3_cache.loader.page_cache import io_counters
     from preprocessed_dataloader import PreprocessedDINOv3Dataset
 
@@ -53,20 +61,29 @@ def measure(cache: str, crop: int | None, items: int, threads: int) -> dict:
     if crop:
         options.update(crop_size=(crop,) * 3, samples_per_volume=max(1, items // volumes))
     dataset = PreprocessedDINOv3Dataset(cache, **options)
+    on_gpu = torch.device(device).type == "cuda"
+
+    def features_of(index: int) -> torch.Tensor:
+        """dataset[index]'s features on `device` (on a GPU as the loader's device='cuda' delivers them)."""
+        raw = dataset.read_batch([index], pin_memory=on_gpu, convert_on_host=not on_gpu)
+        features = dataset.finish(raw, torch.device(device) if on_gpu else None)[0][0]
+        synchronize(device)
+        return features
+
     for i in range(len(dataset)):
-        dataset[i]
+        features_of(i)
     before, started, delivered = io_counters()["rchar"], time.perf_counter(), 0
     for i in range(len(dataset)):
-        features = dataset[i][0]
+        features = features_of(i)
         delivered += features.numel() * features.element_size()
         del features
     seconds = time.perf_counter() - started
     return {"delivered": delivered, "seconds": seconds, "read": io_counters()["rchar"] - before}
 
 
-def run_child(cache: Path, crop: int | None, items: int, threads: int) -> dict:
+def run_child(cache: Path, crop: int | None, items: int, threads: int, device: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.bench_tokens_loader", "--child", str(cache),
-               "--crop", str(crop or 0), "--crops", str(items), "--threads", str(threads)]
+               "--crop", str(crop or 0), "--crops", str(items), "--threads", str(threads), "--device", device]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -75,27 +92,46 @@ def run_child(cache: Path, crop: int | None, items: int, threads: int) -> dict:
     return json.loads(output) | {"peak_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
+def compare_layouts(args: argparse.Namespace, kind: str, root: Path) -> None:
+    from dinov3_cache.loader.volumes import find_volumes
+
+    caches = {"dense": ensure_cache(kind, args.volumes, root=root, device="cpu"), "tokens": tokens_cache(kind, args.volumes, root)}
+    channels, *spatial = find_volumes(caches["dense"])[0].features_shape
+    print(f"C={channels}, {spatial[0]}^3, float16 on disk; float32 delivered on {args.device}; {args.threads} threads; warm page cache")
+    print(f"{'':<22}{'layout':<8}{'GB/s':>8}{'read/delivered':>16}{'peak RSS GB':>13}")
+    for label, crop in (("whole volumes", None), (f"random {args.crop}^3 crops", args.crop)):
+        rates = {}
+        for layout, cache in caches.items():
+            r = run_child(cache, crop, args.crops, args.threads, args.device)
+            rates[layout] = r["delivered"] / r["seconds"]
+            print(f"{label:<22}{layout:<8}{rates[layout] / 1e9:>8.2f}{r['read'] / r['delivered']:>16.3f}{r['peak_gb']:>13.2f}")
+        print(f"{label:<22}tokens / dense throughput {rates['tokens'] / rates['dense']:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volumes", type=int, default=2)
     parser.add_argument("--crops", type=int, default=24)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the features are delivered: cpu or cuda")
+    parser.add_argument("--smoke", action="store_true", help="a tiny 1-volume cache, 8^3 crops: checks the script, measures nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.crop or None, args.crops, args.threads)))
+        print(json.dumps(measure(args.child, args.crop or None, args.crops, args.threads, args.device)))
         return 0
-    caches = {"dense": ensure_cache("c256x128", args.volumes, device="cpu"), "tokens": tokens_cache(args.volumes)}
-    print(f"C=256, 128^3, float16 on disk; float32 delivered; {args.threads} threads; warm page cache")
-    print(f"{'':<22}{'layout':<8}{'GB/s':>8}{'read/delivered':>16}{'peak RSS GB':>13}")
-    for label, crop in (("whole volumes", None), (f"random {args.crop}^3 crops", args.crop)):
-        rates = {}
-        for layout, cache in caches.items():
-            r = run_child(cache, crop, args.crops, args.threads)
-            rates[layout] = r["delivered"] / r["seconds"]
-            print(f"{label:<22}{layout:<8}{rates[layout] / 1e9:>8.2f}{r['read'] / r['delivered']:>16.3f}{r['peak_gb']:>13.2f}")
-        print(f"{label:<22}tokens / dense throughput {rates['tokens'] / rates['dense']:.2f}")
+    try:
+        resolve_device(args.device)
+    except CacheToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.smoke:
+        args.volumes, args.crops, args.crop = 1, 2, 8
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_layouts(args, "tiny", Path(tmp))
+        return 0
+    compare_layouts(args, "c256x128", DEFAULT_ROOT)
     return 0
 
 
