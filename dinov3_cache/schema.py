@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -387,12 +388,17 @@ class VolumeMetadata(Part):
 
 def load_volume_metadata(path: Path | str) -> VolumeMetadata:
     """Read and parse one metadata file; MetadataError names the file when it cannot."""
+    return VolumeMetadata.from_dict(read_metadata_document(path)[0], path)
+
+
+def read_metadata_document(path: Path | str) -> tuple[Any, os.stat_result]:
+    """One metadata file's JSON document, and the stat of the very file it was read from (a
+    commit may replace the file at any time: the stat is taken from the open file, not the path)."""
     try:
         with open(path) as f:
-            doc = json.load(f)
+            return json.load(f), os.fstat(f.fileno())
     except (OSError, ValueError) as e:
         raise MetadataError(f"metadata file {path} is unreadable ({e})") from None
-    return VolumeMetadata.from_dict(doc, path)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -38,8 +38,10 @@ import torch
 from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
 from dinov3_cache.layout import feature_array_name
-from dinov3_cache.loader.volumes import CachedVolume, CacheError, volume_read_error
+from dinov3_cache.loader.identity import FileIdentity, OpenedArray, OpenedVolume, Read, changed_under, file_identity
+from dinov3_cache.loader.volumes import CachedVolume, CacheError, VolumeReadError, volume_changed_error, volume_read_error
 from dinov3_cache.zarr_arrays import (
+    METADATA_FILES,
     ArrayMetadata,
     chunk_key,
     crc32_of,
@@ -47,6 +49,7 @@ from dinov3_cache.zarr_arrays import (
     read_array_metadata,
     read_attributes,
     ts_context,
+    zarr_format_of,
 )
 
 READER_CHOICES = ("auto", "tensorstore")
@@ -279,49 +282,107 @@ def chunk_overlaps(region: Sequence[slice], chunks: Sequence[int]):
 # ----------------------------------------------------------------------------- one volume
 
 
+def wait_for(reads: Sequence[Read]) -> tuple[Read, Exception] | None:
+    """Wait for every read (all of them, even after a failure); the first failure."""
+    failure = None
+    for read in reads:
+        for future in read.futures:
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001
+                failure = failure or (read, e)
+    return failure
+
+
 class VolumeReader:
-    """Reads regions of one volume's arrays; every failure names the volume and array."""
+    """Reads regions of one volume's arrays; every failure names the volume and array.
+
+    Arrays that moved after they were opened (their commit finished: the commit directory's
+    arrays took the seed names) are opened again where they are now and the read is repeated;
+    a volume replaced or removed while being read is an error, never its values."""
 
     def __init__(
         self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor, verify: bool = False
     ):
         self.volume = volume
-        self.readers = {}
-        for array in (feature_array_name(volume.metadata.layout), *SPATIAL_ARRAYS):
-            if array == "mask" and not volume.has_mask:
-                continue
-            path = volume.array_path(array)
-            try:
-                stored = read_array_metadata(path)  # parsed once per array and process
-                self.readers[array] = open_reader(path, stored, mode, context, executor, volume.recorded_checksums(array), verify)
-                problem = layout_problem(volume, array, path, stored, self.readers[array])
-            except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
-                raise volume_read_error(volume.index, array, path, first_line(e)) from None
-            if problem is not None:
-                raise volume_read_error(volume.index, array, path, problem)
+        self.mode, self.context, self.executor, self.verify = mode, context, executor, verify
+        self.lock = threading.Lock()
+        self.opened = self._open(volume.current_identity(volume.identity))
 
-    def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[tuple[str, Future]]:
+    def _open(self, metadata: FileIdentity) -> OpenedVolume:
+        arrays = [feature_array_name(self.volume.metadata.layout), *(a for a in SPATIAL_ARRAYS if a != "mask" or self.volume.has_mask)]
+        return OpenedVolume({array: self._open_array(array) for array in arrays}, self.volume.paths.metadata, metadata)
+
+    def _open_array(self, array: str) -> OpenedArray:
+        path = self.volume.array_path(array)
+        try:
+            return self._open_array_at(array, path)
+        except VolumeReadError:
+            if self.volume.array_path(array) == path:
+                raise
+            return self._open_array_at(array, self.volume.array_path(array))  # it moved while being opened
+
+    def _open_array_at(self, array: str, path: Path) -> OpenedArray:
+        volume = self.volume
+        try:
+            metadata_file = path / METADATA_FILES[zarr_format_of(path)]
+            identity = file_identity(metadata_file)  # before reading it: a later replacement fails the next check
+            stored = read_array_metadata(path)  # parsed once per array and open
+            reader = open_reader(path, stored, self.mode, self.context, self.executor, volume.recorded_checksums(array), self.verify)
+            problem = layout_problem(volume, array, path, stored, reader)
+        except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
+            raise volume_read_error(volume.index, array, path, first_line(e)) from None
+        if problem is not None:
+            raise volume_read_error(volume.index, array, path, problem)
+        return OpenedArray(reader, path, metadata_file, identity)
+
+    def shape(self, array: str) -> tuple[int, ...]:
+        return tuple(self.opened.arrays[array].reader.shape)
+
+    def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[Read]:
         """Start reading the region into outputs[array] (features get all channels)."""
-        pending = []
-        for array, out in outputs.items():
-            region = ((slice(0, self.readers[array].shape[0]),) if array == "features" else ()) + spatial
-            try:
-                pending += [(array, f) for f in self.readers[array].read_into(region, out)]
-            except Exception as e:  # noqa: BLE001
-                raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e)) from None
-        return pending
+        return [
+            self.start_region(array, ((slice(0, self.shape(array)[0]),) if array == "features" else ()) + spatial, out)
+            for array, out in outputs.items()
+        ]
 
-    def finish(self, pending: list[tuple[str, Future]]) -> None:
-        """Wait for every read (all of them, even after a failure), then report the first failure."""
-        failure = None
-        for array, future in pending:
-            try:
-                future.result()
-            except Exception as e:  # noqa: BLE001
-                failure = failure or (array, e)
+    def start_region(self, array: str, region: tuple[slice, ...], out: torch.Tensor) -> Read:
+        """Start reading `region` of `array` into `out` (a tensor of the region's shape)."""
+        read = Read(array, region, out)
+        self._start(read)
+        return read
+
+    def _start(self, read: Read) -> None:
+        read.opened = self.opened
+        source = read.opened.arrays[read.array]
+        try:
+            read.futures = source.reader.read_into(read.region, read.out)
+        except Exception as e:  # noqa: BLE001
+            raise volume_read_error(self.volume.index, read.array, source.path, first_line(e)) from None
+
+    def finish(self, pending: list[Read]) -> None:
+        """Wait for every read; then, if a file read may have moved or been replaced meanwhile,
+        open the arrays again where they are now and read again (once); then report the first
+        failure (a failure caused by the move is not one)."""
+        failure = wait_for(pending)
+        if changed_under(pending):
+            self._reopen()
+            for read in pending:
+                self._start(read)
+            failure = wait_for(pending)
+            if changed_under(pending):
+                self.volume.current_identity(pending[0].opened.metadata)  # replaced or removed: says so
+                raise volume_changed_error(self.volume, "moved twice")
         if failure is not None:
-            array, e = failure
-            raise volume_read_error(self.volume.index, array, self.volume.array_path(array), first_line(e))
+            read, e = failure
+            raise volume_read_error(self.volume.index, read.array, read.opened.arrays[read.array].path, first_line(e))
+
+    def _reopen(self) -> None:
+        """Open the arrays where they are now, unless another thread did already; an error
+        when the volume was replaced or removed."""
+        with self.lock:
+            if not self.opened.unchanged():
+                self.opened = self._open(self.volume.current_identity(self.opened.metadata))
 
 
 class ReadResources:

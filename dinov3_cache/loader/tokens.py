@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from dinov3_cache.errors import first_line
 from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import features_from_tokens, token_window
 from dinov3_cache.layout import feature_array_name
-from dinov3_cache.loader.reader import VolumeReader, torch_dtype
-from dinov3_cache.loader.volumes import CachedVolume, volume_read_error
+from dinov3_cache.loader.reader import Read, VolumeReader, torch_dtype
+from dinov3_cache.loader.volumes import CachedVolume
 
 BUILD_BYTES = 128 * 2**20  # float32 temporaries per plane while building a crop's features
 
@@ -69,12 +67,11 @@ class TokenCrop:
         return out
 
 
-def start_token_read(reader: VolumeReader, spatial: Sequence[slice]) -> tuple[TokenCrop, list[tuple[str, Future]]]:
+def start_token_read(reader: VolumeReader, spatial: Sequence[slice]) -> tuple[TokenCrop, list[Read]]:
     """Start reading, for every plane, the slices of the crop along its normal and the tokens
     its interpolation reads along the image axes; finish with reader.finish(pending)."""
     volume = reader.volume
-    tokens = reader.readers["tokens"]
-    _, channels, out_dim, grid_size, _ = tokens.shape
+    _, channels, out_dim, grid_size, _ = reader.shape("tokens")
     dtype = torch_dtype(volume.metadata.dtypes["tokens"])
     region = tuple((s.start, s.stop) for s in spatial)
     grids, origins, pending = {}, {}, []
@@ -84,10 +81,7 @@ def start_token_read(reader: VolumeReader, spatial: Sequence[slice]) -> tuple[To
         n0, n1 = region[normal]
         out = torch.empty((1, channels, n1 - n0, a1 - a0, b1 - b0), dtype=dtype)
         window = (slice(position, position + 1), slice(0, channels), slice(n0, n1), slice(a0, a1), slice(b0, b1))
-        try:
-            pending += [("tokens", f) for f in tokens.read_into(window, out)]
-        except Exception as e:  # noqa: BLE001 - any read failure names the volume and array
-            raise volume_read_error(volume.index, "tokens", volume.array_path("tokens"), first_line(e)) from None
+        pending.append(reader.start_region("tokens", window, out))
         grids[plane], origins[plane] = out[0], (a0, b0)
     return TokenCrop(grids, origins, region, out_dim, grid_size), pending
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import check_index, format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices
-from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
+from dinov3_cache.loader.identity import FileIdentity, file_identity, identity_of
+from dinov3_cache.schema import MetadataError, VolumeMetadata, read_metadata_document
 
 
 class CacheError(CacheToolError):
@@ -32,6 +33,13 @@ def volume_read_error(volume_index: int, array: str, path: Path, cause: str) -> 
     )
 
 
+def volume_changed_error(volume: CachedVolume, what: str) -> VolumeReadError:
+    return VolumeReadError(
+        f"volume {volume.index} in {volume.paths.output_dir} was {what} while being read, so its values are not "
+        "delivered; recreate the dataset (or dataloader) to load the volume as it is now"
+    )
+
+
 # ----------------------------------------------------------------------------- visible volumes
 
 
@@ -41,6 +49,7 @@ class CachedVolume:
 
     paths: VolumePaths
     metadata: VolumeMetadata
+    identity: FileIdentity  # of the metadata file `metadata` was parsed from
 
     @property
     def index(self) -> int:
@@ -80,6 +89,25 @@ class CachedVolume:
         # the directory may have moved since the metadata was written: locate files by the layout
         return self.paths.located_array(array, self.commit_id)
 
+    def current_identity(self, seen: FileIdentity) -> FileIdentity:
+        """The identity of the metadata file now, given the one `seen` at an earlier check,
+        when it still commits the arrays this volume was loaded with (the same commit id: at
+        most its arrays moved to their seed names); else an error saying the volume was
+        replaced or removed."""
+        if file_identity(self.paths.metadata) == seen:
+            return seen
+        try:
+            document, stat = read_metadata_document(self.paths.metadata)
+        except MetadataError as e:
+            if self.paths.metadata.exists():
+                raise volume_changed_error(self, f"replaced by a volume whose metadata is unreadable ({e})") from None
+            raise volume_changed_error(self, "removed (its metadata file is gone)") from None
+        integrity = document.get("integrity") if isinstance(document, dict) else None
+        commit_id = integrity.get("commit_id") if isinstance(integrity, dict) else None
+        if self.commit_id is None or commit_id != self.commit_id:  # without commit ids any new metadata is another volume
+            raise volume_changed_error(self, f"replaced (now commit {commit_id}, loaded as commit {self.commit_id})")
+        return identity_of(stat)
+
 
 def find_volumes(
     preprocessed_dir: Path | str,
@@ -111,15 +139,18 @@ def find_volumes(
             f"no preprocessed volumes found in {root} (no volume_XXXXXX_metadata.json); "
             "run preprocess_volume.py or check progress with check_preprocessing.py"
         )
-    volumes = [CachedVolume(VolumePaths(root, i), load_metadata(root, i)) for i in indices]
+    volumes = [CachedVolume(VolumePaths(root, i), *load_metadata(root, i)) for i in indices]
     if not allow_mixed_configurations:
         check_one_configuration(volumes)
     return volumes
 
 
-def load_metadata(root: Path, index: int) -> VolumeMetadata:
+def load_metadata(root: Path, index: int) -> tuple[VolumeMetadata, FileIdentity]:
+    """The volume's parsed metadata and the identity of the file it was read from."""
+    path = VolumePaths(root, index).metadata
     try:
-        return load_volume_metadata(VolumePaths(root, index).metadata)
+        document, stat = read_metadata_document(path)
+        return VolumeMetadata.from_dict(document, path), identity_of(stat)
     except MetadataError as e:
         raise CacheError(
             f"volume {index}: {e}; recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
