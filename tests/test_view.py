@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,12 +124,52 @@ def chromium_available() -> bool:
     return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
 
 
+SCREENSHOT_SECONDS = 90  # neuroglancer answers once every chunk in view is drawn; a stalled page is reloaded
+
+
 def screenshot(viewer, webdriver, size=(512, 512)) -> np.ndarray:
+    """neuroglancer's sync + screenshot, each wait bounded (theirs wait forever on a page that
+    stalls): a page that does not answer is reloaded, twice at most."""
     from PIL import Image
 
-    webdriver.sync()
-    reply = viewer.screenshot(size=list(size))
-    return np.asarray(Image.open(io.BytesIO(reply.screenshot.image)).convert("RGB"))
+    for _ in range(3):
+        reply = synced_screenshot(viewer, list(size))
+        if reply is not None:
+            return np.asarray(Image.open(io.BytesIO(reply.screenshot.image)).convert("RGB"))
+        webdriver.reload_browser()
+    pytest.fail(f"the viewer page answered no screenshot request within {SCREENSHOT_SECONDS} s, three times")
+
+
+def synced_screenshot(viewer, size: list[int]):
+    """A screenshot of the viewer's current state at `size` (as Webdriver.sync, then
+    Viewer.screenshot); None when the page stops answering."""
+    deadline = time.monotonic() + SCREENSHOT_SECONDS
+    while True:
+        reply = screenshot_reply(viewer, None, deadline)
+        if reply is None:
+            return None
+        if reply.viewer_state == viewer.state:
+            break
+        time.sleep(0.1)
+    while True:  # the page may take a request or two to take the size
+        reply = screenshot_reply(viewer, size, deadline)
+        if reply is None or (reply.screenshot.width, reply.screenshot.height) == tuple(size):
+            return reply
+
+
+def screenshot_reply(viewer, size: list[int] | None, deadline: float):
+    prior = viewer.config_state.state
+    if size is not None:
+        with viewer.config_state.txn() as s:
+            s.show_ui_controls, s.show_panel_borders, s.viewer_size = False, False, size
+    answered, replies = threading.Event(), []
+    try:
+        viewer.async_screenshot(lambda reply: (replies.append(reply), answered.set()))
+        answered.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        if size is not None:
+            viewer.config_state.set_state(prior)
+    return replies[0] if replies else None
 
 
 def headless_browser(viewer):
