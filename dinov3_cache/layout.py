@@ -341,11 +341,29 @@ def lock_is_held(paths: VolumePaths) -> bool:
     return False
 
 
+REMOVE_TRIES = 5
+
+
 def remove_tree(path: Path) -> None:
+    """Remove a file or a directory tree. A failed multi-chunk write can leave TensorStore
+    settling its other chunks for a moment, their lock files coming and going: files that
+    vanish are fine, and a directory that gained one is removed again."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        for attempt in range(REMOVE_TRIES):
+            shutil.rmtree(path, onerror=ignore_settling_files)
+            if not path.exists():
+                return
+            time.sleep(0.05 * (attempt + 1))
+        shutil.rmtree(path)  # still there: the error says why
     elif path.exists() or path.is_symlink():
-        path.unlink()
+        path.unlink(missing_ok=True)
+
+
+def ignore_settling_files(function, name: str, exc_info) -> None:
+    error = exc_info[1]
+    if isinstance(error, FileNotFoundError) or (isinstance(error, OSError) and error.errno == errno.ENOTEMPTY):
+        return
+    raise error
 
 
 def iter_files(root: Path) -> Iterator[os.DirEntry]:

@@ -4,6 +4,7 @@ benchmarks/fault_campaign.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import call_main, preprocess_args
 
 from benchmarks.fault_campaign import Campaign, Tally, damage_campaign, kill_sweep
 from benchmarks.fault_injection import ForkServer
-from dinov3_cache.layout import VolumePaths, partial_debris, temp_path
+from dinov3_cache.layout import VolumePaths, partial_debris, remove_tree, temp_path
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.volumes import CacheError
 
@@ -86,6 +87,34 @@ def tiny_tmpfs(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_removing_staging_survives_files_that_come_and_go(tmp_path, monkeypatch):
+    """What a failed multi-chunk write leaves for a moment: a lock file vanishes between the
+    listing and its unlink, and another appears before the directory's rmdir."""
+    tree = tmp_path / "volume_000000.partial" / "features.zarr"
+    tree.mkdir(parents=True)
+    for name in ("0.0.0.0", "0.0.0.0.__lock", ".zarray"):
+        (tree / name).write_bytes(b"x")
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+    events = []
+
+    def unlink(name, *args, **kwargs):
+        if str(name).endswith(".__lock") and "vanished" not in events:
+            events.append("vanished")
+            real_unlink(name, *args, **kwargs)  # TensorStore removed it first
+        return real_unlink(name, *args, **kwargs)
+
+    def rmdir(name, *args, **kwargs):
+        if str(name).endswith("features.zarr") and "appeared" not in events:
+            events.append("appeared")
+            (tree / "0.0.1.0.__lock").write_bytes(b"x")  # and took another lock meanwhile
+        return real_rmdir(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    remove_tree(tmp_path / "volume_000000.partial")
+    assert events == ["vanished", "appeared"] and not (tmp_path / "volume_000000.partial").exists()
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_volume(tiny_tmpfs, tiny_model_dir):
