@@ -98,12 +98,12 @@ class CachedVolume:
             return seen
         try:
             document, stat = read_metadata_document(self.paths.metadata)
+            now = VolumeMetadata.from_dict(document, self.paths.metadata)
         except MetadataError as e:
             if self.paths.metadata.exists():
                 raise volume_changed_error(self, f"replaced by a volume whose metadata is unreadable ({e})") from None
             raise volume_changed_error(self, "removed (its metadata file is gone)") from None
-        integrity = document.get("integrity") if isinstance(document, dict) else None
-        commit_id = integrity.get("commit_id") if isinstance(integrity, dict) else None
+        commit_id = now.integrity.commit_id if now.integrity else None
         if self.commit_id is None or commit_id != self.commit_id:  # without commit ids any new metadata is another volume
             raise volume_changed_error(self, f"replaced (now commit {commit_id}, loaded as commit {self.commit_id})")
         return identity_of(stat)
