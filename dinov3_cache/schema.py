@@ -24,6 +24,7 @@ from typing import Any
 from dinov3_cache.errors import EXIT_DAMAGED, CacheToolError
 from dinov3_cache.geometry import VoxelGrid
 from dinov3_cache.layout import canonical_json
+from dinov3_cache.storage import FeatureStorage, UnknownStorageForm, storage_for, storage_form_names
 
 SCHEMA_VERSION = 2
 METADATA_DIGEST_KEY = "metadata_digest"
@@ -236,7 +237,7 @@ class Configuration(Part):
     compression: str = json_key("compression of the arrays", STRING)
     zarr_format: int = json_key("zarr format of the arrays (2 or 3)", INT, since=2)
     layout: str | None = json_key(
-        "how the features are stored: 'dense' (features array) or 'tokens' (tokens array); absent: dense",
+        "the storage form of the features (--layout): 'dense' (features array) or 'tokens' (tokens array); absent: dense",
         STRING, since=None)
     chunks: tuple[int, ...] = json_key(
         "chunk shape of the features (C, Z, Y, X) or, in the tokens layout, of the tokens (1, C, slice, a, b)", list_of(INT))
@@ -367,9 +368,15 @@ class VolumeMetadata(Part):
         return metadata_is_intact(self.to_dict())
 
     @property
-    def layout(self) -> str:
-        """'dense' or 'tokens' (files written before layouts existed are dense)."""
-        return self.configuration.layout or "dense"
+    def storage_form(self) -> FeatureStorage:
+        """How the features are stored (configuration.layout; files written before it was
+        recorded: the default form)."""
+        try:
+            return storage_for(self.configuration.layout)
+        except UnknownStorageForm:
+            raise MetadataError(
+                f"volume {self.volume_index}: configuration.layout {self.configuration.layout!r} is no storage form this "
+                f"version knows ({', '.join(storage_form_names())})") from None
 
     @property
     def has_mask(self) -> bool:

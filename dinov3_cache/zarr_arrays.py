@@ -20,12 +20,6 @@ from dinov3_cache.errors import CacheToolError
 
 COMPRESSIONS = ("none", "lz4", "zstd")
 ZARR_FORMATS = (2, 3)
-# dense (channels, z, y, x). 2 MB float16 chunks: a random 64^3 crop reads < 2x its bytes,
-# a volume is ~2,000 files, and writes run near disk speed (benchmarks/bench_write_path.py).
-# tokens (channels, slice, a, b) of each plane's grids: a 64^3 crop of a 128^3 volume from
-# 32^2 grids reads about a third of each plane's chunks; 128-256 KiB chunks at the seed geometry
-DEFAULT_FEATURE_CHUNKS = {"dense": (256, 16, 16, 16), "tokens": (128, 16, 8, 8)}
-CHUNK_AXES = {"dense": "channels z y x", "tokens": "channels slice a b"}
 DEFAULT_LABEL_CHUNKS = (32, 32, 32)
 DEFAULT_RAW_CHUNKS = (64, 64, 64)
 SHARD_CHUNKS_PER_AXIS = 4  # zarr v3: a shard holds 4^3 chunks spatially
@@ -40,7 +34,7 @@ class StorageError(CacheToolError, ValueError):
 class StorageOptions:
     zarr_format: int = 2
     compression: str = "none"
-    feature_chunks: tuple[int, ...] | None = None  # None: the layout's DEFAULT_FEATURE_CHUNKS
+    feature_chunks: tuple[int, ...] | None = None  # None: the storage form's default_chunks (dinov3_cache/storage)
     num_threads: int = 8
 
     def __post_init__(self) -> None:
@@ -53,13 +47,9 @@ class StorageOptions:
         if self.num_threads <= 0:
             raise StorageError(f"--num-threads must be positive, got {self.num_threads}")
 
-    def chunks_of(self, layout: str) -> tuple[int, ...]:
-        """The requested feature chunks of `layout` (its axes: CHUNK_AXES)."""
-        return self.feature_chunks if self.feature_chunks is not None else DEFAULT_FEATURE_CHUNKS[layout]
-
 
 def parse_chunks(text: str | None) -> tuple[int, ...] | None:
-    """'256,16,16,16' or '256 16 16 16' -> (256, 16, 16, 16); None or 'auto': the layout's default."""
+    """'256,16,16,16' or '256 16 16 16' -> (256, 16, 16, 16); None or 'auto': the storage form's default."""
     if text is None or text.strip() == "auto":
         return None
     try:

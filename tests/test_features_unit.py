@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_cache.extraction.features import iter_slabs, normalise, plane_order, plane_slices
-from dinov3_cache.extraction.upsampling import (
+from dinov3_cache.storage.upsampling import (
     features_from_tokens,
     interpolate_dim,
     interpolation_matrix,

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from dinov3_cache.extraction.settings import ExtractionSettings
-from dinov3_cache.extraction.upsampling import rounding_bound
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader.dataloader import create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import ReadResources
-from dinov3_cache.loader.tokens import start_token_read
 from dinov3_cache.loader.volumes import find_volumes
+from dinov3_cache.storage import storage_for
+from dinov3_cache.storage.upsampling import rounding_bound
 from dinov3_cache.zarr_arrays import open_array, ts_context
 from tests.conftest import call_main, preprocess_args
 
@@ -53,7 +53,7 @@ def test_tokens_volume_records_its_layout_and_shares_the_fingerprint(both_layout
     assert t["dtypes"]["tokens"] == "float16" and "features" not in t["dtypes"]
     assert t["storage"]["bytes"]["tokens"] * 3 < d["storage"]["bytes"]["features"]
     assert ExtractionSettings(output_dir="x", layout="tokens").values()["layout"] == "tokens"  # the settings file
-    assert ExtractionSettings(output_dir="x").config(0).layout == "dense"
+    assert ExtractionSettings(output_dir="x").config(0).storage_form.name == "dense"
 
 
 @pytest.mark.parametrize("crop_size", [None, (5, 7, 9), (1, 16, 3)])
@@ -103,7 +103,7 @@ def test_a_crop_reads_only_the_tokens_under_it(both_layouts):
     _, tokens = both_layouts
     (volume,) = find_volumes(tokens, [0])
     reader = ReadResources(2, "auto").reader(volume)
-    crop, pending = start_token_read(reader, (slice(0, 4), slice(0, 4), slice(12, 16)))
+    crop, pending = storage_for("tokens").start_read(reader, (slice(0, 4), slice(0, 4), slice(12, 16)), None)
     reader.finish(pending)
     # 16 outputs from 4 tokens: outputs 0-3 read tokens 0-1, outputs 12-15 tokens 2-3
     assert {p: tuple(g.shape[1:]) for p, g in crop.grids.items()} == {"xy": (4, 2, 2), "xz": (4, 2, 2), "yz": (4, 2, 2)}

@@ -1,8 +1,8 @@
 """Preview images: the middle z slice of a volume's features (PCA as RGB), labels, mask
 and raw, side by side in one PNG per volume.
 
-Imports numpy and TensorStore (and torch for tokens volumes, whose slice is built with
-features_from_tokens): the audit imports this module only when previewing.
+Imports numpy and TensorStore (and torch for storage forms that build their features, such as
+tokens): the audit imports this module only when previewing.
 """
 
 from __future__ import annotations
@@ -55,22 +55,11 @@ def grey_rgb(values, lo: float, hi: float) -> np.ndarray:
 
 
 def feature_slice(paths: VolumePaths, metadata, context, z: int) -> np.ndarray:
-    """Features (C, H, W) of slice z, float32, from either layout."""
-    if metadata.layout != "tokens":
-        return open_array(paths.array("features"), context)[:, z].read().result().astype("float32")
-    import torch
-
-    from dinov3_cache.extraction.config import PLANE_AXES
-    from dinov3_cache.extraction.upsampling import features_from_tokens
-
-    tokens = open_array(paths.array("tokens"), context)
-    _, _, depth, grid_size, _ = tokens.shape
-    region = [(z, z + 1), (0, depth), (0, depth)]
-    grids = {}
-    for position, plane in enumerate(metadata.configuration.planes):
-        lo, hi = region[PLANE_AXES[plane][0]]
-        grids[plane] = torch.from_numpy(tokens[position, :, lo:hi].read().result().astype("float32"))
-    return features_from_tokens(grids, depth, region, grid_size)[:, 0].numpy()
+    """Features (C, H, W) of slice z, float32, read by the volume's storage form."""
+    form = metadata.storage_form
+    _, depth, height, width = metadata.shapes["features"]
+    region = [(z, z + 1), (0, height), (0, width)]
+    return form.read_region(open_array(paths.array(form.array_name), context), metadata.configuration.planes, region)[:, 0]
 
 
 def write_preview(output_dir: Path, index: int, preview_dir: Path, num_threads: int = 8) -> Path:

@@ -18,6 +18,7 @@ from dinov3_cache.audit.scan import StorageMeasure
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata
+from dinov3_cache.storage import DEFAULT_STORAGE_FORM
 
 TIMING_ORDER = ("feature_extraction_seconds", "tensorstore_write_seconds", "total_seconds")
 
@@ -31,7 +32,7 @@ class VolumeSummary:
     fingerprint: str | None
     recorded_bytes: dict[str, int]
     array_bytes: dict[str, int] = field(default_factory=dict)
-    layout: str = "dense"  # how the features are stored: dense features or token grids
+    storage_form: str = DEFAULT_STORAGE_FORM  # the name of how the features are stored (dinov3_cache/storage)
 
 
 def source_label(source: dict) -> str:
@@ -50,7 +51,7 @@ def summarise_volume(index: int, metadata: VolumeMetadata) -> VolumeSummary:
         source=source_label(metadata.source_dataset.to_dict()),
         fingerprint=metadata.configuration.fingerprint,
         recorded_bytes=dict(metadata.storage.bytes or {}),
-        layout=metadata.layout,
+        storage_form=metadata.storage_form.name,
     )
 
 
@@ -79,6 +80,7 @@ def read_complete_volumes(
         try:
             with open(path, "rb") as f:
                 metadata = VolumeMetadata.from_dict(json.loads(f.read()), name)
+            summary = summarise_volume(index, metadata)  # MetadataError: a storage form this version lacks
         except FileNotFoundError:
             continue  # replaced by an --overwrite run between listing and reading
         except (OSError, ValueError) as e:
@@ -87,7 +89,6 @@ def read_complete_volumes(
         except MetadataError as e:
             problems.append({"index": index, "problem": str(e)})
             continue
-        summary = summarise_volume(index, metadata)
         summaries.append(summary)
         configs.setdefault(summary.fingerprint, metadata.configuration.to_dict())
     return summaries, problems, configs
@@ -163,19 +164,19 @@ def storage_summary(
         "free_bytes": free,
         "short_of_space": still_needed is not None and free < still_needed,
         "per_volume_bytes": {str(s.index): sum(s.array_bytes.values()) for s in summaries},
-        "by_layout": layout_summary(summaries),
+        "by_layout": storage_form_summary(summaries),  # the key keeps the name of --layout
     }
 
 
-def layout_summary(summaries: list[VolumeSummary]) -> dict:
-    """Per layout (dense, tokens): the volumes stored so and their bytes."""
+def storage_form_summary(summaries: list[VolumeSummary]) -> dict:
+    """Per storage form (dense, tokens, ...): the volumes stored so and their bytes."""
     groups: dict[str, list[VolumeSummary]] = {}
     for s in summaries:
-        groups.setdefault(s.layout, []).append(s)
+        groups.setdefault(s.storage_form, []).append(s)
     out = {}
-    for layout, members in sorted(groups.items()):
+    for form, members in sorted(groups.items()):
         total = sum(sum(s.array_bytes.values()) for s in members)
-        out[layout] = {
+        out[form] = {
             "volumes": len(members), "indices": format_ranges(s.index for s in members),
             "total_bytes": total, "per_volume_mean_bytes": total / len(members),
         }

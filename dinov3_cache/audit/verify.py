@@ -69,6 +69,11 @@ def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeC
         problems.append(f"{paths.name}: metadata file {paths.metadata} was edited after it was written (digest mismatch)")
     if metadata.integrity is None or not metadata.integrity.crc32:
         problems.append(f"{paths.name}: metadata records no chunk checksums (written by an older version?)")
+    try:
+        form = metadata.storage_form
+    except MetadataError as e:
+        return VolumeCheck(index, False, problems + [f"{paths.name}: {e}"])
+    problems += [f"{paths.name}: {p}" for p in form.volume_problems(metadata)]
     context = ts_context(num_threads)
     arrays = {}
     for name in metadata.dtypes or {}:
@@ -106,6 +111,8 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
         problems.append(f"{where}: attributes of {path} are unreadable ({e})")
         attributes = {}
     problems += attribute_problems(where, name, attributes, metadata)
+    if name == metadata.storage_form.array_name:
+        problems += [f"{where}: {p}" for p in metadata.storage_form.attribute_problems(attributes, metadata)]
     if open_error is not None:
         return problems + [open_error], info
     shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)

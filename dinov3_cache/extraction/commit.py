@@ -74,14 +74,13 @@ class OutOfSpace(StorageError):
 
 
 def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size: int, grid_size: int) -> int:
-    """The volume's uncompressed size (an upper bound on what compression leaves): features
-    C x D^3 (dense) or the planes' token grids P x C x D x g^2 (tokens) in the stored dtype,
-    the labels and mask, and the raw crop with --save-raw."""
-    itemsize = dtype_itemsize(config.features_dtype)
-    d = config.geometry.output_image_dim
-    values = d**3 if config.layout == "dense" else len(config.planes) * d * grid_size**2
+    """The volume's uncompressed size (an upper bound on what compression leaves): the
+    features' array in its storage form and the stored dtype, the labels and mask, and the raw
+    crop with --save-raw."""
+    features = config.storage_form.bytes_needed(
+        hidden_size, config.geometry.output_image_dim, config.planes, grid_size, dtype_itemsize(config.features_dtype))
     arrays = [crop.gt, crop.mask] + ([crop.raw] if config.save_raw else [])
-    return hidden_size * values * itemsize + sum(a.nbytes for a in arrays if a is not None)
+    return features + sum(a.nbytes for a in arrays if a is not None)
 
 
 def check_free_space(free_bytes: int, needed_bytes: int, output_dir: Path, volume_index: int) -> None:

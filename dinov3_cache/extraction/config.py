@@ -13,12 +13,11 @@ from dinov3_cache.extraction.weights import weights_identity
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.sources.base import SamplingOptions, VolumeSource
+from dinov3_cache.storage import FeatureStorage
+from dinov3_cache.storage.planes import PLANE_AXES, PLANES
 from dinov3_cache.zarr_arrays import StorageOptions
 
 UPSAMPLING = "bilinear, align_corners=False, separable per axis"
-PLANE_AXES = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}  # normal axis, image axes (z=0, y=1, x=2)
-PLANES = tuple(PLANE_AXES)
-LAYOUTS = ("dense", "tokens")  # how the features are stored: see docs/cache-format.md
 
 
 class PreprocessingError(CacheToolError):
@@ -42,7 +41,7 @@ class ExtractionConfig:
     save_raw: bool
     overwrite: bool
     device: str
-    layout: str
+    storage_form: FeatureStorage  # how the features are stored (--layout): dinov3_cache/storage
     space_check: bool = True  # refuse to start a volume the output file system cannot hold
 
     def __post_init__(self) -> None:
@@ -53,8 +52,6 @@ class ExtractionConfig:
         unknown = [p for p in self.planes if p not in PLANE_AXES]
         if unknown or not self.planes:
             raise UsageError(f"--planes must be some of {' '.join(PLANES)}, got {' '.join(self.planes)}")
-        if self.layout not in LAYOUTS:
-            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if len(set(self.planes)) != len(self.planes):
             raise UsageError(f"--planes lists a plane twice: {' '.join(self.planes)}")
 
@@ -63,7 +60,7 @@ class ExtractionConfig:
         return VolumePaths(Path(self.output_dir), self.volume_index)
 
     def fingerprint_values(self, source: VolumeSource) -> dict:
-        """The settings that decide the feature values (storage and --layout left out), known
+        """The settings that decide the feature values (storage and its form, --layout, left out), known
         before the model loads so that a rerun can be skipped cheaply."""
         return {
             "model_id": self.model_id,

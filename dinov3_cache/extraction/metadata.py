@@ -14,7 +14,7 @@ import torch
 
 from dinov3_cache.extraction.config import UPSAMPLING, ExtractionConfig
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.layout import feature_array_name, now_iso, scheduler_job_id
+from dinov3_cache.layout import now_iso, scheduler_job_id
 from dinov3_cache.schema import config_fingerprint
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import CHECKSUM_ALGORITHM, codec_description
@@ -71,7 +71,7 @@ def volume_metadata(
     shapes.setdefault("raw", list(crop.raw.shape))
     d = config.geometry.output_image_dim
     shapes.setdefault("features", [loaded.hidden_size, d, d, d])  # what a tokens volume delivers
-    stored = feature_array_name(config.layout)
+    stored = config.storage_form.array_name
     gb = {f"{name}_gb": round(n / 1e9, 6) for name, n in storage_bytes.items()}
     return {
         "volume_index": config.volume_index,
@@ -102,7 +102,7 @@ def volume_metadata(
             "features_dtype": config.features_dtype,
             "compression": config.storage.compression,
             "zarr_format": config.storage.zarr_format,
-            "layout": config.layout,
+            "layout": config.storage_form.name,
             "chunks": list(staged.chunks[stored]),
             "codecs": codec_description(config.storage, shapes[stored], staged.chunks[stored], config.features_dtype),
             "batch_size": config.batch_size,

@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
-from dinov3_cache.extraction.config import LAYOUTS, PLANES, ExtractionConfig
+from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.indices import parse_index_list
 from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
+from dinov3_cache.storage import DEFAULT_STORAGE_FORM, RegisteredNames, storage_for, storage_form_names
 from dinov3_cache.switch import Switch
-from dinov3_cache.zarr_arrays import COMPRESSIONS, DEFAULT_FEATURE_CHUNKS, ZARR_FORMATS, StorageOptions, parse_chunks
+from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vitl16-pretrain-sat493m"
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
@@ -89,9 +90,9 @@ class ExtractionSettings:
     batch_size: int = option(8, "slices per forward pass (default %(default)s)")
     features_dtype: str = option("float16", None, choices=FEATURE_DTYPES)
     chunks: str = option(
-        "auto", "feature chunk shape, 4 numbers: 'C,Z,Y,X' (dense, auto: "
-        + ",".join(map(str, DEFAULT_FEATURE_CHUNKS["dense"])) + ") or 'C,SLICE,A,B' of the token grids (tokens, auto: "
-        + ",".join(map(str, DEFAULT_FEATURE_CHUNKS["tokens"])) + ")"
+        "auto", "feature chunk shape, 4 numbers: " + " or ".join(
+            f"'{f.chunk_axes}' ({f.name}, auto: {','.join(map(str, f.default_chunks))})"
+            for f in map(storage_for, storage_form_names()))
     )
     zarr_format: int = option(StorageOptions.zarr_format, "2 (default) or 3 (sharded, crc32c)", choices=ZARR_FORMATS)
     save_raw: bool = option(False, "also write volume_XXXXXX_raw.zarr at slice resolution")
@@ -103,8 +104,9 @@ class ExtractionSettings:
         None, "persistent compilation cache shared by every job (default with --compile: OUTPUT_DIR/logs/compile_cache)"
     )
     layout: str = option(
-        "dense", "feature storage: 'dense' (C, D, H, W) features (default), or 'tokens' (the planes' patch-token "
-        "grids, about 5x smaller; the loader builds the same features from them)", choices=LAYOUTS,
+        DEFAULT_STORAGE_FORM, "feature storage form: " + ", or ".join(
+            f"'{f.name}' ({f.description})" for f in map(storage_for, storage_form_names())) + " (default %(default)s)",
+        choices=RegisteredNames(),
     )
     # the data source's options (add_cellmap_arguments declares them), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
@@ -148,7 +150,7 @@ class ExtractionSettings:
             overwrite=self.overwrite,
             device=self.device,
             space_check=not self.no_space_check,
-            layout=self.layout,
+            storage_form=storage_for(self.layout),
         )
 
     def compile_cache_dir(self) -> Path | None:

@@ -1,7 +1,6 @@
 """Writing a volume's arrays: the staged arrays under the volume's staging directory, the
-features of either layout built from token grids (dense: blocks made by
-`features_from_tokens`; tokens: the grids themselves), host buffers for the blocks, and the
-asynchronous TensorStore writer (with chunk checksums)."""
+crop's token grids handed to the storage form that writes the features (dinov3_cache/storage),
+host buffers for the blocks, and the asynchronous TensorStore writer (with chunk checksums)."""
 
 from __future__ import annotations
 
@@ -25,8 +24,6 @@ from dinov3_cache.extraction.features import (
 )
 from dinov3_cache.extraction.metadata import FeatureStatistics
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.extraction.upsampling import features_from_tokens
-from dinov3_cache.layout import feature_array_name
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import (
     DEFAULT_LABEL_CHUNKS,
@@ -34,12 +31,10 @@ from dinov3_cache.zarr_arrays import (
     block_checksums,
     clamp_chunks,
     create_array,
-    feature_chunks,
     write_unit,
 )
 
 COMPUTE_CHANNELS = 64  # channels upsampled at once: bounds the float32 temporaries
-TOKEN_DIMENSIONS = ["plane", "c", "slice", "a", "b"]
 
 
 class BlockBuffers:
@@ -143,38 +138,30 @@ class StagedArrays:
     chunks: dict[str, tuple[int, ...]]
 
 
-def feature_array_spec(config: ExtractionConfig, n_channels: int, grid_size: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(array name, shape, chunks) of the volume's feature storage in its layout."""
-    d = config.geometry.output_image_dim
-    requested = config.storage.chunks_of(config.layout)
-    if config.layout == "tokens":
-        shape = (len(config.planes), n_channels, d, grid_size, grid_size)
-        return "tokens", shape, (1, *feature_chunks(shape[1:], requested))  # one plane per chunk
-    shape = (n_channels, d, d, d)
-    return "features", shape, feature_chunks(shape, requested)
-
-
 def stage_arrays(
     config: ExtractionConfig, crop: SourceCrop, n_channels: int, commit_id: str, context, grid_size: int = 0
 ) -> StagedArrays:
-    """Create every array of the volume under the staging directory."""
-    feature_name, feature_shape, chunks_of_features = feature_array_spec(config, n_channels, grid_size)
-    shapes = {feature_name: feature_shape, "gt": crop.gt.shape}
-    dtypes = {feature_name: config.features_dtype, "gt": crop.gt.dtype.name}
-    chunks = {feature_name: chunks_of_features, "gt": clamp_chunks(crop.gt.shape, DEFAULT_LABEL_CHUNKS)}
+    """Create every array of the volume under the staging directory: the features in the
+    run's storage form, and the labels (and raw)."""
+    form = config.storage_form
+    feature_shape = form.array_shape(n_channels, config.geometry.output_image_dim, config.planes, grid_size)
+    shapes = {form.array_name: feature_shape, "gt": crop.gt.shape}
+    dtypes = {form.array_name: config.features_dtype, "gt": crop.gt.dtype.name}
+    chunks = {form.array_name: form.array_chunks(feature_shape, form.requested_chunks(config.storage)),
+              "gt": clamp_chunks(crop.gt.shape, DEFAULT_LABEL_CHUNKS)}
     if crop.mask is not None:
         shapes["mask"], dtypes["mask"], chunks["mask"] = crop.mask.shape, "uint8", clamp_chunks(crop.mask.shape, DEFAULT_LABEL_CHUNKS)
     if config.save_raw:
         shapes["raw"], dtypes["raw"], chunks["raw"] = crop.raw.shape, crop.raw.dtype.name, clamp_chunks(crop.raw.shape, DEFAULT_RAW_CHUNKS)
     stores = {}
     for name in shapes:
-        grid = crop.raw_grid if name == "raw" else crop.label_grid
-        # the token grids do not sit on a voxel grid: they carry their planes instead
-        attributes = {} if name == "tokens" else grid.array_attributes(channel_axis=name == "features")
-        attributes["dinov3_cache"] = {"commit_id": commit_id, "volume_index": config.volume_index, "array": name}
-        if name == "tokens":
-            attributes["dinov3_cache"]["planes"] = list(config.planes)
-        dims = TOKEN_DIMENSIONS if name == "tokens" else (["c"] if name == "features" else []) + ["z", "y", "x"]
+        if name == form.array_name:
+            attributes, dims = form.array_attributes(crop.label_grid, config.planes), list(form.dimension_names)
+        else:
+            grid = crop.raw_grid if name == "raw" else crop.label_grid
+            attributes, dims = grid.array_attributes(channel_axis=False), ["z", "y", "x"]
+        run = {"commit_id": commit_id, "volume_index": config.volume_index, "array": name}
+        attributes["dinov3_cache"] = run | attributes.get("dinov3_cache", {})
         stores[name] = create_array(
             config.paths.staged_array(name), shapes[name], dtypes[name], chunks[name], config.storage, context, attributes, dims
         )
@@ -202,6 +189,7 @@ class FeatureOutput:
     stats: FeatureStatistics
     dtype: str
     zarr_format: int
+    block_bytes: int = BLOCK_BYTES
 
     @property
     def unit(self) -> tuple[int, ...]:
@@ -215,57 +203,35 @@ class FeatureOutput:
                           self.staged.chunks[self.name], release=lambda: self.buffers.give_back(block))
 
 
+@dataclass
+class CropTokens:
+    """The crop's token grids, computed as the storage form asks for them (storage.base.CropTokens)."""
+
+    loaded: LoadedModel
+    crop: SourceCrop
+    planes: tuple[str, ...]
+    out_dim: int
+    batch_size: int
+    progress: SliceProgress
+
+    @property
+    def streaming_axis(self) -> int:
+        return PLANE_AXES[plane_order(self.planes)[1]][0]
+
+    def streamed_slabs(self, slab: int):
+        return dense_token_slabs(self.loaded, self.crop, self.planes, self.out_dim, self.batch_size, slab, self.progress)
+
+    def plane_slabs(self, slab: int):
+        return plane_token_slabs(self.loaded, self.crop, self.planes, self.out_dim, self.batch_size, slab, self.progress)
+
+
 def write_features(
     loaded: LoadedModel, crop: SourceCrop, config: ExtractionConfig, staged: StagedArrays,
     writer: AsyncBlockWriter, stats: FeatureStatistics, progress: SliceProgress,
 ) -> None:
-    """Run the planes through the model and write the volume's features in its layout."""
-    name = feature_array_name(config.layout)
+    """Run the planes through the model and write the volume's features in its storage form."""
+    form = config.storage_form
     buffers = BlockBuffers(config.features_dtype, pinned=loaded.device.type == "cuda")
-    output = FeatureOutput(name, staged, writer, buffers, stats, config.features_dtype, config.storage.zarr_format)
-    d, unit = config.geometry.output_image_dim, output.unit
-    if name == "tokens":
-        for position, start, grids in plane_token_slabs(loaded, crop, config.planes, d, config.batch_size, unit[2], progress):
-            output.put((position, 0, start, 0, 0), (1, *grids.shape), lambda lo, hi, g=grids: g.unsqueeze(0))  # one block: all channels
-        return
-    streaming_axis = PLANE_AXES[plane_order(config.planes)[1]][0]
-    slabs = dense_token_slabs(loaded, crop, config.planes, d, config.batch_size, unit[1 + streaming_axis], progress)
-    for grids, start, stop in slabs:
-        write_dense_slab(grids, start, stop, streaming_axis, d, unit, output)
-
-
-def block_tokens(grids: dict[str, torch.Tensor], ranges: list[tuple[int, int]], c0: int, c1: int) -> dict[str, torch.Tensor]:
-    """Each plane's grids over a block: channels c0:c1, the block's slices along the normal
-    (a held plane holds every slice, the streaming one just the slab's)."""
-    out = {}
-    for plane, g in grids.items():
-        lo, hi = ranges[PLANE_AXES[plane][0]]
-        out[plane] = g[c0:c1] if g.shape[1] == hi - lo else g[c0:c1, lo:hi]
-    return out
-
-
-def write_dense_slab(
-    grids: dict[str, torch.Tensor], start: int, stop: int, slab_axis: int, d: int, unit: tuple[int, ...],
-    output: FeatureOutput,
-) -> None:
-    """The dense features of the slab start:stop along slab_axis, as write-unit-aligned blocks
-    of at most BLOCK_BYTES (channel units x tiles along the next axis), each computed by
-    `features_from_tokens` from the token grids held."""
-    n_channels = next(iter(grids.values())).shape[0]
-    grid_size = next(iter(grids.values())).shape[-1]
-    itemsize = torch.finfo(getattr(torch, output.dtype)).bits // 8
-    tile_axis = next(a for a in range(3) if a != slab_axis)
-    bytes_per_row = min(unit[0], n_channels) * (stop - start) * d * itemsize
-    tile = max(unit[1 + tile_axis], BLOCK_BYTES // bytes_per_row // unit[1 + tile_axis] * unit[1 + tile_axis])
-    for t0 in range(0, d, tile):
-        ranges = [(0, d)] * 3
-        ranges[slab_axis] = (start, stop)
-        ranges[tile_axis] = (t0, min(d, t0 + tile))
-
-        def compute(c0: int, c1: int, ranges=ranges) -> torch.Tensor:
-            return features_from_tokens(block_tokens(grids, ranges, c0, c1), d, ranges, grid_size)
-
-        for c0 in range(0, n_channels, unit[0]):
-            origin = (c0, *(lo for lo, _ in ranges))
-            shape = (min(unit[0], n_channels - c0), *(hi - lo for lo, hi in ranges))
-            output.put(origin, shape, lambda lo, hi, c0=c0, f=compute: f(c0 + lo, c0 + hi))
+    output = FeatureOutput(form.array_name, staged, writer, buffers, stats, config.features_dtype, config.storage.zarr_format)
+    tokens = CropTokens(loaded, crop, config.planes, config.geometry.output_image_dim, config.batch_size, progress)
+    form.write_features(tokens, output)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from dinov3_cache.loader.reader import ReadResources, torch_dtype
-from dinov3_cache.loader.tokens import TokenCrop, start_token_read, stored_feature_array
 from dinov3_cache.loader.volumes import CacheError, VolumeReadError
 
 if TYPE_CHECKING:
     from dinov3_cache.loader.dataset import Sample
+    from dinov3_cache.storage.base import BuiltCrop
 
 
 @dataclass
@@ -30,9 +30,9 @@ class RawBatch:
     metadata: list[dict] | None
     has_mask: list[bool] = field(default_factory=list)
     final_dtypes: bool = False  # a transform chose the dtypes: `finish` moves the tensors but never casts them
-    # items of token volumes whose features `finish` builds where the batch goes (features then
-    # holds only the dense items, or is None when there are none)
-    tokens: list[TokenCrop | None] | None = None
+    # items whose storage form builds their features (token volumes): `finish` builds them where
+    # the batch goes (features then holds only the items read as stored, or is None when there are none)
+    tokens: list[BuiltCrop | None] | None = None
 
 
 def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
@@ -108,12 +108,13 @@ def read_samples(
             f"a batch needs equal shapes, got {listed}; pass crop_size, or batch_size=1, or choose volumes with volume_indices"
         )
     n, feature_shape = len(samples), shapes.pop()
-    token_items = [stored_feature_array(s.volume) == "tokens" for s in samples]
-    deferred = features_dtype is None  # token features are built by `finish`, where the batch goes
+    forms = [s.volume.metadata.storage_form for s in samples]
+    built = [form.builds_features for form in forms]
+    deferred = features_dtype is None  # built features are made by `finish`, where the batch goes
     features = None
-    if not (deferred and all(token_items)):
+    if not (deferred and all(built)):
         features = buffers.empty((n, *feature_shape), features_dtype or common_dtype(samples, "features"), pin_memory)
-    token_crops: list[TokenCrop | None] = [None] * n
+    built_crops: list[BuiltCrop | None] = [None] * n
     gt = buffers.empty((n, *feature_shape[1:]), gt_dtype or common_dtype(samples, "gt"), pin_memory)
     has_mask = [s.volume.has_mask for s in samples]
     mask = buffers.empty((n, *feature_shape[1:]), torch.bool, pin_memory) if any(has_mask) else None
@@ -123,11 +124,7 @@ def read_samples(
         for b, s in enumerate(samples):
             reader = resources.reader(s.volume)
             outputs = {"gt": gt[b]}
-            pending = []
-            if token_items[b]:
-                token_crops[b], pending = start_token_read(reader, s.spatial)
-            else:
-                outputs["features"] = features[b]
+            built_crops[b], pending = forms[b].start_read(reader, s.spatial, None if built[b] else features[b])
             if s.volume.has_mask:
                 outputs["mask"] = mask[b]
             elif mask is not None:
@@ -144,16 +141,16 @@ def read_samples(
                 failures.append(e)
         if failures and sys.exc_info()[0] is None:
             raise failures[0]
-    if any(token_items) and not deferred:
-        for b, crop in enumerate(token_crops):
+    if any(built) and not deferred:
+        for b, crop in enumerate(built_crops):
             if crop is not None:
                 crop.features(out=features[b])
     metadata = [s.volume.metadata_dict | {"sample": s.describe()} for s in samples] if with_metadata else None
-    return RawBatch(features, gt, mask, metadata, has_mask, tokens=token_crops if deferred and any(token_items) else None)
+    return RawBatch(features, gt, mask, metadata, has_mask, tokens=built_crops if deferred and any(built) else None)
 
 
 def common_dtype(samples: list[Sample], array: str) -> torch.dtype:
-    names = {s.volume.metadata.dtypes[stored_feature_array(s.volume) if array == "features" else array] for s in samples}
+    names = {s.volume.metadata.dtypes[s.volume.metadata.storage_form.array_name if array == "features" else array] for s in samples}
     if len(names) > 1:
         raise CacheError(
             f"a batch mixes {array} stored as {', '.join(sorted(names))} (volumes "

@@ -37,7 +37,6 @@ import torch
 
 from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
-from dinov3_cache.layout import feature_array_name
 from dinov3_cache.loader.identity import FileIdentity, OpenedArray, OpenedVolume, Read, changed_under, file_identity
 from dinov3_cache.loader.volumes import CachedVolume, CacheError, VolumeReadError, volume_changed_error, volume_read_error
 from dinov3_cache.zarr_arrays import (
@@ -310,7 +309,7 @@ class VolumeReader:
         self.opened = self._open(volume.current_identity(volume.identity))
 
     def _open(self, metadata: FileIdentity) -> OpenedVolume:
-        arrays = [feature_array_name(self.volume.metadata.layout), *(a for a in SPATIAL_ARRAYS if a != "mask" or self.volume.has_mask)]
+        arrays = [self.volume.metadata.storage_form.array_name, *(a for a in SPATIAL_ARRAYS if a != "mask" or self.volume.has_mask)]
         return OpenedVolume({array: self._open_array(array) for array in arrays}, self.volume.paths.metadata, metadata)
 
     def _open_array(self, array: str) -> OpenedArray:

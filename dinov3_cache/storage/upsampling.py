@@ -1,9 +1,10 @@
 """The one definition of the features: `features_from_tokens` turns the planes' patch-token
 grids into features (C, D, H, W) by bilinear upsampling in each plane and the mean over the
-planes. The dense writer builds every block it stores with it, and the loader builds the
-features of token volumes with it, so the two layouts cannot drift apart.
+planes. The dense storage form builds every block it writes with it, and the token form builds
+the features it delivers with it, so the two forms cannot drift apart. It lives here, beside the
+storage forms, so that the extraction and the loader import it from one neutral place.
 
-Token grids are in the stored layout of a plane: (C, n, ga, gb), n slices along the plane's
+Token grids are in the stored order of a plane: (C, n, ga, gb), n slices along the plane's
 normal, image axes a and b in z, y, x order (xy: z | y, x; xz: y | z, x; yz: x | z, y).
 
     features[c, z, y, x] = mean over planes p of
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dinov3_cache.extraction.config import PLANE_AXES
+from dinov3_cache.storage.planes import PLANE_AXES
 
 
 def linear_weights(in_size: int, out_size: int, start: int, stop: int, device: torch.device):
@@ -89,7 +90,7 @@ def features_from_tokens(
 ) -> torch.Tensor:
     """The features (C, dz, dy, dx), float32, on the tokens' device.
 
-    tokens: plane name -> token grids (C, n, ga, gb) in the stored layout, holding the slices
+    tokens: plane name -> token grids (C, n, ga, gb) in the stored order, holding the slices
         of `region` along the plane's normal (n = its length) and the tokens from
         origins[plane] (default (0, 0)) on, at least those `token_window` names.
     out_dim: D, the features' edge length.
