@@ -87,8 +87,8 @@ def test_write_features_fills_every_voxel_once_with_the_definition(planes, unit)
     out = RecordingOutput((5, 12, 12, 12), unit, block_bytes=5 * 12 * 12 * 4)  # small: several tiles per slab
     DENSE.write_features(WholeTokens(grids, 12, streaming_axis), out)
     assert (out.writes == 1).all()
-    for origin, shape in out.blocks:  # every block starts on a write unit
-        assert all(o % u == 0 for o, u in zip(origin, unit)), (origin, unit)
+    for origin, shape in out.blocks:  # every block starts and ends on a write unit (or the array's edge)
+        assert all(o % u == 0 and ((o + n) % u == 0 or o + n == s) for o, n, u, s in zip(origin, shape, unit, out.shape))
     np.testing.assert_allclose(out.values, features_from_tokens(grids, 12).numpy(), rtol=1e-5, atol=1e-6)
 
 
