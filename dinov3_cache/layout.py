@@ -44,7 +44,7 @@ from dinov3_cache.errors import EXIT_LOCKED, CacheToolError
 
 VOLUME_NAME_RE = re.compile(r"^volume_(\d{6,})_metadata\.json$")
 VOLUME_ENTRY_RE = re.compile(r"^volume_(\d{6,})(?=[._])")  # any file of a volume, in OUT or OUT/logs
-ARRAY_NAMES = ("features", "tokens", "gt", "mask", "raw")  # the storage forms' arrays (dinov3_cache/storage), labels, raw
+ARRAY_NAMES = ("features", "tokens", "gt", "mask", "raw")
 
 COMMIT_DIR_INFIX = ".commit-"
 LOGS_DIR = "logs"
