@@ -101,6 +101,7 @@ def plan_probe(options: ProbeOptions) -> ProbePlan:
     classes = Classes.of(first.metadata.configuration.organelles)
     for cache in caches:
         check_same_kind(cache, first, train[cache] + test[cache], classes, caches[0])
+        check_same_labels(cache, train[cache] + test[cache], train[caches[0]] + test[caches[0]], caches[0])
     crop = check_crop(options.crop_size, first.spatial_shape)
     counts = class_counts(train[caches[0]], classes, options.num_threads)
     absent = [name for name, n in zip(classes.names, counts, strict=True) if n == 0]
@@ -157,6 +158,19 @@ def check_same_kind(cache: Path, first: CachedVolume, volumes: list[CachedVolume
             raise UsageError(
                 f"{cache} volume {volume.index} has geometry {ours} but {first_cache} volume {first.index} has "
                 f"{theirs}; compare caches of the same --output-image-dim and --base-resolution"
+            )
+
+
+def check_same_labels(cache: Path, volumes: list[CachedVolume], reference: list[CachedVolume], first_cache: Path) -> None:
+    """Side-by-side caches must label the same volumes alike (their recorded label checksums agree)."""
+    for volume, other in zip(volumes, reference, strict=True):
+        ours, theirs = (v.metadata.integrity for v in (volume, other))
+        if ours is None or theirs is None or ours.chunks.get("gt") != theirs.chunks.get("gt"):
+            continue  # nothing recorded to compare
+        if ours.crc32.get("gt") != theirs.crc32.get("gt"):
+            raise UsageError(
+                f"{cache} and {first_cache} hold different labels for volume {volume.index}; compare caches "
+                "of the same volumes (same source, indices and --organelles)"
             )
 
 
