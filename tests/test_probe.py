@@ -89,9 +89,9 @@ def test_dense_and_token_caches_of_the_same_volumes_score_the_same(side_by_side)
         assert by_name["tokens"]["per_class"][name]["iou"] == pytest.approx(by_name["dense"]["per_class"][name]["iou"], abs=0.03)
 
 
-def test_raw_baseline_is_regenerated_from_the_synthetic_source(side_by_side):
+def test_raw_baseline_is_read_again_from_the_synthetic_source(side_by_side):
     raw = side_by_side[0]["raw + filters"]
-    assert raw["raw_from"] == "the synthetic source, regenerated"
+    assert raw["raw_from"] == "the synthetic source crop, read again"
     assert raw["mean_iou"] > side_by_side[0]["majority class"]["mean_iou"]
 
 
@@ -102,6 +102,21 @@ def test_the_command_line_prints_the_table_and_repeats_the_same_numbers(caches, 
     assert f"step {STEPS}/{STEPS}" in result.stderr
     dense = json.loads((tmp_path / "rows.json").read_text())[0]
     assert dense == side_by_side[0]["dense"]  # deterministic on the CPU: same seed, same scores
+
+
+def test_raw_comes_from_the_recorded_cellmap_crop_or_the_table_says_it_is_unreachable(tiny_model_dir, tmp_path):
+    import cellmap_data
+
+    root = tmp_path / "data"
+    for build_dataset in (cellmap_data.build_alpha, cellmap_data.build_beta, cellmap_data.build_gamma):
+        build_dataset(root)
+    cache = build(tmp_path / "cellmap", tiny_model_dir, "0-3", "--data-root", str(root), "--organelles", "mito", "--source", "cellmap")
+    rows = run_probe([cache], test_indices=[3], steps=5, progress=False, print_table=False)
+    assert rows[-1]["raw_from"] == "the cellmap source crop, read again" and rows[-1]["mean_iou"] is not None
+    root.rename(tmp_path / "moved")
+    result = call_main("probe_features", "--cache", cache, "--test-indices", "3", "--steps", "5", check=True)
+    raw_line = next(line for line in result.stdout.splitlines() if line.startswith("raw + filters"))
+    assert "raw not reachable: volume 0 has no raw array (extract with --save-raw)" in raw_line
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,15 +1,16 @@
 """The raw-intensity baseline's input: each volume's raw at label resolution, read from the
-cache's raw array (--save-raw) or regenerated from the source crop the metadata records,
+cache's raw array (--save-raw) or read again from the source crop the metadata records,
 and a few fixed filters of it (Gaussian-smoothed and gradient magnitude at two scales)."""
 
 from __future__ import annotations
 
-import dataclasses
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinov3_cache.errors import CacheToolError, first_line
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.loader.volumes import CachedVolume
 from dinov3_cache.zarr_arrays import open_array
@@ -22,30 +23,41 @@ def raw_at_slice_resolution(volume: CachedVolume, gt: np.ndarray) -> tuple[np.nd
     """(raw (S, S, S), where it came from) or (None, why it is not reachable)."""
     if "raw" in volume.metadata.paths and volume.array_path("raw").is_dir():
         return open_array(volume.array_path("raw"))[...].read().result(), "the cache's raw array"
-    source = volume.metadata.source_dataset
-    if source.name != "synthetic":
-        return None, (f"volume {volume.index} has no raw array (extract with --save-raw) and its source "
-                      f"'{source.name}' is not re-read by the probe")
-    crop = regenerate_synthetic_crop(volume)
+    try:
+        crop = resample_source_crop(volume)
+    except (CacheToolError, OSError, KeyError, TypeError, ValueError) as e:
+        return None, (f"volume {volume.index} has no raw array (extract with --save-raw) and its source crop "
+                      f"cannot be read again ({first_line(e, 200)})")
     if crop.gt.shape != gt.shape or not np.array_equal(crop.gt, gt):
-        return None, f"volume {volume.index}: the regenerated synthetic crop does not match the cache's labels"
-    return crop.raw, "the synthetic source, regenerated"
+        return None, f"volume {volume.index}: the source crop read again does not match the cache's labels"
+    return crop.raw, f"the {crop_source_name(volume)} source crop, read again"
 
 
-def regenerate_synthetic_crop(volume: CachedVolume):
-    """The synthetic source's crop for this volume: the same index and options give the same crop."""
-    from dinov3_cache.sources.base import LabelFilters, SamplingOptions
-    from dinov3_cache.sources.synthetic import SyntheticSource
+def crop_source_name(volume: CachedVolume) -> str:
+    return (volume.metadata.configuration.fingerprint_inputs.get("source") or {}).get("source", "unknown")
 
-    config = volume.metadata.configuration
-    names = {f.name for f in dataclasses.fields(LabelFilters)}
-    options = SamplingOptions(
-        organelles=tuple(config.organelles),
-        filters=LabelFilters(**{k: v for k, v in (config.filters or {}).items() if k in names}),
-        gt_extension=config.gt_extension,
+
+def resample_source_crop(volume: CachedVolume):
+    """The crop the volume was extracted from: its source as the metadata records it (name,
+    data root, augmentation; the catalog saved in the cache), sampled with the recorded options.
+    Same index and options give the same crop on any machine."""
+    from dinov3_cache.sources.base import LabelFilters, SamplingOptions, source_from_args
+
+    inputs = volume.metadata.configuration.fingerprint_inputs
+    recorded, sampling = inputs.get("source") or {}, inputs["sampling"]
+    args = types.SimpleNamespace(
+        source=recorded.get("source"), data_root=recorded.get("root"), catalog=None, s3_endpoint=None,
+        output_dir=str(volume.paths.output_dir), augment=bool(recorded.get("augment", False)), refresh_catalog=False,
+        num_threads=4,
     )
+    options = SamplingOptions(
+        organelles=tuple(sampling["organelles"]), filters=LabelFilters(**sampling["filters"]),
+        gt_extension=sampling["gt_extension"], crop_filter=tuple(sampling.get("crop_filter") or ()),
+        inference_filter=tuple(sampling.get("inference_filter") or ()),
+    )
+    config = volume.metadata.configuration
     geometry = CropGeometry(config.base_resolution, config.min_resolution_for_raw, config.output_image_dim)
-    return SyntheticSource().sample(volume.metadata.source_dataset.index, geometry, options)
+    return source_from_args(args).sample(volume.index, geometry, options)
 
 
 def raw_at_label_resolution(raw: np.ndarray, volume: CachedVolume) -> torch.Tensor:
