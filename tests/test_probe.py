@@ -14,6 +14,7 @@ from conftest import call_main, preprocess_args
 from dinov3_cache.audit.png import decode_png
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.probe import run_probe
+from dinov3_cache.probe.options import ProbeOptions, split_indices
 
 TRAIN, TEST = "0-3", "4-5"
 STEPS = 60
@@ -167,6 +168,7 @@ def test_bad_input_is_one_error_line_each(caches, tiny_model_dir, tmp_path):
     one_error_line(probe("--cache", absent, "--train-indices", "0-1", "--test-indices", "4"), 2, "class cell has no labelled voxel")
     classes = build(tmp_path / "classes", tiny_model_dir, "0-1", "--organelles", "cell", "nuc")
     one_error_line(probe("--cache", dense, classes, "--train-indices", "0", "--test-indices", "1"), 2, "has classes")
+    assert split_indices(classes, ProbeOptions(caches=(classes,))) == ([0], [1])  # the default split of 2 volumes
     geometry = build(tmp_path / "geometry", tiny_model_dir, "0-1", "--output-image-dim", "8", "--base-resolution", "256")
     one_error_line(probe("--cache", dense, geometry, "--train-indices", "0", "--test-indices", "1"), 2, "has geometry")
 

@@ -116,9 +116,10 @@ def plan_probe(options: ProbeOptions) -> ProbePlan:
 def split_indices(cache: Path, options: ProbeOptions) -> tuple[list[int], list[int]]:
     """The train and test indices: as given, else the committed volumes split 3:1."""
     committed = [v.index for v in visible_volumes(cache, None, "--cache")]
-    test = list(options.test_indices) if options.test_indices is not None else committed[len(committed) - len(committed) // 4:]
-    if options.test_indices is None and len(committed) < 2:
-        test = []
+    if options.test_indices is not None:
+        test = list(options.test_indices)
+    else:  # the last quarter, at least one, as long as one volume is left to train on
+        test = committed[len(committed) - max(1, len(committed) // 4):] if len(committed) > 1 else []
     if not test:
         raise UsageError(
             f"no test volumes: {cache} holds {len(committed)} committed volume(s); a probe needs at least one "

@@ -53,10 +53,14 @@ def probe_caches(options: ProbeOptions, progress: Callable[[str], None] | None =
     first_cache = next(iter(plan.test))
     result.test_targets = {v.index: plan.classes.target(*read_labels(v)) for v in plan.test[first_cache]}
     for name, cache in zip(plan.names, plan.train, strict=True):
-        probe, timing = train_probe(
-            feature_batches(plan, cache, device), len(plan.classes.names), plan.class_counts, options.steps,
-            options.learning_rate, options.seed, device, name, progress,
-        )
+        batches = feature_batches(plan, cache, device)
+        try:
+            probe, timing = train_probe(
+                batches, len(plan.classes.names), plan.class_counts, options.steps, options.learning_rate,
+                options.seed, device, name, progress,
+            )
+        finally:
+            batches.close()  # stops the loader's read-ahead
         predictions = predict_test_features(plan, cache, probe, device)
         add_row(result, name, "features", predictions, describe_cache(plan.test[cache][0]) | {"cache": str(cache)})
         result.timings[name] = timing
