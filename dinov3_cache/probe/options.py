@@ -93,6 +93,8 @@ def plan_probe(options: ProbeOptions) -> ProbePlan:
         raise UsageError(f"--steps must be at least 1, got {options.steps}")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {options.seed}")
     caches = [Path(c) for c in options.caches]
     train_ix, test_ix = split_indices(caches[0], options)
     train = {c: visible_volumes(c, train_ix, "--train-indices") for c in caches}
