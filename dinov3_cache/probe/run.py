@@ -115,7 +115,7 @@ def predict_test_features(plan: ProbePlan, cache: Path, probe: LinearProbe, devi
 def describe_cache(volume: CachedVolume) -> dict:
     config = volume.metadata.configuration
     return {
-        "model_id": config.model_id, "layout": volume.metadata.layout, "features_dtype": config.features_dtype,
+        "model_id": config.model_id, "layout": config.layout or "dense", "features_dtype": config.features_dtype,
         "channels": volume.features_shape[0], "planes": list(config.planes),
     }
 
