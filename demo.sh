@@ -2,7 +2,7 @@
 # Set up and run the main job on the built-in demo data, offline:
 #   install the requirements, extract 4 synthetic volumes with a random-weight DINOv3
 #   (local processes), audit and verify the cache with a preview PNG, load it as training
-#   batches, and say what it made and where to go next.
+#   batches, say what it made and where to go next, and end with a linear probe of its features.
 # Usage: bash demo.sh [OUTPUT_DIR]   (default ./demo_cache)
 #   DEMO_SKIP_INSTALL=1 skips the pip step (the requirements are already installed, as in CI).
 # Demo-sized: 32^3 label voxels per volume (real runs: 128^3, --output-image-dim) and a tiny
@@ -65,3 +65,8 @@ training: (from this directory, $(pwd))
     $(echo "$TRAINING_LINES" | sed -n 3p) ...
 next:     real data and a real model: README.md, "Real data: quick start"
 EOF
+
+echo
+echo "== what the features are worth: a linear probe per class, trained on volumes 0-2, tested on volume 3"
+echo "   (random weights: expect little; real features should beat both baselines, see docs/probe.md)"
+$PY probe_features.py --cache "$OUT_ABS" --steps 100 --png "$OUT_ABS/probe.png"

@@ -32,7 +32,8 @@ def test_demo_reports_each_volume_and_ends_with_what_you_have_now(tmp_path):
     assert "Result: OK: every expected volume is complete and verified" in stdout
     assert stdout.count("batch: features (2, 192, 32, 32, 32) torch.float32 | gt (2, 32, 32, 32) torch.int64") == 2
 
-    block = stdout[stdout.index("== what you have now"):].splitlines()
+    probe = stdout.index("== what the features are worth")
+    block = stdout[stdout.index("== what you have now"):probe].strip().splitlines()
     preview = out / "previews" / "volume_000000_preview.png"
     assert block[1] == f"cache:    {out}  (4 volumes; files per volume: docs/cache-format.md)"
     assert block[2].startswith(f"preview:  {preview}  ")
@@ -45,7 +46,11 @@ def test_demo_reports_each_volume_and_ends_with_what_you_have_now(tmp_path):
         f'loader = create_preprocessed_dataloader("{out}", batch_size=2, shuffle=True)',
         "for features, gt, mask in loader: ...",
     ]
-    assert block[8].startswith("next:") and len(block) == 9  # the block closes the demo
+    assert block[8].startswith("next:") and len(block) == 9  # the block closes the summary
+    # the demo ends with the probe table of its own cache (docs/probe.md)
+    table = stdout[probe:].strip().splitlines()
+    assert re.match(r"demo_cache +features +[0-9.]+ +[0-9.]+ ", table[4]) and table[5].startswith("majority class")
+    assert table[-1].startswith("training raw + filters: 100 steps") and (out / "probe.png").is_file()
 
     # the printed lines work as printed
     snippet = "\n".join(training[:2]) + "\nprint(sum(1 for _ in loader))"

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "dinov3_cache"
-SCRIPTS = ("dinov3_preprocessing", "preprocess_volume", "submit_preprocessing_jobs", "check_preprocessing", "preprocessed_dataloader")
+SCRIPTS = ("dinov3_preprocessing", "preprocess_volume", "submit_preprocessing_jobs", "check_preprocessing", "preprocessed_dataloader",
+           "probe_features")
 
 
 def requirement_names(lines) -> dict[str, str]:
