@@ -190,3 +190,45 @@ def test_a_file_rewritten_in_place_with_its_old_times_is_checked_again(cache):
 
 def test_verification_is_the_default(cache):
     assert PreprocessedDINOv3Dataset(cache, volume_indices=[0]).verify_checksums is True
+
+
+# ----------------------------------------------------------------------------- unreadable directory
+
+UNREADABLE_PROBE = """
+import os, sys
+from preprocessed_dataloader import CacheError, PreprocessedDINOv3Dataset
+if os.geteuid() == 0:  # imported first: nobody may not read the installation
+    os.setgid(65534)
+    os.setuid(65534)  # nobody: permissions apply (they do not to root)
+try:
+    PreprocessedDINOv3Dataset(sys.argv[1])
+except CacheError as e:
+    print(f"error: {e}")
+"""
+
+
+@pytest.mark.parametrize("where", ["directory", "parent"])
+def test_an_unreadable_output_directory_is_one_clear_error(source, where):
+    import subprocess
+    import sys
+    import tempfile
+
+    outer = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        out = outer / "cache"
+        shutil.copytree(source, out)
+        outer.chmod(0o755)
+        if where == "directory":
+            out.chmod(0o300)  # no read: cannot be listed
+        else:
+            outer.chmod(0o000)  # no search: nothing below can be reached
+        result = subprocess.run(
+            [sys.executable, "-c", UNREADABLE_PROBE, str(out)], capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+    finally:
+        outer.chmod(0o755)
+        (outer / "cache").chmod(0o755)
+        shutil.rmtree(outer)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith(f"error: preprocessed directory {out} cannot be read (Permission denied"), result.stdout

@@ -116,9 +116,15 @@ def find_volumes(
 ) -> list[CachedVolume]:
     """The committed volumes to load, in the order asked (sorted when not given)."""
     root = Path(preprocessed_dir)
-    if not root.is_dir():
-        raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
-    committed = committed_volume_indices(root)
+    try:
+        if not root.is_dir():
+            raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
+        committed = committed_volume_indices(root)
+    except PermissionError as e:
+        raise CacheError(
+            f"preprocessed directory {root} cannot be read ({e.strerror}: {e.filename}); "
+            "give this user read and search permission on it, or pass another directory"
+        ) from None
     if volume_indices is None:
         indices = committed
     else:
