@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call_main, preprocess_args, run_script
+from conftest import call_main, make_chunk_fill_valued, preprocess_args, run_script
 
 from dinov3_cache.errors import EXIT_DAMAGED
 from dinov3_cache.layout import VolumePaths
@@ -176,6 +176,15 @@ def test_each_chunk_file_is_checked_once_and_a_replaced_one_again(cache, monkeyp
     with pytest.raises(VolumeReadError, match=r"chunk 1\.0\.1\.0 fails its checksum"):
         load(cache, reader=reader)
     assert checked == ["1.0.1.0"]
+
+
+def test_a_chunk_the_writer_skipped_needs_no_check_once_the_rest_is_checked(cache, monkeypatch):
+    make_chunk_fill_valued(cache, 0, "features", (1, 0, 1, 0))
+    checked = count_checks(monkeypatch)
+    first = load(cache, reader="tensorstore")
+    assert not first[16:32, 0:8, 8:16, 0:8].any() and "1.0.1.0" in checked  # read once, as the fill value
+    checked.clear()
+    assert torch.equal(load(cache, reader="tensorstore"), first) and checked == []
 
 
 def test_a_file_rewritten_in_place_with_its_old_times_is_checked_again(cache):

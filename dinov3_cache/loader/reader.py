@@ -183,6 +183,7 @@ class TensorStoreReader:
         self.recorded, self.verify, self.executor = recorded, verify, executor
         self.chunks = array.chunks
         self.path, self.layout = path, stored_layout(array)
+        self.fill_value = array.document.get("fill_value")
         if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
             missing = missing_written_chunks(array, stored_layout(array), present_files(path), recorded)
             if missing:
@@ -210,9 +211,16 @@ class TensorStoreReader:
         return identities
 
     def _verified(self, grid_index, identities: dict) -> bool:
+        """Whether the chunk's file was checked already, or is absent where the writer skipped
+        a fill-valued chunk (TensorStore reads the fill value, which is what was recorded)."""
         identity = identities[self.layout.chunk_file(grid_index)]
         recorded = self.recorded.get(chunk_key(grid_index))
-        return identity is not None and recorded is not None and VERIFIED_CHUNKS.contains(identity, chunk_key(grid_index), recorded)
+        if recorded is None:
+            return False
+        if identity is None:
+            nbytes = chunk_nbytes(grid_index, self.chunks, self.shape, self.store.dtype.numpy_dtype.itemsize)
+            return may_be_missing(recorded, nbytes, self.fill_value)
+        return VERIFIED_CHUNKS.contains(identity, chunk_key(grid_index), recorded)
 
     def _copy_verified_region(self, region, out: torch.Tensor, overlaps, before: dict) -> None:
         """Read the region in one go; if a file changed meanwhile, read it again chunk by chunk, checked."""
