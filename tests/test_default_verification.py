@@ -18,7 +18,7 @@ from dinov3_cache.errors import EXIT_DAMAGED
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader import reader as reader_module
 from dinov3_cache.zarr_arrays import open_array
-from preprocessed_dataloader import PreprocessedDINOv3Dataset, VolumeReadError
+from preprocessed_dataloader import CacheError, PreprocessedDINOv3Dataset, VolumeReadError
 
 READERS = ["auto", "tensorstore"]
 V2 = ["--chunks", "16,8,8,8"]
@@ -132,7 +132,7 @@ def copy_volume_over(cache: Path, source: int, target: int) -> None:
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_volume_copied_over_another_index_is_refused_by_the_loader(cache, verify):
     copy_volume_over(cache, 1, 0)
-    with pytest.raises(VolumeReadError, match=r"volume 0 .*metadata says volume_index 1: the files were copied or renamed"):
+    with pytest.raises(CacheError, match=r"volume 0: .*metadata.json: its metadata says volume_index 1: the files were copied or renamed"):
         load(cache, verify_checksums=verify)
 
 

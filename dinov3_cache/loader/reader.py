@@ -35,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 import torch
 
-from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem, volume_index_problem
+from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem
 from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
 from dinov3_cache.layout import feature_array_name
@@ -185,7 +185,7 @@ class TensorStoreReader:
         self.path, self.layout = path, stored_layout(array)
         self.fill_value = array.document.get("fill_value")
         if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
-            missing = missing_written_chunks(array, stored_layout(array), present_files(path), recorded)
+            missing = missing_written_chunks(array, self.layout, present_files(path), recorded)
             if missing:
                 raise OSError(f"chunk {chunk_key(missing[0])} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
 
@@ -372,9 +372,6 @@ class VolumeReader:
         self.opened = self._open(volume.current_identity(volume.identity))
 
     def _open(self, metadata: FileIdentity) -> OpenedVolume:
-        wrong_index = volume_index_problem(self.volume.metadata, self.volume.index)
-        if wrong_index is not None:
-            raise volume_read_error(self.volume.index, "metadata", self.volume.paths.metadata, wrong_index)
         arrays = [feature_array_name(self.volume.metadata.layout), *(a for a in SPATIAL_ARRAYS if a != "mask" or self.volume.has_mask)]
         return OpenedVolume({array: self._open_array(array) for array in arrays}, self.volume.paths.metadata, metadata)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dinov3_cache.array_form import volume_index_problem
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import check_index, format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices
@@ -156,7 +157,10 @@ def load_metadata(root: Path, index: int) -> tuple[VolumeMetadata, FileIdentity]
     path = VolumePaths(root, index).metadata
     try:
         document, stat = read_metadata_document(path)
-        return VolumeMetadata.from_dict(document, path), identity_of(stat)
+        metadata = VolumeMetadata.from_dict(document, path)
+        if (wrong_index := volume_index_problem(metadata, index)) is not None:  # another volume's files
+            raise MetadataError(f"{path}: {wrong_index}")
+        return metadata, identity_of(stat)
     except MetadataError as e:
         raise CacheError(
             f"volume {index}: {e}; recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
