@@ -9,9 +9,11 @@ Three readings per case:
                  first: every chunk read is checked (the first epoch)
   default        the default again: the files were checked already (every later epoch)
 
-Then the verifier's rate: crc32 of the stored chunk bytes, one thread, from memory.
+Each as wall seconds and as the process's CPU seconds (all threads; steadier than wall time
+on a shared machine), medians, with their ratios to the unverified reading. Then the
+verifier's rate: crc32 of the stored chunk bytes, one thread, from memory.
 
-    python -m benchmarks.bench_loader_checksums [--rounds 5] [--num-threads 8] [--crops 8] [--crop 64]
+    python -m benchmarks.bench_loader_checksums [--rounds 5] [--num-threads 8] [--crops 8] [--crop 64] [--layouts dense tokens]
 
 --smoke runs the same steps over a tiny cache in a temporary directory; its figures mean nothing."""
 
@@ -33,18 +35,18 @@ from preprocessed_dataloader import PreprocessedDINOv3Dataset
 READINGS = ("unverified", "default, 1st", "default")
 
 
-def read_pass(cache: Path, reading: str, threads: int, crop: int | None, crops: int) -> float:
-    """Seconds to deliver volume 0 whole, or `crops` random crops of it (the same ones every pass)."""
+def read_pass(cache: Path, reading: str, threads: int, crop: int | None, crops: int) -> tuple[float, float]:
+    """Wall and CPU seconds to deliver volume 0 whole, or `crops` random crops of it (the same ones every pass)."""
     if reading == "default, 1st":
         VERIFIED_CHUNKS.hashes.clear()
     dataset = PreprocessedDINOv3Dataset(
         cache, volume_indices=[0], num_threads=threads, crop_size=(crop,) * 3 if crop else None,
         samples_per_volume=crops if crop else 1, verify_checksums=reading != "unverified",
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for index in range(len(dataset)):
         dataset[index]
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started, time.process_time() - cpu
     dataset.resources.close()
     return elapsed
 
@@ -72,12 +74,12 @@ def compare(caches: dict[str, Path], args: argparse.Namespace, crop: int) -> Non
                 times[case, reading].append(read_pass(caches[case[0]], reading, args.num_threads, case[1], args.crops))
     print(f"warm reads, median of {args.rounds} interleaved rounds, {args.num_threads} threads, float32 delivered; "
           f"ratio against unverified")
-    print(f"{'':<26}" + "".join(f"{r:>22}" for r in READINGS))
-    for layout, c in cases:
-        label = f"{layout}, " + (f"{args.crops} crops of {c}^3" if c else "whole volume")
-        base = statistics.median(times[(layout, c), "unverified"])
-        cells = [statistics.median(times[(layout, c), r]) for r in READINGS]
-        print(f"{label:<26}" + "".join(f"{s:>12.3f} s {s / base:>6.2f}x" for s in cells))
+    for measure, which in (("wall", 0), ("CPU", 1)):
+        print(f"{measure + ' seconds':<26}" + "".join(f"{r:>22}" for r in READINGS))
+        for layout, c in cases:
+            label = f"{layout}, " + (f"{args.crops} crops of {c}^3" if c else "whole volume")
+            cells = [statistics.median(t[which] for t in times[(layout, c), r]) for r in READINGS]
+            print(f"{label:<26}" + "".join(f"{s:>12.3f} s {s / cells[0]:>6.2f}x" for s in cells))
     for layout, cache in caches.items():
         rate, nbytes = verifier_rate(cache)
         print(f"verifier (zlib crc32, one thread) over {layout} chunks ({nbytes / 1e6:.0f} MB): {rate / 1e9:.2f} GB/s")
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=8)
     parser.add_argument("--crops", type=int, default=8, help="random crops per pass (default 8)")
     parser.add_argument("--crop", type=int, default=64, help="crop edge (default 64)")
+    parser.add_argument("--layouts", nargs="+", choices=["dense", "tokens"], default=["dense", "tokens"])
     parser.add_argument("--smoke", action="store_true", help="a tiny cache in a temporary directory; figures mean nothing")
     args = parser.parse_args()
     if args.smoke:
@@ -97,8 +100,8 @@ def main() -> None:
             caches = {"dense": ensure_cache("tiny", 1, root=root, device="cpu"), "tokens": tokens_cache("tiny", 1, root)}
             compare(caches, argparse.Namespace(**{**vars(args), "rounds": 1}), 8)
         return
-    caches = {"dense": ensure_cache("c256x128", 1, root=DEFAULT_ROOT), "tokens": tokens_cache("c256x128", 1, DEFAULT_ROOT)}
-    compare(caches, args, args.crop)
+    built = {"dense": lambda: ensure_cache("c256x128", 1, root=DEFAULT_ROOT), "tokens": lambda: tokens_cache("c256x128", 1, DEFAULT_ROOT)}
+    compare({layout: built[layout]() for layout in args.layouts}, args, args.crop)
 
 
 if __name__ == "__main__":
