@@ -205,8 +205,9 @@ def concurrent_runs(c: Campaign, trials: int, tally: Tally) -> None:
 
 # ----------------------------------------------------------------------------- damage
 
-def damages(root: Path):
-    """(name, detected without checksums, damage) for each damage of volume 0."""
+def damages(root: Path, several_chunks: bool = True):
+    """(name, detected without checksums, damage) for each damage of volume 0 (chunks swapped
+    within an array only where its features have several chunks: 0.0.0.0 and 0.1.1.1)."""
     from dinov3_cache.layout import VolumePaths
 
     v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
@@ -214,7 +215,8 @@ def damages(root: Path):
     yield "deleted chunk", True, lambda: (features0 / "0.0.0.0").unlink()
     yield "flipped bytes", False, lambda: flip(features0 / "0.0.0.0", 100)
     yield "zeroed chunk", False, lambda: zero(features0 / "0.0.0.0")
-    yield "chunks swapped within an array", False, lambda: swap(features0 / "0.0.0.0", features0 / "0.1.1.1")
+    if several_chunks:
+        yield "chunks swapped within an array", False, lambda: swap(features0 / "0.0.0.0", features0 / "0.1.1.1")
     yield "chunk from another volume", False, lambda: shutil.copy(features1 / "0.0.0.0", features0 / "0.0.0.0")
     yield "dtype <f2 -> <i2", True, lambda: edit(features0 / ".zarray", '"<f2"', '"<i2"')
     yield "order C -> F", True, lambda: edit(features0 / ".zarray", '"order":"C"', '"order":"F"')
@@ -225,20 +227,25 @@ def damages(root: Path):
     yield "gt chunk shape changed", True, lambda: edit(v0.array("gt") / ".zarray", '"chunks":[16,', '"chunks":[8,')
 
 
-def damage_campaign(cache: Path, work: Path, default: Tally, always: Tally, checksum_only: Tally) -> None:
+def damage_campaign(cache: Path, work: Path, default: Tally, always: Tally, checksum_only: Tally | None = None) -> None:
     """Each damage of a committed volume read with default settings and with
     verify_checksums=False. `default`: every kind, none may reach training; `always`: kinds
     checked without checksums, none may reach training with them off; `checksum_only`: kinds
     only checksums catch, read with them off (counted in its notes, not failures: it is the
-    explicit opt-out)."""
+    explicit opt-out; left out when None)."""
+    from dinov3_cache.layout import VolumePaths
+
     clean = committed_features(cache, verify_checksums=False)
+    several_chunks = (VolumePaths(cache, 0).array("features") / "0.1.1.1").is_file()
     copy = work / "damaged"
     delivered = 0
-    for name, checked_always, damage in damages(copy):
+    for name, checked_always, damage in damages(copy, several_chunks):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(cache, copy)
         damage()
         for options, tally in (({}, default), ({"verify_checksums": False}, always if checked_always else checksum_only)):
+            if tally is None:
+                continue
             tally.trials += 1
             try:
                 seen = committed_features(copy, **options)
@@ -250,7 +257,8 @@ def damage_campaign(cache: Path, work: Path, default: Tally, always: Tally, chec
             else:
                 tally.failures.append(f"{name} ({'default settings' if not options else 'verify_checksums=False'}): {what}")
         shutil.rmtree(copy, ignore_errors=True)
-    checksum_only.notes = f"{delivered} of {checksum_only.trials} reach training (not counted: the default refuses them)"
+    if checksum_only is not None:
+        checksum_only.notes = f"{delivered} of {checksum_only.trials} reach training (not counted: the default refuses them)"
 
 
 def zero(path: Path) -> None:
