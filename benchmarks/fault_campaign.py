@@ -5,9 +5,11 @@ damaged volumes, a full file system; one table of trials and failures per catego
 
     python -m benchmarks.fault_campaign [--random N] [--concurrent N]
 
-A failure is a volume lost or mixed (after a kill the loader with verify_checksums and
-`check_preprocessing.py --verify-indices` must see one complete volume, old or new, or for a
-first run none), debris left after a rerun, or wrong values delivered silently. Kills are
+A failure is a volume lost or mixed (after a kill the loader, which verifies checksums by
+default, and `check_preprocessing.py --verify-indices` must see one complete volume, old or
+new, or for a first run none), debris left after a rerun, or wrong values delivered silently
+(damage: with default settings, for every kind; with verify_checksums=False, for the kinds
+checked regardless of checksums). Kills are
 made by benchmarks/fault_injection.py (needs a C compiler); the full disk needs root (tmpfs).
 """
 
@@ -32,6 +34,7 @@ from benchmarks.fault_injection import FaultInjectionUnavailable, ForkServer, Ru
 
 TINY_GEOMETRY = ["--output-image-dim", "16", "--base-resolution", "128", "--min-resolution-for-raw", "32"]
 MAX_CALLS = 1000  # a sweep stops here even if the runs never finish (each such run is a failure)
+DAMAGE_CHUNKS = ["--chunks", "32,8,8,8"]
 NEW_PLANES, OLD_PLANES = ["--planes", "xy"], ["--planes", "xz"]  # two configurations, two different volumes
 
 
@@ -74,14 +77,15 @@ class Campaign:
         return out
 
 
-def committed_features(out: Path, index: int = 0, verify_checksums: bool = True) -> np.ndarray | None:
-    """The volume as the loader hands it to training, or None when none is committed."""
+def committed_features(out: Path, index: int = 0, **options) -> np.ndarray | None:
+    """The volume as the loader hands it to training (default settings unless `options` say
+    otherwise), or None when none is committed."""
     from dinov3_cache.layout import is_volume_complete
     from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 
     if not is_volume_complete(out, index):
         return None
-    dataset = PreprocessedDINOv3Dataset(out, [index], num_threads=2, verify_checksums=verify_checksums)
+    dataset = PreprocessedDINOv3Dataset(out, [index], num_threads=2, **options)
     return dataset[0][0].numpy()
 
 
@@ -201,48 +205,86 @@ def concurrent_runs(c: Campaign, trials: int, tally: Tally) -> None:
 
 # ----------------------------------------------------------------------------- damage
 
-def damages(root: Path):
-    """(name, detected without verify_checksums, damage) for each damage of volume 0."""
+def damages(root: Path, several_chunks: bool = True):
+    """(name, detected without checksums, damage) for each damage of volume 0 (chunks swapped
+    within an array only where its features have several chunks: 0.0.0.0 and 0.1.1.1)."""
     from dinov3_cache.layout import VolumePaths
 
     v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
-    yield "deleted chunk", True, lambda: (v0.array("features") / "0.0.0.0").unlink()
-    yield "flipped bytes", False, lambda: flip(v0.array("features") / "0.0.0.0", 100)
-    yield "chunk from another volume", False, lambda: shutil.copy(v1.array("features") / "0.0.0.0", v0.array("features") / "0.0.0.0")
-    yield "dtype <f2 -> <i2", True, lambda: edit(v0.array("features") / ".zarray", '"<f2"', '"<i2"')
-    yield "NaNs in a chunk", False, lambda: nans(v0.array("features") / "0.0.0.0")
-    yield "feature arrays swapped", True, lambda: swap(v0.array("features"), v1.array("features"))
+    features0, features1 = v0.array("features"), v1.array("features")
+    yield "deleted chunk", True, lambda: (features0 / "0.0.0.0").unlink()
+    yield "flipped bytes", False, lambda: flip(features0 / "0.0.0.0", 100)
+    yield "zeroed chunk", False, lambda: zero(features0 / "0.0.0.0")
+    if several_chunks:
+        yield "chunks swapped within an array", False, lambda: swap(features0 / "0.0.0.0", features0 / "0.1.1.1")
+    yield "chunk from another volume", False, lambda: shutil.copy(features1 / "0.0.0.0", features0 / "0.0.0.0")
+    yield "dtype <f2 -> <i2", True, lambda: edit(features0 / ".zarray", '"<f2"', '"<i2"')
+    yield "order C -> F", True, lambda: edit(features0 / ".zarray", '"order":"C"', '"order":"F"')
+    yield "NaNs in a chunk", False, lambda: nans(features0 / "0.0.0.0")
+    yield "feature arrays swapped", True, lambda: swap(features0, features1)
+    yield "array replaced under a forged commit id", False, lambda: replace_forged(v1, v0, "features")
+    yield "volume 1 copied over volume 0's names", True, lambda: copy_volume_over(v1, v0)
     yield "gt chunk shape changed", True, lambda: edit(v0.array("gt") / ".zarray", '"chunks":[16,', '"chunks":[8,')
 
 
-def damage_campaign(cache: Path, work: Path, always: Tally, verified: Tally, opt_in: Tally | None = None) -> None:
-    """Each damage of a committed volume read with and without verify_checksums. `always`:
-    kinds checked without checksums, none may reach training; `verified`: every kind with
-    checksums, none may reach training; `opt_in`: kinds only checksums catch, read without
-    them (counted in its notes, not failures: checksums are opt-in)."""
+def damage_campaign(cache: Path, work: Path, default: Tally, always: Tally, checksum_only: Tally | None = None) -> None:
+    """Each damage of a committed volume read with default settings and with
+    verify_checksums=False. `default`: every kind, none may reach training; `always`: kinds
+    checked without checksums, none may reach training with them off; `checksum_only`: kinds
+    only checksums catch, read with them off (counted in its notes, not failures: it is the
+    explicit opt-out; left out when None)."""
+    from dinov3_cache.layout import VolumePaths
+
     clean = committed_features(cache, verify_checksums=False)
+    several_chunks = (VolumePaths(cache, 0).array("features") / "0.1.1.1").is_file()
     copy = work / "damaged"
     delivered = 0
-    for name, checked_always, damage in damages(copy):
+    for name, checked_always, damage in damages(copy, several_chunks):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(cache, copy)
         damage()
-        for verify, tally in ((False, always if checked_always else opt_in), (True, verified)):
+        for options, tally in (({}, default), ({"verify_checksums": False}, always if checked_always else checksum_only)):
             if tally is None:
                 continue
             tally.trials += 1
             try:
-                seen = committed_features(copy, verify_checksums=verify)
+                seen = committed_features(copy, **options)
             except Exception:  # noqa: BLE001 - refusing is the right answer
                 continue
             what = "wrong values delivered silently" if not np.array_equal(seen, clean) else "damage not detected"
-            if tally is opt_in:
+            if tally is checksum_only:
                 delivered += 1
             else:
-                tally.failures.append(f"{name} (verify_checksums={verify}): {what}")
+                tally.failures.append(f"{name} ({'default settings' if not options else 'verify_checksums=False'}): {what}")
         shutil.rmtree(copy, ignore_errors=True)
-    if opt_in is not None:
-        opt_in.notes = f"{delivered} of {opt_in.trials} reach training (not counted: verify_checksums catches them)"
+    if checksum_only is not None:
+        checksum_only.notes = f"{delivered} of {checksum_only.trials} reach training (not counted: the default refuses them)"
+
+
+def zero(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def replace_forged(source, target, array: str) -> None:
+    """`source`'s array under `target`'s name, its attributes forged to say it is target's."""
+    import json
+
+    commit_id = json.loads(target.metadata.read_text())["integrity"]["commit_id"]
+    shutil.rmtree(target.array(array))
+    shutil.copytree(source.array(array), target.array(array))
+    zattrs = target.array(array) / ".zattrs"
+    attributes = json.loads(zattrs.read_text())
+    attributes["dinov3_cache"].update(commit_id=commit_id, volume_index=target.volume_index)
+    zattrs.write_text(json.dumps(attributes))
+
+
+def copy_volume_over(source, target) -> None:
+    """Every file of volume `source` copied over volume `target`'s names."""
+    for path in target.existing_arrays():
+        shutil.rmtree(path)
+    for path in source.existing_arrays():
+        shutil.copytree(path, target.output_dir / path.name.replace(source.name, target.name))
+    shutil.copy(source.metadata, target.metadata)
 
 
 def flip(path: Path, offset: int) -> None:
@@ -321,8 +363,9 @@ def make_model(directory: Path) -> Path:
 def campaign(work: Path, random_trials: int, concurrent_trials: int) -> dict[str, Tally]:
     tallies = {name: Tally() for name in (
         "SIGKILL at each call, normal run", "SIGKILL at each call, overwrite", "SIGKILL at a random time",
-        "SIGTERM at each call, overwrite", "two runs of one index at once", "damage, verify_checksums (all kinds)",
-        "damage, no checksums, always-checked kinds", "damage, no checksums, checksum-only kinds", "full disk (2 MiB tmpfs)")}
+        "SIGTERM at each call, overwrite", "two runs of one index at once", "damage: silently wrong, default settings",
+        "damage, verify_checksums=False, always-checked kinds", "damage, verify_checksums=False, checksum-only kinds",
+        "full disk (2 MiB tmpfs)")}
     t = list(tallies.values())
     with ForkServer(work / "server") as server:
         c = Campaign(server, work, make_model(work)).prepare()
@@ -332,9 +375,9 @@ def campaign(work: Path, random_trials: int, concurrent_trials: int) -> dict[str
         kill_sweep(c, True, t[3], sig=signal.SIGTERM)
         concurrent_runs(c, concurrent_trials, t[4])
         cache = work / "cache"
-        for index in (0, 1):
-            server.run(c.args(cache, index=index))
-        damage_campaign(cache, work, t[6], t[5], t[7])
+        for index in (0, 1):  # 8 feature chunks each: chunks can be swapped within an array
+            server.run(c.args(cache, *DAMAGE_CHUNKS, index=index))
+        damage_campaign(cache, work, t[5], t[6], t[7])
         full_disk(c, t[8])
     return tallies
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem, volume_index_problem
 from dinov3_cache.chunk_files import StoredLayout, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
 from dinov3_cache.layout import VolumePaths
@@ -65,6 +66,9 @@ def verify_volume(output_dir: Path, index: int, num_threads: int = 8) -> VolumeC
     except MetadataError as e:
         return VolumeCheck(index, False, [f"{paths.name}: {e}"])
     problems = []
+    wrong_index = volume_index_problem(metadata, index)
+    if wrong_index is not None:
+        problems.append(f"{paths.name}: damaged: {wrong_index}")
     if not metadata.is_intact:
         problems.append(f"{paths.name}: metadata file {paths.metadata} was edited after it was written (digest mismatch)")
     if metadata.integrity is None or not metadata.integrity.crc32:
@@ -113,6 +117,9 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
     problems += attribute_problems(where, name, attributes, metadata)
     if name == metadata.storage_form.array_name:
         problems += [f"{where}: {p}" for p in metadata.storage_form.attribute_problems(attributes, metadata)]
+    owner = array_owner_problem(attributes, paths.volume_index)
+    if owner is not None:
+        problems.append(f"{where}: {owner}")
     if open_error is not None:
         return problems + [open_error], info
     shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)
@@ -127,6 +134,9 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
     recorded_chunks = integrity.chunks.get(name) if integrity else None
     if recorded_chunks is not None and list(chunks) != list(recorded_chunks):
         layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {list(recorded_chunks)}")
+    form = form_problem(array, expected_form(metadata, name))
+    if form is not None:  # the chunks would decode to other values than the ones checksummed
+        layout_problems.append(f"{where}: array metadata of {path}: {form}")
     if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
         return problems + layout_problems, info
 

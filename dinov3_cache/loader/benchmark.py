@@ -37,7 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="e.g. cuda: deliver batches in GPU memory")
     parser.add_argument("--pin-memory", action="store_true")
     parser.add_argument("--shuffle", action="store_true")
-    parser.add_argument("--verify-checksums", action="store_true", help="check every chunk read against its recorded crc32")
+    parser.add_argument("--verify-checksums", action=argparse.BooleanOptionalAction, default=True,
+                        help="check every chunk read against its recorded crc32, once per file (default; "
+                        "--no-verify-checksums reads unchecked)")
     parser.add_argument("--no-evict", action="store_true", help="do not evict the cache files before the first batch")
     return parser.parse_args(argv)
 
@@ -63,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_evict:
             evict_from_page_cache(files)
         print(f"Volumes: {len(loader.source_dataset.volumes)}, samples: {len(loader.source_dataset)}, "
-              f"batch size {args.batch_size}, reader {args.reader}, threads {args.num_threads}, workers {args.num_workers}")
+              f"batch size {args.batch_size}, reader {args.reader}, threads {args.num_threads}, workers {args.num_workers}, "
+              f"checksums {'verified' if args.verify_checksums else 'not verified'}")
         print(f"Page cache before the first batch: {describe_residency(files)}"
               + (" (eviction skipped)" if args.no_evict else " (after posix_fadvise DONTNEED)"))
         report = time_batches(loader, args.num_batches, args.device)

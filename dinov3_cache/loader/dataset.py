@@ -66,8 +66,10 @@ class PreprocessedDINOv3Dataset(Dataset):
             more (no tensor, view or numpy array on it), instead of fresh memory whose first
             touch costs page faults; False always allocates.
         verify_checksums: check every chunk read against the crc32 the writer recorded, in the
-            read threads (a damaged chunk is an error naming volume, array and chunk). Missing
-            written chunks and arrays that disagree with their metadata are errors regardless.
+            read threads (a damaged chunk is an error naming volume, array and chunk); each chunk
+            file once per process and file identity, so rereading a file costs nothing. On by
+            default; False reads unchecked. Missing written chunks, arrays that disagree with
+            their metadata and volumes under another index's names are errors regardless.
     """
 
     def __init__(
@@ -85,7 +87,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         allow_mixed_configurations: bool = False,
         reader: str = "auto",
         reuse_memory: bool = True,
-        verify_checksums: bool = False,
+        verify_checksums: bool = True,
     ):
         self.preprocessed_dir = Path(preprocessed_dir)
         self.volumes = find_volumes(self.preprocessed_dir, volume_indices, allow_mixed_configurations)

@@ -27,6 +27,12 @@ def identity_of(stat: os.stat_result) -> FileIdentity:
     return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
+def chunk_file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """identity_of plus the status-change time, which every write and every utime() moves: a
+    file rewritten in place with its old size and modification time restored is another file."""
+    return (*identity_of(stat), stat.st_ctime_ns)
+
+
 def file_identity(path: Path) -> FileIdentity | None:
     """The identity of the file at path now; None when there is none."""
     try:
@@ -81,3 +87,30 @@ def changed_under(reads: Sequence[Read]) -> bool:
     for read in reads:
         arrays.setdefault(id(read.opened), set()).add(read.array)
     return not all(opened[key].unchanged(names) for key, names in arrays.items())
+
+
+class VerifiedChunks:
+    """The chunk files this process has checked against their recorded checksum, by file
+    identity (chunk_file_identity), chunk key and recorded value: a chunk file is checked once
+    per process, later reads of the same file (later epochs over a warm cache) pay nothing.
+    A replaced or rewritten file has another identity and is checked again. Not inherited by
+    worker processes (they are spawned, never forked); each checks what it reads, once.
+
+    Holds hashes of the keys (a 64-bit hash per chunk), forgotten all at once past
+    MAX_ENTRIES (about 60 MB), after which files are simply checked again."""
+
+    MAX_ENTRIES = 1_000_000
+
+    def __init__(self) -> None:
+        self.hashes: set[int] = set()
+
+    def contains(self, identity: tuple[int, ...], key: str, recorded: int) -> bool:
+        return hash((identity, key, recorded)) in self.hashes
+
+    def add(self, identity: tuple[int, ...], key: str, recorded: int) -> None:
+        if len(self.hashes) >= self.MAX_ENTRIES:
+            self.hashes.clear()
+        self.hashes.add(hash((identity, key, recorded)))
+
+
+VERIFIED_CHUNKS = VerifiedChunks()  # one per process: see VerifiedChunks

@@ -35,9 +35,19 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem
 from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
-from dinov3_cache.loader.identity import FileIdentity, OpenedArray, OpenedVolume, Read, changed_under, file_identity
+from dinov3_cache.loader.identity import (
+    VERIFIED_CHUNKS,
+    FileIdentity,
+    OpenedArray,
+    OpenedVolume,
+    Read,
+    changed_under,
+    chunk_file_identity,
+    file_identity,
+)
 from dinov3_cache.loader.volumes import CachedVolume, CacheError, VolumeReadError, volume_changed_error, volume_read_error
 from dinov3_cache.zarr_arrays import (
     METADATA_FILES,
@@ -96,7 +106,8 @@ class RawChunkReader:
             return
         buffer = self._buffer()
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)  # of the file the bytes come from, whatever its path holds later
+            size = stat.st_size
             if size != self.chunk_nbytes:
                 raise OSError(f"chunk {key} is {size} bytes, an uncompressed chunk must be {self.chunk_nbytes}")
             read = read_fully(fd, buffer)
@@ -106,7 +117,7 @@ class RawChunkReader:
             raise OSError(f"chunk {key}: the file ended after {read} of {self.chunk_nbytes} bytes")
         chunk = torch.from_numpy(buffer).view(self.dtype).view(self.chunks)
         if self.verify:
-            self._check_crc(grid_index, chunk)
+            self._check_crc(grid_index, buffer, chunk_file_identity(stat))
         out[dst].copy_(chunk[src])
 
     def _valid_extent(self, grid_index) -> tuple[slice, ...]:
@@ -118,9 +129,16 @@ class RawChunkReader:
         if not may_be_missing(self.recorded.get(key), nbytes, self.fill_value):
             raise OSError(f"chunk {key}: the file is missing, but the writer wrote data there")
 
-    def _check_crc(self, grid_index, chunk: torch.Tensor) -> None:
+    def _check_crc(self, grid_index, buffer: np.ndarray, identity: tuple[int, ...]) -> None:
+        """Check the chunk's bytes (cropped to the array at its edges, as the writer summed
+        them) unless this process checked this very file before."""
         key = chunk_key(grid_index)
-        check_chunk_crc(key, self.recorded.get(key), chunk[self._valid_extent(grid_index)].numpy())
+        recorded = self.recorded.get(key)
+        if recorded is not None and VERIFIED_CHUNKS.contains(identity, key, recorded):
+            return
+        elements = buffer.view(f"u{self.dtype.itemsize}").reshape(self.chunks)  # any dtype, bfloat16 too
+        check_chunk_crc(key, recorded, elements[self._valid_extent(grid_index)])
+        VERIFIED_CHUNKS.add(identity, key, recorded)
 
     def _buffer(self) -> np.ndarray:
         buffer = getattr(self.local, "buffer", None)
@@ -163,23 +181,65 @@ class TensorStoreReader:
         self.shape = tuple(self.store.shape)
         self.recorded, self.verify, self.executor = recorded, verify, executor
         self.chunks = array.chunks
+        self.path, self.layout = path, stored_layout(array)
+        self.fill_value = array.document.get("fill_value")
         if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
-            missing = missing_written_chunks(array, stored_layout(array), present_files(path), recorded)
+            missing = missing_written_chunks(array, self.layout, present_files(path), recorded)
             if missing:
                 raise OSError(f"chunk {chunk_key(missing[0])} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
 
     def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
-        if self.verify:
-            return [
-                self.executor.submit(self._copy_checked_chunk, grid_index, src, dst, out)
-                for grid_index, src, dst in chunk_overlaps(region, self.chunks)
-            ]
-        return [self._destination(out).write(self.store[region])]
+        if not self.verify:
+            return [self._destination(out).write(self.store[region])]
+        overlaps = list(chunk_overlaps(region, self.chunks))
+        before = self._identities(overlaps)
+        if all(self._verified(g, before) for g, _, _ in overlaps):  # every file checked already: one read
+            return [self.executor.submit(self._copy_verified_region, region, out, overlaps, before)]
+        return [self.executor.submit(self._copy_checked_chunk, grid_index, src, dst, out) for grid_index, src, dst in overlaps]
+
+    def _identities(self, overlaps) -> dict[str, tuple[int, ...] | None]:
+        """Identity of each chunk (or shard) file the chunks are in; None where there is none."""
+        identities = {}
+        for grid_index, _, _ in overlaps:
+            key = self.layout.chunk_file(grid_index)
+            if key not in identities:
+                try:
+                    identities[key] = chunk_file_identity(os.stat(self.path / key))
+                except (FileNotFoundError, NotADirectoryError):
+                    identities[key] = None
+        return identities
+
+    def _verified(self, grid_index, identities: dict) -> bool:
+        """Whether the chunk's file was checked already, or is absent where the writer skipped
+        a fill-valued chunk (TensorStore reads the fill value, which is what was recorded)."""
+        identity = identities[self.layout.chunk_file(grid_index)]
+        recorded = self.recorded.get(chunk_key(grid_index))
+        if recorded is None:
+            return False
+        if identity is None:
+            nbytes = chunk_nbytes(grid_index, self.chunks, self.shape, self.store.dtype.numpy_dtype.itemsize)
+            return may_be_missing(recorded, nbytes, self.fill_value)
+        return VERIFIED_CHUNKS.contains(identity, chunk_key(grid_index), recorded)
+
+    def _copy_verified_region(self, region, out: torch.Tensor, overlaps, before: dict) -> None:
+        """Read the region in one go; if a file changed meanwhile, read it again chunk by chunk, checked."""
+        self._destination(out).write(self.store[region]).result()
+        if self._identities(overlaps) != before:
+            for grid_index, src, dst in overlaps:
+                self._copy_checked_chunk(grid_index, src, dst, out)
 
     def _copy_checked_chunk(self, grid_index, src, dst, out: torch.Tensor) -> None:
         extent = tuple(slice(g * c, min(s, (g + 1) * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
+        key, file_key = chunk_key(grid_index), self.layout.chunk_file(grid_index)
+        before = self._identities([(grid_index, None, None)])[file_key]
         chunk = self.store[extent].read().result()
-        check_chunk_crc(chunk_key(grid_index), self.recorded.get(chunk_key(grid_index)), chunk)
+        recorded = self.recorded.get(key)
+        # the bytes came from the file `before` names only if its path held it before and after the read
+        same_file = before is not None and recorded is not None and self._identities([(grid_index, None, None)])[file_key] == before
+        if not (same_file and VERIFIED_CHUNKS.contains(before, key, recorded)):
+            check_chunk_crc(key, recorded, chunk)
+            if same_file:
+                VERIFIED_CHUNKS.add(before, key, recorded)
         self._destination(out[dst]).write(chunk[src]).result()
 
     def _destination(self, out: torch.Tensor):
@@ -213,6 +273,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def open_reader(
     path: Path, array: ArrayMetadata, mode: str, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool
 ):
+    verify = verify and bool(recorded)  # a volume written before checksums were recorded reads unchecked
     if mode == "auto" and raw_readable(array):
         return RawChunkReader(path, array, executor, recorded, verify)
     return TensorStoreReader(path, array, context, executor, recorded, verify)
@@ -231,11 +292,12 @@ def layout_problem(volume: CachedVolume, array: str, path: Path, stored: ArrayMe
     recorded_chunks = metadata.integrity.chunks.get(array) if metadata.integrity else None
     if recorded_chunks is not None and tuple(reader.chunks) != tuple(recorded_chunks):
         return f"chunk shape {list(reader.chunks)} on disk, metadata says {list(recorded_chunks)}"
+    attributes = read_attributes(path, stored)
     if volume.commit_id is not None:
-        written_by = (read_attributes(path, stored).get("dinov3_cache") or {}).get("commit_id")
+        written_by = (attributes.get("dinov3_cache") or {}).get("commit_id")
         if written_by != volume.commit_id:
             return f"the array was written by another run (commit id {written_by}, metadata says {volume.commit_id})"
-    return None
+    return array_owner_problem(attributes, volume.index)
 
 
 def stored_dtype_name(reader) -> str:
@@ -301,7 +363,7 @@ class VolumeReader:
     a volume replaced or removed while being read is an error, never its values."""
 
     def __init__(
-        self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor, verify: bool = False
+        self, volume: CachedVolume, mode: str, context: ts.Context, executor: ThreadPoolExecutor, verify: bool = True
     ):
         self.volume = volume
         self.mode, self.context, self.executor, self.verify = mode, context, executor, verify
@@ -327,8 +389,10 @@ class VolumeReader:
             metadata_file = path / METADATA_FILES[zarr_format_of(path)]
             identity = file_identity(metadata_file)  # before reading it: a later replacement fails the next check
             stored = read_array_metadata(path)  # parsed once per array and open
-            reader = open_reader(path, stored, self.mode, self.context, self.executor, volume.recorded_checksums(array), self.verify)
-            problem = layout_problem(volume, array, path, stored, reader)
+            problem = form_problem(stored, expected_form(volume.metadata, array))  # before decoding anything by it
+            if problem is None:
+                reader = open_reader(path, stored, self.mode, self.context, self.executor, volume.recorded_checksums(array), self.verify)
+                problem = layout_problem(volume, array, path, stored, reader)
         except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
             raise volume_read_error(volume.index, array, path, first_line(e)) from None
         if problem is not None:
@@ -388,7 +452,7 @@ class ReadResources:
     """Per-process TensorStore context and copy threads; created lazily so that nothing
     TensorStore-related exists before a worker process starts."""
 
-    def __init__(self, num_threads: int, mode: str, verify_checksums: bool = False):
+    def __init__(self, num_threads: int, mode: str, verify_checksums: bool = True):
         if mode not in READER_CHOICES:
             raise CacheError(f"reader must be one of {', '.join(READER_CHOICES)}, got {mode!r}")
         if num_threads <= 0:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dinov3_cache.array_form import volume_index_problem
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import check_index, format_some
 from dinov3_cache.layout import VolumePaths, committed_volume_indices
@@ -116,9 +117,15 @@ def find_volumes(
 ) -> list[CachedVolume]:
     """The committed volumes to load, in the order asked (sorted when not given)."""
     root = Path(preprocessed_dir)
-    if not root.is_dir():
-        raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
-    committed = committed_volume_indices(root)
+    try:
+        if not root.is_dir():
+            raise CacheError(f"preprocessed directory {root} does not exist; pass the --output-dir used for extraction")
+        committed = committed_volume_indices(root)
+    except PermissionError as e:
+        raise CacheError(
+            f"preprocessed directory {root} cannot be read ({e.strerror}: {e.filename}); "
+            "give this user read and search permission on it, or pass another directory"
+        ) from None
     if volume_indices is None:
         indices = committed
     else:
@@ -150,7 +157,10 @@ def load_metadata(root: Path, index: int) -> tuple[VolumeMetadata, FileIdentity]
     path = VolumePaths(root, index).metadata
     try:
         document, stat = read_metadata_document(path)
-        return VolumeMetadata.from_dict(document, path), identity_of(stat)
+        metadata = VolumeMetadata.from_dict(document, path)
+        if (wrong_index := volume_index_problem(metadata, index)) is not None:  # another volume's files
+            raise MetadataError(f"{path}: {wrong_index}")
+        return metadata, identity_of(stat)
     except MetadataError as e:
         raise CacheError(
             f"volume {index}: {e}; recompute it with 'preprocess_volume.py --volume-index {index} --overwrite'"
