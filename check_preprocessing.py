@@ -21,8 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinov3_cache.audit.run import run_audit
-from dinov3_cache.errors import OneLineParser
+from dinov3_cache.interrupt import exit_if_script, run_script
+
+try:  # Ctrl-C while these load is one line and exit 130, as later
+    from dinov3_cache.audit.run import run_audit
+    from dinov3_cache.errors import OneLineParser
+except KeyboardInterrupt:
+    exit_if_script(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -11,10 +11,15 @@ Benchmark: python preprocessed_dataloader.py --preprocessed-dir DIR --batch-size
 
 import sys
 
-from dinov3_cache.loader.buffers import collate_samples
-from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
-from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
-from dinov3_cache.loader.volumes import CacheError, VolumeReadError
+from dinov3_cache.interrupt import exit_if_script, run_script
+
+try:  # torch loads here (seconds): Ctrl-C meanwhile is one line and exit 130, as later
+    from dinov3_cache.loader.buffers import collate_samples
+    from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
+    from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+    from dinov3_cache.loader.volumes import CacheError, VolumeReadError
+except KeyboardInterrupt:
+    exit_if_script(__name__)
 
 __all__ = [
     "PreprocessedDINOv3Dataset",
@@ -34,4 +39,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))
