@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinov3_cache.interrupt import exit_if_script, run_script
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
 
-try:  # Ctrl-C while these load is one line and exit 130, as later
+with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
     from dinov3_cache.audit.run import run_audit
     from dinov3_cache.errors import OneLineParser
-except KeyboardInterrupt:
-    exit_if_script(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ It is not a command: `python dinov3_preprocessing.py` says which script to run (
 import sys
 
 from dinov3_cache.errors import EXIT_USAGE
-from dinov3_cache.interrupt import exit_if_script
+from dinov3_cache.interrupt import ctrl_c_exits_at_once
 
 NOT_A_COMMAND = (
     "error: dinov3_preprocessing.py is a library module for Python code, not a command; run "
@@ -17,14 +17,12 @@ NOT_A_COMMAND = (
     "python preprocess_volume.py --help"
 )
 
-try:  # torch loads here (seconds): Ctrl-C meanwhile is one line and exit 130 when run as a script
+with ctrl_c_exits_at_once(__name__):  # torch loads here (seconds): Ctrl-C meanwhile is one line, exit 130
     from dinov3_cache.extraction.commit import VolumeOutcome
     from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
     from dinov3_cache.extraction.model import LoadedModel, ModelError, load_model
     from dinov3_cache.extraction.pipeline import preprocess_volume
     from dinov3_cache.extraction.settings import ExtractionSettings, config_from_args
-except KeyboardInterrupt:
-    exit_if_script(__name__)
 
 __all__ = [
     "ExtractionConfig",

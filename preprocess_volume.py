@@ -17,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from dinov3_cache.interrupt import exit_if_script, run_script
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
 
-try:  # Ctrl-C while these load is one line and exit 130, as later
+with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
     from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, first_line, report_error
     from dinov3_cache.extraction.settings import (
         add_extraction_arguments,
@@ -29,8 +29,6 @@ try:  # Ctrl-C while these load is one line and exit 130, as later
     )
     from dinov3_cache.indices import format_ranges, parse_index_list
     from dinov3_cache.sources.base import source_name_from_args
-except KeyboardInterrupt:
-    exit_if_script(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(UsageError(first_line(e)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
-    from dinov3_cache.extraction.commit import keep_running_on_sigterm
-    from dinov3_cache.extraction.model import ExecutionOptions
-    from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
-    from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
-    from dinov3_cache.sources.base import source_from_args
+    with ctrl_c_exits_at_once(__name__):
+        from dinov3_cache.extraction.commit import keep_running_on_sigterm
+        from dinov3_cache.extraction.model import ExecutionOptions
+        from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
+        from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
+        from dinov3_cache.sources.base import source_from_args
 
     raise_on_sigterm()
     which = f"volume {indices[0]}" if len(indices) == 1 else f"volumes {format_ranges(indices)}"

@@ -11,15 +11,13 @@ Benchmark: python preprocessed_dataloader.py --preprocessed-dir DIR --batch-size
 
 import sys
 
-from dinov3_cache.interrupt import exit_if_script, run_script
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
 
-try:  # torch loads here (seconds): Ctrl-C meanwhile is one line and exit 130, as later
+with ctrl_c_exits_at_once(__name__):  # torch loads here (seconds): Ctrl-C meanwhile is one line, exit 130
     from dinov3_cache.loader.buffers import collate_samples
     from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
     from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
     from dinov3_cache.loader.volumes import CacheError, VolumeReadError
-except KeyboardInterrupt:
-    exit_if_script(__name__)
 
 __all__ = [
     "PreprocessedDINOv3Dataset",

@@ -1,14 +1,17 @@
 """Ctrl-C in a script: exit status 130 and one `error:` line, never a KeyboardInterrupt traceback,
 whether it comes while torch is still being imported (seconds) or during the work.
 
-Each script imports its heavy modules inside `try: ... except KeyboardInterrupt:
-exit_if_script(__name__)`, and runs `sys.exit(run_script(main))`. Imported as a library, the
-module lets Ctrl-C raise as usual. This module imports nothing heavy."""
+A script imports its heavy modules inside `with ctrl_c_exits_at_once(__name__):` and runs
+`sys.exit(run_script(main))`; imported as a library, nothing changes. This module imports
+nothing heavy."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
@@ -17,13 +20,26 @@ def interrupted_line(what: str = "") -> str:
     return f"error: {what + ': ' if what else ''}interrupted by the user (Ctrl-C); nothing more was done"
 
 
-def exit_if_script(module_name: str) -> None:
-    """In an `except KeyboardInterrupt:` around a script's imports: exit 130 with one line when
-    the module runs as a script, else re-raise (a library user's Ctrl-C is theirs)."""
+@contextlib.contextmanager
+def ctrl_c_exits_at_once(module_name: str) -> Iterator[None]:
+    """In a module run as a script (`__main__`): Ctrl-C exits 130 at once with one line while
+    the block runs. A KeyboardInterrupt raised inside a native module's initialisation (torch,
+    TensorStore) surfaces as an ImportError traceback, so during imports the signal must not
+    become an exception at all."""
     if module_name != "__main__":
-        raise  # the KeyboardInterrupt being handled
-    print(interrupted_line("while starting"), file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_now(signum, frame) -> None:
+    sys.stderr.write(interrupted_line("while starting") + "\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)  # only imports were running: nothing to clean up
 
 
 def run_script(main: Callable[[], int]) -> int:
