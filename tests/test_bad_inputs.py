@@ -4,6 +4,7 @@ API), no traceback, nothing written."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -198,3 +199,86 @@ def test_the_library_module_says_which_script_to_run():
     result = run_script("dinov3_preprocessing.py", "--volume-index", "0")
     one_error_line(result, EXIT_USAGE, "library module", "preprocess_volume.py")
 
+
+
+# ----------------------------------------------------------------------------- extraction and submission
+
+
+BAD_EXTRACTION_OPTIONS = [
+    (["--output-image-dim", "33"], ["patch size 16"]),  # slice 132 does not tile into 16-pixel patches
+    (["--organelles", "notathing"], ["notathing"]),
+    (["--device", "tpu"], ["--device 'tpu'"]),
+    (["--source", "nonsense"], ["nonsense"]),
+    (["--output-image-dim", "100000"], ["--output-image-dim", "at most"]),
+    (["--base-resolution", "nan"], ["--base-resolution", "finite"]),
+    (["--min-label-fraction", "inf"], ["--min-label-fraction", "finite"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "words"), BAD_EXTRACTION_OPTIONS)
+def test_preprocess_volume_refuses_bad_options_before_loading_the_model(tmp_path, extra, words):
+    out = tmp_path / "out"
+    args = preprocess_args(out, 0, "random:tiny", *extra)
+    line = one_error_line(call_main("preprocess_volume", *args), EXIT_USAGE, *words)
+    assert not out.exists(), (line, sorted(out.rglob("*")))  # no status record, no output directory
+
+
+@pytest.mark.parametrize(("extra", "words"), BAD_EXTRACTION_OPTIONS)
+def test_a_dry_run_submission_refuses_the_same_options(tmp_path, extra, words):
+    out = tmp_path / "out"
+    args = ["--output-dir", out, "--num-volumes", "2", "--source", "synthetic", "--model-id", "random:tiny",
+            "--scheduler", "local", "--dry-run", *TINY_GEOMETRY_ARGS, *extra]
+    one_error_line(call_main("submit_preprocessing_jobs", *args), EXIT_USAGE, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["preprocess_volume", "submit_preprocessing_jobs", "check_preprocessing"])
+def test_an_empty_or_file_output_dir_is_refused_by_every_script(tmp_path, script, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty --output-dir must not write here
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    extra = {"preprocess_volume": ["--volume-index", "0", "--source", "synthetic", "--model-id", "random:tiny", *TINY_GEOMETRY_ARGS],
+             "submit_preprocessing_jobs": ["--num-volumes", "1", "--source", "synthetic", "--model-id", "random:tiny",
+                                           "--scheduler", "local", *TINY_GEOMETRY_ARGS],
+             "check_preprocessing": []}[script]
+    one_error_line(call_main(script, "--output-dir", "", *extra), EXIT_USAGE, "--output-dir is empty")
+    one_error_line(call_main(script, "--output-dir", file, *extra), EXIT_USAGE, "is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_settings_refuse_an_integer_features_dtype():
+    from dinov3_cache.errors import UsageError
+    from dinov3_cache.extraction.settings import ExtractionSettings
+
+    with pytest.raises(UsageError, match="--features-dtype must be one of float16, bfloat16, float32, got 'int8'"):
+        ExtractionSettings(output_dir="out", features_dtype="int8").config(0)
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+def test_audit_refuses_a_bind_address_it_cannot_serve_on(built_cache):
+    for address in ("999.1.1.1", "no-such-host.invalid"):
+        one_error_line(call_main("check_preprocessing", "--output-dir", built_cache, "--view", "0", "--bind-address", address),
+                       EXIT_USAGE, "--bind-address", address)
+
+
+def test_verifying_an_absent_volume_reports_it_missing_not_damaged(built_cache):
+    result = call_main("check_preprocessing", "--output-dir", built_cache, "--verify-indices", "0", "99")
+    assert result.returncode == 1, result.stdout + result.stderr  # incomplete, not damaged (4)
+    assert "DAMAGED" not in result.stdout and "INCOMPLETE" in result.stdout
+    assert "99" in next(line for line in result.stdout.splitlines() if "missing" in line)
+
+
+def test_a_preview_that_cannot_be_written_is_one_line(built_cache, tmp_path, monkeypatch):
+    """A full disk: the PNG writer's file cannot be written (ENOSPC, as /dev/full answers)."""
+    import errno
+
+    import dinov3_cache.audit.previews as previews
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(previews, "write_png", full_disk)
+    result = call_main("check_preprocessing", "--output-dir", built_cache, "--preview", tmp_path / "previews", "--verify-indices", "0")
+    one_error_line(result, 1, "cannot write the preview of volume 0", "No space left on device")
