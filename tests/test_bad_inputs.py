@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,42 @@ def test_a_preview_that_cannot_be_written_is_one_line(built_cache, tmp_path, mon
     monkeypatch.setattr(previews, "write_png", full_disk)
     result = call_main("check_preprocessing", "--output-dir", built_cache, "--preview", tmp_path / "previews", "--verify-indices", "0")
     one_error_line(result, 1, "cannot write the preview of volume 0", "No space left on device")
+
+
+# ----------------------------------------------------------------------------- local submissions
+
+
+def local_submission(out: Path, model_dir: Path, *extra: str) -> list[str]:
+    return ["--output-dir", str(out), "--num-volumes", "2", "--source", "synthetic", "--model-id", str(model_dir),
+            "--scheduler", "local", *TINY_GEOMETRY_ARGS, *extra]
+
+
+def test_a_volume_held_by_another_run_is_not_a_failure_and_counts_once_that_run_completes_it(tmp_path, tiny_model_dir):
+    from dinov3_cache.cluster.local import HELD, SKIPPED, ElementResult
+    from dinov3_cache.layout import VolumeLock
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    with VolumeLock(VolumePaths(out, 1)):  # what an overlapping submission's live run holds
+        result = call_main("submit_preprocessing_jobs", *local_submission(out, tiny_model_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "volume 1: held by another live run" in result.stdout
+    assert "1 completed, 0 skipped (already complete), 0 failed, 1 held by another run" in result.stdout
+    # the other run completed it before this one ended: already complete, not failed
+    assert ElementResult(1, 3, 1.0).state == HELD and ElementResult(1, 3, 1.0, present=True).state == SKIPPED
+
+
+def test_ctrl_c_on_a_local_submission_says_interrupted_by_the_user(tmp_path, tiny_model_dir):
+    args = local_submission(tmp_path / "cache", tiny_model_dir, "--max-concurrent", "2")
+    process = subprocess.Popen([sys.executable, str(REPO / "submit_preprocessing_jobs.py"), *args], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("running 2 volumes here"):
+            break
+    time.sleep(2)  # the volumes' processes are loading the model
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, stdout + stderr
+    assert "Traceback" not in stderr
+    volume_lines = [line for line in stdout.splitlines() if line.startswith("volume ")]
+    assert volume_lines and all("interrupted by the user" in line or "completed" in line for line in volume_lines), stdout
