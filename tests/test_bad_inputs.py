@@ -303,7 +303,7 @@ def test_a_volume_held_by_another_run_is_not_a_failure_and_counts_once_that_run_
         result = call_main("submit_preprocessing_jobs", *local_submission(out, tiny_model_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "volume 1: held by another live run" in result.stdout
-    assert "1 completed, 0 skipped (already complete), 0 failed, 1 held by another run" in result.stdout
+    assert "1 completed, 0 skipped (already complete), 0 failed; 1 held by another run" in result.stdout
     # the other run completed it before this one ended: already complete, not failed
     assert ElementResult(1, 3, 1.0).state == HELD and ElementResult(1, 3, 1.0, present=True).state == SKIPPED
 

@@ -80,9 +80,11 @@ class LocalRunSummary:
     def line(self) -> str:
         """Completed, skipped and failed counted apart: a rerun that skips everything says so."""
         text = (f"summary: {self.count(COMPLETED)} completed, {self.count(SKIPPED)} skipped (already complete), "
-                f"{self.count(FAILED)} failed" + (f", {self.count(HELD)} held by another run" if self.count(HELD) else ""))
+                f"{self.count(FAILED)} failed")
         if self.failed:
             text += f" ({format_ranges([r.volume_index for r in self.failed])}); rerun them with --missing-only"
+        if self.count(HELD):
+            text += f"; {self.count(HELD)} held by another run"
         return text
 
 
