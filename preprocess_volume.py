@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_on_sigterm()
     which = f"volume {indices[0]}" if len(indices) == 1 else f"volumes {format_ranges(indices)}"
     try:
-        source = source_from_args(args)
+        source = source_from_args(args)  # its errors (data that cannot be read) keep their status
+    except CacheToolError as e:
+        return report_error(e)
+    try:
         check_before_model_load(configs[0], source)
     except CacheToolError as e:  # bad options found before the model loads: nothing was done
         return report_error(UsageError(first_line(e)))
