@@ -19,8 +19,9 @@ from dinov3_cache.loader.arguments import THREADS_PER_CORE, LoaderArgumentError,
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES
-from dinov3_cache.loader.tokens import stored_feature_array
 from dinov3_cache.loader.volumes import CacheError
+
+LABEL_ARRAYS = ("gt", "mask", "raw")  # every other stored array holds the features
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -148,7 +149,8 @@ def stored_nbytes(batch, dataset: PreprocessedDINOv3Dataset) -> int:
     features, gt = batch[0], batch[1]
     volume = dataset.volumes[0]
     dtypes = volume.metadata.dtypes
-    stored = dtypes[stored_feature_array(volume)]  # tokens volumes: counted as dense features in the tokens' dtype
+    # the array holding the features, whatever its storage form (tokens: counted at the features' size)
+    stored = next(dtype for array, dtype in dtypes.items() if array not in LABEL_ARRAYS)
     item = np.dtype(stored if stored != "bfloat16" else "u2").itemsize
     label = np.dtype(dtypes["gt"]).itemsize
     mask = 0 if batch[2] is None else batch[2].numel()
