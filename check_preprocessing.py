@@ -21,8 +21,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinov3_cache.audit.run import run_audit
-from dinov3_cache.errors import OneLineParser
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
+
+with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
+    from dinov3_cache.audit.run import run_audit
+    from dinov3_cache.errors import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

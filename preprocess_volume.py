@@ -15,10 +15,20 @@ options (nothing done), 3 another run holds a volume (and none failed), 143 term
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
-from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
-from dinov3_cache.indices import format_ranges, parse_index_list
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
+
+with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
+    from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, first_line, report_error
+    from dinov3_cache.extraction.settings import (
+        add_extraction_arguments,
+        apply_settings_file,
+        read_settings_file,
+        settings_from_args,
+    )
+    from dinov3_cache.indices import format_ranges, parse_index_list
+    from dinov3_cache.sources.base import source_name_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,20 +58,29 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         indices = parse_index_list(args.volume_index, "--volume-index")
         configs = [settings.config(index) for index in indices]
+        source_name_from_args(args)
     except CacheToolError as e:  # bad options or settings: nothing was done
-        return report_error(e)
+        return report_error(UsageError(first_line(e)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
-    from dinov3_cache.extraction.commit import keep_running_on_sigterm
-    from dinov3_cache.extraction.model import ExecutionOptions
-    from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
-    from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
-    from dinov3_cache.sources.base import source_from_args
+    with ctrl_c_exits_at_once(__name__):
+        from dinov3_cache.extraction.commit import keep_running_on_sigterm
+        from dinov3_cache.extraction.model import ExecutionOptions
+        from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
+        from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
+        from dinov3_cache.sources.base import source_from_args
 
     raise_on_sigterm()
     which = f"volume {indices[0]}" if len(indices) == 1 else f"volumes {format_ranges(indices)}"
     try:
-        source = source_from_args(args)
+        source = source_from_args(args)  # its errors (data that cannot be read) keep their status
+    except CacheToolError as e:
+        return report_error(e)
+    try:
+        check_before_model_load(configs[0], source)
+    except CacheToolError as e:  # bad options found before the model loads: nothing was done
+        return report_error(UsageError(first_line(e)))
+    try:
         execution = ExecutionOptions(settings.compile, settings.compile_cache_dir())
         results = preprocess_volumes(configs, source, execution, lambda result: report(result, several=len(configs) > 1))
     except CacheToolError as e:
@@ -78,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(results)
 
 
+def check_before_model_load(config, source) -> None:
+    """What would otherwise fail once the model has loaded (and leave a 'failed' record): the
+    device, the organelles, and the slice size against the patch size of a model whose config
+    is readable without the network (a random preset or a local directory)."""
+    from dinov3_cache.extraction.model import resolve_device
+    from dinov3_cache.extraction.preflight import check_model, check_organelles
+
+    resolve_device(config.device)
+    check_organelles(config, source)
+    if config.model_id.startswith("random") or Path(config.model_id).is_dir():
+        check_model(config)
+
+
 def report(result, several: bool) -> None:
     """One line per volume as it finishes: stdout when it succeeded, an error line otherwise."""
     if result.succeeded:
@@ -89,4 +121,4 @@ def report(result, several: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -11,10 +11,13 @@ Benchmark: python preprocessed_dataloader.py --preprocessed-dir DIR --batch-size
 
 import sys
 
-from dinov3_cache.loader.buffers import collate_samples
-from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
-from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
-from dinov3_cache.loader.volumes import CacheError, VolumeReadError
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
+
+with ctrl_c_exits_at_once(__name__):  # torch loads here (seconds): Ctrl-C meanwhile is one line, exit 130
+    from dinov3_cache.loader.buffers import collate_samples
+    from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
+    from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+    from dinov3_cache.loader.volumes import CacheError, VolumeReadError
 
 __all__ = [
     "PreprocessedDINOv3Dataset",
@@ -34,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

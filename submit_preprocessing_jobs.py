@@ -24,6 +24,7 @@ from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
 from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
 from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
+from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
 from dinov3_cache.extraction.preflight import (
     add_preflight_arguments,
@@ -103,6 +104,8 @@ def checked_settings(args: argparse.Namespace, indices: list[int], prepare_sourc
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if directory_problem(args.output_dir):  # before '' becomes the current directory
+        return report_error(UsageError(f"--output-dir {directory_problem(args.output_dir)}"))
     args.output_dir = str(Path(args.output_dir).absolute())  # jobs may start in another directory
     try:
         requested = requested_indices(args)

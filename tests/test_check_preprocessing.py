@@ -258,8 +258,8 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
     time.sleep(1.1)  # record names carry the second and the pid: a second record in the same second would replace the first
     write_submission_record(cache, {"submitted": "2026-11-26T09:30:00+0000", "indices": lsf["indices"],
                                     "scheduler": "lsf", "job_ids": ["7001"], "options": {}, "arrays": [lsf]})
-    # 3: a real failure of the real CLI (slice size not a multiple of the patch), its stderr in the job log
-    failing = run_script("preprocess_volume.py", *preprocess_args(cache, 3, tiny_model_dir, "--output-image-dim", "15"))
+    # 3: a real failure of the real CLI (no crop passes the label filters), its stderr in the job log
+    failing = run_script("preprocess_volume.py", *preprocess_args(cache, 3, tiny_model_dir, "--min-label-fraction", "1.1"))
     assert failing.returncode == 1
     (logs / "volume_000003.err").write_text(failing.stderr)
     # 4: killed by SLURM's OOM handler mid-write: status still 'running', staging debris left behind
@@ -295,7 +295,7 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
     assert [p["index"] for p in report["partial"]] == [4, 10]
     assert report["not_started"] == [11]
     failed = {p["index"]: p for p in report["failed"]}
-    assert "not a multiple of the model's patch size" in failed[3]["error"]
+    assert "none of 100 candidate crops passed the filters" in failed[3]["error"]
     assert failed[3]["kill"] is None and failed[3]["log_tail"]
     assert (failed[4]["kill"]["kind"], failed[4]["kill"]["scheduler"], failed[4]["job_id"]) == ("out_of_memory", "SLURM", "5001_5")
     assert str(sched / "dinov3_preprocess_5001_5.err") in failed[4]["logs"]
@@ -483,8 +483,8 @@ def test_missing_array_and_incomplete_volume(cache):
     shutil.rmtree(VolumePaths(cache, 0).array("mask"))
     _, problems, rc = verify(cache, 0)
     assert rc == EXIT_DAMAGED and "volume_000000 mask: array" in problems and "is missing" in problems
-    _, problems, rc = verify(cache, 7)
-    assert rc == EXIT_DAMAGED and "volume_000007: not complete" in problems
+    report, rc = audit_json(cache, "--verify-indices", "7")  # not complete: missing, nothing to verify (not damage)
+    assert rc == EXIT_INCOMPLETE and 7 in report["missing"] and not report["verification"]["volumes"]
 
 
 def test_text_report_names_every_damaged_chunk(varied):

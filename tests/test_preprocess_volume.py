@@ -353,14 +353,14 @@ BEFORE_WORK, DURING_WORK = 2, 1  # bad options found before anything ran; a run 
         (lambda a, t, m: a.extend(["--batch-size", "0"]), "--batch-size must be positive", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--planes", "xy", "xy"]), "--planes lists a plane twice", BEFORE_WORK),
         (lambda a, t, m: a.__setitem__(3, str(file(t) / "out")), "cannot create output directory", DURING_WORK),
-        (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi", DURING_WORK),
-        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", DURING_WORK),
+        (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi", BEFORE_WORK),
+        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", BEFORE_WORK),
         (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model", DURING_WORK),
-        # the source is built (and says what it cannot do) only once the run has started
-        (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source", DURING_WORK),
+        (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source", BEFORE_WORK),
+        # the source's crops are drawn (and say what they cannot do) only once the run has started
         (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none", DURING_WORK),
         (lambda a, t, m: a.extend(["--min-label-fraction", "1.1"]), "none of 100 candidate crops passed the filters", DURING_WORK),
-        (lambda a, t, m: a.extend(["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"]), "--device", DURING_WORK),
+        (lambda a, t, m: a.extend(["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"]), "--device", BEFORE_WORK),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path, tiny_model_dir, built_cache, change, message, status):
@@ -378,7 +378,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, tiny_model_dir, built_cache, ch
 
 def test_bad_input_from_the_command_line_exits_without_traceback(tmp_path, tiny_model_dir):
     result = run_script("preprocess_volume.py", *preprocess_args(tmp_path, 0, tiny_model_dir, "--organelles", "golgi"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # found before the model loads
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown organelle(s) golgi")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 from dinov3_cache.audit.report import Report, finish_report, gather_report
 from dinov3_cache.audit.scan import AuditError
 from dinov3_cache.audit.text import format_report
-from dinov3_cache.errors import CacheToolError, report_error
+from dinov3_cache.directories import directory_problem
+from dinov3_cache.errors import CacheToolError, first_line, report_error
 from dinov3_cache.indices import check_index, parse_index_list
 
 
@@ -53,6 +55,12 @@ def expected_from_args(args: argparse.Namespace) -> list[int] | None:
         check_index(start, "--start-index")
         check_index(start + args.num_volumes - 1, "--start-index + --num-volumes - 1")
     return list(range(start, start + args.num_volumes))
+
+
+def check_output_dir(output_dir: str) -> None:
+    problem = directory_problem(output_dir)
+    if problem:
+        raise AuditError(f"--output-dir {problem}")
 
 
 def check_preview_dir(preview_dir: Path) -> None:
@@ -97,9 +105,10 @@ def verify_and_preview(options: AuditOptions, report: Report) -> list:
     """Verify the chosen volumes; preview those that verified (a damaged one gets none)."""
     from dinov3_cache.audit.verify import choose_volumes_to_verify, verify_volume  # numpy, TensorStore
 
+    absent = report_not_complete(report, options.verify_indices or [])
     chosen = choose_volumes_to_verify(
         report.complete, options.sample_size if options.verify_sample else 0,
-        options.verify_indices, options.verify_all, options.seed,
+        [i for i in options.verify_indices or [] if i not in absent], options.verify_all, options.seed,
     )
     checks = [verify_volume(options.output_dir, index, options.num_threads) for index in chosen]
     if options.preview_dir is not None:
@@ -107,11 +116,28 @@ def verify_and_preview(options: AuditOptions, report: Report) -> list:
 
         for check in checks:
             if check.ok:
-                path = write_preview(options.output_dir, check.index, options.preview_dir, options.num_threads)
+                try:
+                    path = write_preview(options.output_dir, check.index, options.preview_dir, options.num_threads)
+                except OSError as e:  # a full disk, a directory removed meanwhile
+                    raise CacheToolError(
+                        f"cannot write the preview of volume {check.index} in {options.preview_dir} ({e.strerror or e}); "
+                        "free space there or pass another --preview directory"
+                    ) from None
                 report.previews.append({"index": check.index, "path": str(path)})
             else:
                 report.previews.append({"index": check.index, "skipped": "verification failed; no preview"})
     return checks
+
+
+def report_not_complete(report: Report, verify_indices: list[int]) -> set[int]:
+    """--verify-indices naming volumes that are not complete: they have nothing to verify, so
+    they count as missing (exit 1), not as damaged (exit 4)."""
+    absent = set(verify_indices) - set(report.complete)
+    unlisted = sorted(absent - set(report.missing))
+    if unlisted:
+        report.missing = sorted(report.missing + unlisted)
+        report.counts["missing"] += len(unlisted)
+    return absent
 
 
 def print_report(report: Report, as_json: bool) -> None:
@@ -124,15 +150,16 @@ def print_report(report: Report, as_json: bool) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     """The whole audit for check_preprocessing.py's parsed arguments; its exit status."""
     try:
+        check_output_dir(args.output_dir)  # '' would audit the current directory
         if getattr(args, "view", None) is not None:
             return run_view(args)
         if getattr(args, "remove_debris", False):
             return run_remove_debris(Path(args.output_dir))
         options = options_from_args(args)
         report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
+        checks = verify_and_preview(options, report) if options.verifies else None
     except CacheToolError as e:
         return report_error(e)
-    checks = verify_and_preview(options, report) if options.verifies else None
     finish_report(report, checks)
     print_report(report, options.as_json)
     return report.exit_status
@@ -144,6 +171,8 @@ def run_view(args: argparse.Namespace) -> int:
     from dinov3_cache.audit.view_source import reachable_source_layers
 
     check_index(args.view, "--view")
+    if not args.view_state:  # the state file only names the address; serving binds it
+        check_bind_address(args.bind_address)
     output_dir = Path(args.output_dir)
     view.volume_metadata_path(output_dir, args.view)  # a missing volume is an error before the source is read
     source, origin = reachable_source_layers(output_dir, args.view, args)
@@ -152,6 +181,19 @@ def run_view(args: argparse.Namespace) -> int:
         return 0
     view.serve(view.open_viewer(output_dir, args.view, args.bind_address, source))
     return 0
+
+
+def check_bind_address(address: str) -> None:
+    """An address this machine can serve on, found before neuroglancer starts."""
+    try:
+        family, kind, _, _, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.bind(sockaddr)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or first_line(e)
+        raise AuditError(
+            f"--bind-address {address} cannot be served on here ({reason}); use 127.0.0.1 (this machine) or an address of one of its interfaces"
+        ) from None
 
 
 def run_remove_debris(output_dir: Path) -> int:

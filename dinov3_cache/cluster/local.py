@@ -19,10 +19,12 @@ from queue import Queue
 from dinov3_cache.cluster.base import Scheduler
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
+from dinov3_cache.errors import EXIT_LOCKED
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths
 
-COMPLETED, SKIPPED, FAILED = "completed", "skipped", "failed"
+COMPLETED, SKIPPED, FAILED, HELD = "completed", "skipped", "failed", "held"
+INTERRUPTED = "interrupted by the user (Ctrl-C)"
 
 
 @dataclass
@@ -43,9 +45,9 @@ class ElementResult:
         skipped (for a single volume only when its process exited 0: else it was refused)."""
         if self.committed:
             return COMPLETED
-        if self.present and (self.returncode == 0 or self.packed):
-            return SKIPPED
-        return FAILED
+        if self.present and (self.returncode in (0, EXIT_LOCKED) or self.packed):
+            return SKIPPED  # exit 3 and complete: another run held it, then completed it
+        return HELD if self.returncode == EXIT_LOCKED and not self.packed else FAILED
 
     def line(self) -> str:
         """The volume's one report line, printed as it finishes."""
@@ -53,6 +55,8 @@ class ElementResult:
             return f"volume {self.volume_index}: completed in {self.seconds:.1f} s"
         if self.state == SKIPPED:
             return f"volume {self.volume_index}: skipped, already complete (--overwrite recomputes it)"
+        if self.state == HELD:
+            return f"volume {self.volume_index}: held by another live run (not a failure; --missing-only reruns it if that run fails)"
         if self.returncode is None:
             why = "killed at the walltime"
         elif self.returncode == 0:
@@ -79,6 +83,8 @@ class LocalRunSummary:
                 f"{self.count(FAILED)} failed")
         if self.failed:
             text += f" ({format_ranges([r.volume_index for r in self.failed])}); rerun them with --missing-only"
+        if self.count(HELD):
+            text += f"; {self.count(HELD)} held by another run"
         return text
 
 
@@ -182,6 +188,8 @@ class LocalScheduler(Scheduler):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+        for result in (r for r in summary.results if r.state == HELD):  # held by another run then: complete now?
+            result.present = metadata_signature(VolumePaths(self.queued[0].array.spec.output_dir, result.volume_index).metadata) is not None
         summary.results.sort(key=lambda r: r.volume_index)
         return summary
 
@@ -212,6 +220,8 @@ class LocalScheduler(Scheduler):
         finally:
             self._running.discard(process)
         seconds, error_line = time.monotonic() - started, last_line(volumes[0].log_err)  # the element's log
+        if self._stopping and returncode != 0:
+            error_line = INTERRUPTED  # stopped by _stop_running, not its first stderr line
         results = []
         for paths, previous in zip(volumes, before, strict=True):
             after = metadata_signature(paths.metadata)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
@@ -44,6 +47,9 @@ FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 SETTINGS_FORMAT = "dinov3_cache.extraction_settings"
 SETTINGS_VERSION = 1
 COMPILE_CACHE_DIR = "compile_cache"  # under logs/ by default: shared by the jobs of a cache
+MAX_OUTPUT_IMAGE_DIM = 1024  # 1024^3 voxels of 1024 float16 channels are 2 TiB per volume already
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # what resolve_device accepts, checked without torch
+FINITE_OPTIONS = ("base_resolution", "min_resolution_for_raw", "min_label_fraction", "min_ground_truth_fraction")
 
 
 class SettingsError(UsageError):
@@ -122,8 +128,7 @@ class ExtractionSettings:
             raise UsageError(first_line(e)) from None
 
     def _config(self, volume_index: int) -> ExtractionConfig:
-        if self.output_dir is None:
-            raise UsageError("--output-dir is required")
+        self.check_values()
         return ExtractionConfig(
             volume_index=volume_index,
             output_dir=Path(self.output_dir),
@@ -152,6 +157,26 @@ class ExtractionSettings:
             space_check=not self.no_space_check,
             storage_form=storage_for(self.layout),
         )
+
+    def check_values(self) -> None:
+        """Values no later step checks before work starts (UsageError, one line each)."""
+        if self.output_dir is None:
+            raise UsageError("--output-dir is required")
+        problem = directory_problem(self.output_dir)
+        if problem:
+            raise UsageError(f"--output-dir {problem}")
+        for name in FINITE_OPTIONS:
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.output_image_dim > MAX_OUTPUT_IMAGE_DIM:
+            raise UsageError(
+                f"--output-image-dim must be at most {MAX_OUTPUT_IMAGE_DIM} (a volume's features grow with its cube), "
+                f"got {self.output_image_dim}"
+            )
+        if self.features_dtype not in FEATURE_DTYPES:
+            raise UsageError(f"--features-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.features_dtype!r}")
+        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+            raise UsageError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
 
     def compile_cache_dir(self) -> Path | None:
         """Where compiled kernels are kept between processes (None without --compile)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,10 +14,14 @@ import numpy as np
 import torch
 
 from dinov3_cache.errors import OneLineParser, UsageError, report_error
+from dinov3_cache.interrupt import EXIT_INTERRUPTED, interrupted_line
+from dinov3_cache.loader.arguments import THREADS_PER_CORE, LoaderArgumentError, cache_directory, cpu_count, max_threads
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES, TORCH_DTYPES
 from dinov3_cache.loader.volumes import CacheError
+
+LABEL_ARRAYS = ("gt", "mask", "raw")  # every other stored array holds the features
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = time_batches(loader, args.num_batches, args.device)
     except CacheError as e:
         return report_error(e)
+    except KeyboardInterrupt:
+        print(interrupted_line("measuring"), file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_report(report)
     return 0
 
@@ -80,6 +88,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Bad values are bad input (status 2), named by their command-line option."""
     if args.batch_size < 1 or args.num_batches < 1:
         raise UsageError("--batch-size and --num-batches must be at least 1")
+    if not 1 <= args.num_threads <= max_threads():
+        raise UsageError(f"--num-threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per CPU core of this machine), got {args.num_threads}")
+    if not 0 <= args.num_workers <= cpu_count():
+        raise UsageError(f"--num-workers must be between 0 and {cpu_count()} (the CPU cores of this machine), got {args.num_workers}")
+    try:
+        cache_directory(args.preprocessed_dir, "--preprocessed-dir")
+    except LoaderArgumentError as e:
+        raise UsageError(str(e)) from None
     if not Path(args.preprocessed_dir).is_dir():
         raise UsageError(f"--preprocessed-dir {args.preprocessed_dir} is not a directory; pass the --output-dir used for extraction")
     if args.device is None:
@@ -136,7 +152,9 @@ def stored_nbytes(batch, dataset: PreprocessedDINOv3Dataset) -> int:
     features, gt = batch[0], batch[1]
     volume = dataset.volumes[0]
     dtypes = volume.metadata.dtypes
-    item = np.dtype(dtypes["features"] if dtypes["features"] != "bfloat16" else "u2").itemsize
+    # the array holding the features, whatever its storage form (tokens: counted at the features' size)
+    stored = next(dtype for array, dtype in dtypes.items() if array not in LABEL_ARRAYS)
+    item = np.dtype(stored if stored != "bfloat16" else "u2").itemsize
     label = np.dtype(dtypes["gt"]).itemsize
     mask = 0 if batch[2] is None else batch[2].numel()
     return features.numel() * item + gt.numel() * label + mask

@@ -31,6 +31,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3_cache.loader.arguments import (
+    LoaderArgumentError,
+    bounded_workers,
+    check_loader_memory,
+    device_argument,
+    positive_int,
+)
 from dinov3_cache.loader.buffers import RawBatch
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.epochs import BatchStream, EpochPass
@@ -122,13 +129,13 @@ class PreprocessedDataLoader(DataLoader):
         world_size: int | None = None,
         **loader_kwargs,
     ):
-        if batch_size < 1:
-            raise CacheError(f"batch_size must be at least 1, got {batch_size}")
-        if prefetch_batches < 0:
-            raise CacheError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
-        self.device = None if device is None else torch.device(device)
-        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
-            raise CacheError(f"device={device} asked for, but no CUDA GPU is visible; use device=None or 'cpu'")
+        if not isinstance(dataset, PreprocessedDINOv3Dataset):
+            raise LoaderArgumentError(f"dataset must be a PreprocessedDINOv3Dataset, got {type(dataset).__name__}")
+        batch_size = positive_int(batch_size, "batch_size")
+        prefetch_batches = positive_int(prefetch_batches, "prefetch_batches", minimum=0)
+        num_workers = bounded_workers(positive_int(num_workers, "num_workers", minimum=0))
+        self.device = device_argument(device)
+        check_loader_memory(dataset, batch_size, num_workers, loader_kwargs.get("prefetch_factor"), prefetch_batches)
         wants_pinned = pin_memory or (self.device is not None and self.device.type == "cuda")
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but no CUDA GPU is visible: batches are not pinned", stacklevel=2)

@@ -13,6 +13,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dinov3_cache.loader.arguments import (
+    bounded_threads,
+    cache_directory,
+    crop_shape,
+    dtype_argument,
+    positive_int,
+    sample_index,
+    volume_index_list,
+)
 from dinov3_cache.loader.buffers import BatchBuffers, FreshBuffers, RawBatch, SharedBuffers, collate_samples, read_samples
 from dinov3_cache.loader.reader import READER_CHOICES, ReadResources
 from dinov3_cache.loader.tokens import fill_token_features
@@ -51,11 +60,11 @@ class PreprocessedDINOv3Dataset(Dataset):
             its dtypes included (e.g. float16 -> float32 features, or int64 labels).
         return_metadata: also return the volume's metadata dict, with a "sample" entry
             (crop offset and shape, epoch, has_mask).
-        features_dtype: torch dtype of the features (default float32); None keeps the stored
-            dtype (float16 by default), which halves host memory traffic.
-        gt_dtype: torch dtype of the labels (default int64, what cross-entropy takes).
-        crop_size: (d, h, w) to return random crops instead of whole volumes; only the chunks
-            under the crop are read.
+        features_dtype: floating torch dtype of the features, or its name ('float32'; default
+            float32); None keeps the stored dtype (float16 by default), which halves host memory traffic.
+        gt_dtype: torch dtype of the labels, or its name (default int64, what cross-entropy takes).
+        crop_size: (d, h, w), or one integer edge for a cube, to return random crops instead
+            of whole volumes; only the chunks under the crop are read.
         samples_per_volume: crops per volume per epoch (dataset length = volumes x this).
         seed: crops (and the loader's shuffling) are a function of (seed, epoch, index);
             None draws a seed.
@@ -89,24 +98,21 @@ class PreprocessedDINOv3Dataset(Dataset):
         reuse_memory: bool = True,
         verify_checksums: bool = True,
     ):
-        self.preprocessed_dir = Path(preprocessed_dir)
-        self.volumes = find_volumes(self.preprocessed_dir, volume_indices, allow_mixed_configurations)
-        self.num_threads = int(num_threads)
-        self.transform = transform
-        self.return_metadata = return_metadata
-        self.features_dtype = features_dtype
-        self.gt_dtype = gt_dtype
-        self.crop_size = check_crop_size(crop_size, self.volumes)
-        if int(samples_per_volume) < 1:
-            raise CacheError(f"samples_per_volume must be at least 1, got {samples_per_volume}")
-        self.samples_per_volume = int(samples_per_volume)
-        self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
-        if self.seed < 0:
-            raise CacheError(f"seed must be >= 0 (or None), got {seed}")
+        self.preprocessed_dir = cache_directory(preprocessed_dir)
+        self.num_threads = bounded_threads(positive_int(num_threads, "num_threads"))
+        self.features_dtype = dtype_argument(features_dtype, "features_dtype", floating_only=True)
+        self.gt_dtype = dtype_argument(gt_dtype, "gt_dtype", floating_only=False)
+        crop = crop_shape(crop_size)
+        self.samples_per_volume = positive_int(samples_per_volume, "samples_per_volume")
+        self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else positive_int(seed, "seed", minimum=0)
         if reader not in READER_CHOICES:
             raise CacheError(f"reader must be one of {', '.join(READER_CHOICES)}, got {reader!r}")
-        if self.num_threads <= 0:
-            raise CacheError(f"num_threads must be positive, got {num_threads}")
+        if transform is not None and not callable(transform):
+            raise CacheError(f"transform must be a callable(features, gt, mask) or None, got {transform!r}")
+        self.volumes = find_volumes(self.preprocessed_dir, volume_index_list(volume_indices), allow_mixed_configurations)
+        self.transform = transform
+        self.return_metadata = return_metadata
+        self.crop_size = check_crop_size(crop, self.volumes)
         self.reader = reader
         self.reuse_memory = reuse_memory
         self.verify_checksums = bool(verify_checksums)
@@ -130,6 +136,7 @@ class PreprocessedDINOv3Dataset(Dataset):
         return len(self.volumes) * self.samples_per_volume
 
     def __getitem__(self, index: int):
+        index = sample_index(index)
         batch = self.finish(self.read_batch([index]))
         features, gt, mask = batch[0][0], batch[1][0], batch[2]
         has_mask = self.volumes[self._volume_position(index)].has_mask
@@ -219,9 +226,7 @@ class PreprocessedDINOv3Dataset(Dataset):
 def check_crop_size(crop_size, volumes: Sequence[CachedVolume]) -> tuple[int, int, int] | None:
     if crop_size is None:
         return None
-    crop = tuple(int(c) for c in crop_size)
-    if len(crop) != 3 or min(crop) <= 0:
-        raise CacheError(f"crop_size needs 3 positive integers (d, h, w), got {list(crop_size)}")
+    crop = crop_shape(crop_size)
     for volume in volumes:
         if any(c > s for c, s in zip(crop, volume.spatial_shape, strict=False)):
             raise CacheError(
