@@ -19,6 +19,7 @@ from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import features_from_tokens, token_window
 from dinov3_cache.layout import feature_array_name
 from dinov3_cache.loader.reader import Read, VolumeReader, torch_dtype
+from dinov3_cache.loader.token_kernel import fast_features_from_tokens
 from dinov3_cache.loader.volumes import CachedVolume
 
 BUILD_BYTES = 128 * 2**20  # float32 temporaries per plane while building a crop's features
@@ -55,6 +56,8 @@ class TokenCrop:
         BUILD_BYTES per plane whatever the crop."""
         if out is None:
             out = torch.empty(self.shape, dtype=torch.float32, device=device)
+        if out.device.type == "cpu":  # the tiled kernel: same values, bounded memory, any out dtype
+            return fast_features_from_tokens(self.grids, self.out_dim, self.region, self.grid_size, self.origins, out=out)
         channels, voxels = self.shape[0], math.prod(self.shape[1:])
         group = max(1, BUILD_BYTES // (4 * voxels))
         for c0 in range(0, channels, group):
