@@ -91,7 +91,10 @@ def test_fills_out_of_another_dtype_and_a_batch_slot(tile_bytes):
     result = fast_features_from_tokens(tokens, 24, out=batch[1])
     assert result.data_ptr() == batch[1].data_ptr()
     assert torch.isnan(batch[0]).all()  # the neighbouring slot is untouched
-    assert_same(batch[1].float(), features_from_tokens(tokens, 24).half().float())
+    reference = features_from_tokens(tokens, 24)
+    # float16 rounding of the float32 result (half an ulp) on top of float32 rounding
+    bound = (torch.finfo(torch.float16).eps / 2 + 1e-5) * reference.abs().max().item()
+    assert (batch[1].float() - reference).abs().max().item() <= bound
 
 
 def test_nan_in_out_is_ignored():
