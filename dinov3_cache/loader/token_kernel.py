@@ -3,16 +3,18 @@ tests/test_token_kernel.py checks that both agree to float32 rounding).
 
 The reference builds each plane as a full-size float32 (C, D, H, W) intermediate and adds it to
 the total: about ten bytes of memory traffic per byte delivered. Here the output is built in
-tiles of a channel block by a slab of z slices that fit in the L2 cache: every plane's
-contribution is accumulated into the tile by a matrix product (the last interpolation step of
-each plane writes straight into the tile, beta=1), the mean is taken there, and the tile is
-copied (cast to the output's dtype) into the output once. Each output byte leaves the cache once.
+tiles that fit in the L2 cache (whole channels when one fits, else a slab of one channel's
+z slices: either way a contiguous piece of the output), written straight into a contiguous
+float32 output (else built in a scratch tile and copied, cast, once). Each output byte leaves
+the cache once. The mean over the planes is folded into the interpolation matrices.
 
 Per plane, with the tile's rows of the interpolation matrices (W: outputs x tokens, the same
 matrices `features_from_tokens` uses) and tokens T (C, n, ga, gb) in the stored layout:
-    xy (normal z; y, x):  tile[c, z]      += W_y @ T[c, z] @ W_x^T  (last product over x, one GEMM)
-    xz (normal y; z, x):  tile[c]         += (W_z T[c] over z) @ W_x^T  (last product over x)
-    yz (normal x; z, y):  tile[c, z]      += W_y @ (W_z T[c] over z)    (last product over y, batched)
+    xy (normal z; y, x):  tile[c, z] = W_y @ T[c, z] @ W_x^T   (last product over x)
+    xz (normal y; z, x):  tile[c] = (W_z T[c] over z) @ W_x^T  (last product over x)
+    yz (normal x; z, y):  tile[c, z] += W_y @ (W_z T[c] over z) (last product over y, batched)
+xy and xz share the last product: their rows are added first, so one GEMM writes the tile for
+both, and yz accumulates into it (beta=1): two passes over the tile for three planes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from dinov3_cache.extraction.config import PLANE_AXES
 from dinov3_cache.extraction.upsampling import interpolation_matrix
 
 TILE_BYTES = 2**20  # float32 tile: half the L2 cache of one core, the rest for the operands
-TILE_CHANNELS = 4  # channels per tile when a slab of slices is what must shrink
 # The tiles' products are small: torch's intra-op threads would meet at a barrier after each
 # one (costly when the cores are shared). Instead the channel blocks are shared among
 # torch.get_num_threads() threads, each running its products on one core; the thread count is
