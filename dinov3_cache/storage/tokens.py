@@ -141,10 +141,13 @@ class TokenCrop:
         BUILD_BYTES per plane whatever the crop."""
         import torch
 
+        from dinov3_cache.storage.token_kernel import fast_features_from_tokens
         from dinov3_cache.storage.upsampling import features_from_tokens
 
         if out is None:
             out = torch.empty(self.shape, dtype=torch.float32, device=device)
+        if out.device.type == "cpu":  # the tiled kernel: the same values, bounded memory, any out dtype
+            return fast_features_from_tokens(self.grids, self.out_dim, self.region, self.grid_size, self.origins, out=out)
         channels, voxels = self.shape[0], math.prod(self.shape[1:])
         group = max(1, BUILD_BYTES // (4 * voxels))
         for c0 in range(0, channels, group):

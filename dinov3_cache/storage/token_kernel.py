@@ -1,0 +1,175 @@
+"""A fast CPU path for `features_from_tokens` (the one definition, which stays the reference;
+tests/test_token_kernel.py checks that both agree to float32 rounding).
+
+The reference builds each plane as a full-size float32 (C, D, H, W) intermediate and adds it to
+the total: about ten bytes of memory traffic per byte delivered. Here the output is built in
+tiles that fit in the L2 cache (whole channels when one fits, else a slab of one channel's
+z slices: either way a contiguous piece of the output), written straight into a contiguous
+float32 output (else built in a scratch tile and copied, cast, once). Each output byte leaves
+the cache once. The mean over the planes is folded into the interpolation matrices.
+
+Per plane, with the tile's rows of the interpolation matrices (W: outputs x tokens, the same
+matrices `features_from_tokens` uses) and tokens T (C, n, ga, gb) in the stored layout:
+    xy (normal z; y, x):  tile[c, z] = W_y @ T[c, z] @ W_x^T   (last product over x)
+    xz (normal y; z, x):  tile[c] = (W_z T[c] over z) @ W_x^T  (last product over x)
+    yz (normal x; z, y):  tile[c, z] += W_y @ (W_z T[c] over z) (last product over y, batched)
+xy and xz share the last product: their rows are added first, so one GEMM writes the tile for
+both, and yz accumulates into it (beta=1): two passes over the tile for three planes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from dinov3_cache.storage.planes import PLANE_AXES
+from dinov3_cache.storage.upsampling import interpolation_matrix
+
+TILE_BYTES = 2**20  # float32 tile: half the L2 cache of one core, the rest for the operands
+# The tiles' products are small: torch's intra-op threads would meet at a barrier after each
+# one (costly when the cores are shared). Instead the channel blocks are shared among
+# torch.get_num_threads() threads, each running its products on one core; the thread count is
+# process-wide in torch, so it is set to 1 (and restored) under this lock for the duration.
+_THREADS_LOCK = threading.Lock()
+
+
+def tile_shape(channels: int, dz: int, slice_voxels: int) -> tuple[int, int]:
+    """(channels, z slices) of one tile of about TILE_BYTES: whole channels when one fits, else
+    a slab of one channel's slices; either way a contiguous piece of a (C, D, H, W) output."""
+    if 4 * slice_voxels * dz <= TILE_BYTES:
+        return max(1, min(channels, TILE_BYTES // (4 * slice_voxels * dz))), dz
+    return 1, max(1, TILE_BYTES // (4 * slice_voxels))
+
+
+def axis_matrices(
+    plane: str, grids: torch.Tensor, out_dim: int, region: Sequence[tuple[int, int]], grid_size: int,
+    origin: tuple[int, int], scale: float,
+) -> dict[int, torch.Tensor]:
+    """Spatial axis -> (outputs of the region, tokens held) interpolation matrix for the
+    plane's two image axes (the columns of the tokens the grids hold, from `origin` on); the
+    matrix of the plane's last product (x, or y for yz) carries `scale`: the mean over planes."""
+    _, image_axes = PLANE_AXES[plane]
+    matrices = {}
+    for k, axis in enumerate(image_axes):
+        full = interpolation_matrix(grid_size, out_dim, *region[axis], grids.device)
+        matrices[axis] = full[:, origin[k] : origin[k] + grids.shape[2 + k]].contiguous()
+    matrices[image_axes[1]] *= scale
+    return matrices
+
+
+def x_rows(plane: str, grids: torch.Tensor, w: Mapping[int, torch.Tensor], z: slice) -> torch.Tensor:
+    """xy or xz: the plane's features over slices z before the product over x, (cb * dz * Y, gx)."""
+    if plane == "xy":  # grids (cb, n, gy, gx), normal z
+        rows = torch.matmul(w[1], grids[:, z])  # (cb, dz, Y, gx)
+    else:  # xz: grids (cb, gz, Y * gx), normal y
+        rows = torch.matmul(w[0][z], grids)  # (cb, dz, Y * gx)
+    return rows.reshape(-1, w[2].shape[1])
+
+
+def fill_tile(
+    tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]],
+    z: slice, shared_x: bool,
+) -> None:
+    """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z (relative
+    to the region). xy and xz end with the same product over x: with the same matrix (shared_x)
+    their rows are added first, so the tile is written by one product for both; yz adds its own
+    (beta=1). beta=0 ignores the tile's old contents (NaN-safe)."""
+    cb, dz, height, width = tile.shape
+    written, pending = False, None  # pending: (rows, matrix over x) not yet multiplied
+    for plane in ("xy", "xz"):
+        if plane in blocks:
+            rows = x_rows(plane, blocks[plane], matrices[plane], z)
+            if pending is not None and shared_x:
+                pending = (pending[0].add_(rows), pending[1])
+                continue
+            if pending is not None:
+                tile.view(-1, width).addmm_(pending[0], pending[1].T, beta=int(written))
+                written = True
+            pending = (rows, matrices[plane][2])
+    if pending is not None:
+        tile.view(-1, width).addmm_(pending[0], pending[1].T, beta=int(written))
+        written = True
+    if "yz" in blocks:  # grids (cb, gz, gy * X), normal x
+        w = matrices["yz"]
+        columns = torch.matmul(w[0][z], blocks["yz"]).view(cb * dz, -1, width)  # (cb * dz, gy, X)
+        tile.view(cb * dz, height, width).baddbmm_(w[1].expand(cb * dz, *w[1].shape), columns, beta=int(written))
+
+
+def block_grids(plane: str, grids: torch.Tensor) -> torch.Tensor:
+    """A channel block's token grids as float32, laid out for `add_plane` (small: the tokens)."""
+    x = grids.float()
+    if plane == "xy":
+        return x.contiguous()
+    cb, n, ga, gb = x.shape
+    if plane == "xz":  # (cb, Y, gz, gx) -> (cb, gz, Y * gx)
+        return x.permute(0, 2, 1, 3).reshape(cb, ga, n * gb)
+    return x.permute(0, 2, 3, 1).reshape(cb, ga, gb * n)  # yz: (cb, X, gz, gy) -> (cb, gz, gy * X)
+
+
+def fast_features_from_tokens(
+    tokens: Mapping[str, torch.Tensor],
+    out_dim: int,
+    region: Sequence[tuple[int, int]] | None = None,
+    grid_size: int | None = None,
+    origins: Mapping[str, tuple[int, int]] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`features_from_tokens` (same arguments, same values to float32 rounding) in cache-sized
+    tiles, for CPU tensors; `out` may have any floating dtype (the tile is cast as it is copied).
+    Memory beyond `out`: one tile and a channel block's float32 tokens."""
+    if not tokens:
+        raise ValueError("features_from_tokens needs the token grids of at least one plane")
+    region = [tuple(r) for r in region] if region is not None else [(0, out_dim)] * 3
+    channels = next(iter(tokens.values())).shape[0]
+    dz, height, width = (hi - lo for lo, hi in region)
+    if out is None:
+        out = torch.empty((channels, dz, height, width), dtype=torch.float32)
+    matrices = {
+        plane: axis_matrices(plane, grids, out_dim, region, grid_size or grids.shape[-1],
+                             (origins or {}).get(plane, (0, 0)), 1 / len(tokens))
+        for plane, grids in tokens.items()
+    }
+    shared_x = "xy" in matrices and "xz" in matrices and torch.equal(matrices["xy"][2], matrices["xz"][2])
+    cb, slab = tile_shape(channels, dz, height * width)
+    starts = list(range(0, channels, cb))
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        workers = min(threads, len(starts))
+        if workers <= 1:
+            build_blocks(tokens, matrices, shared_x, out, starts, cb, slab)
+            return out
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                shares = [pool.submit(build_blocks, tokens, matrices, shared_x, out, starts[w::workers], cb, slab) for w in range(workers)]
+                for share in shares:
+                    share.result()
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def build_blocks(
+    tokens: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool,
+    out: torch.Tensor, starts: Sequence[int], cb: int, slab: int,
+) -> None:
+    """Fill out[c0 : c0 + cb] for every c0 in starts, a tile (cb channels, slab slices) at a
+    time: straight into `out` when it is contiguous float32 (each tile is a contiguous piece of
+    it), else in a scratch tile copied (and cast) into `out`."""
+    channels, dz, height, width = out.shape
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    scratch = None if direct else torch.empty(cb * slab * height * width, dtype=torch.float32)
+    for c0 in starts:
+        c1 = min(c0 + cb, channels)
+        blocks = {plane: block_grids(plane, grids[c0:c1]) for plane, grids in tokens.items()}
+        for z0 in range(0, dz, slab):
+            z = slice(z0, min(z0 + slab, dz))
+            if direct:
+                fill_tile(out[c0:c1, z], blocks, matrices, z, shared_x)
+            else:
+                tile = scratch[: (c1 - c0) * (z.stop - z0) * height * width].view(c1 - c0, z.stop - z0, height, width)
+                fill_tile(tile, blocks, matrices, z, shared_x)
+                out[c0:c1, z].copy_(tile)
