@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dinov3_cache.extraction.config import PLANE_AXES
-from dinov3_cache.storage.upsampling import features_from_tokens, token_window
 from dinov3_cache.storage import token_kernel
 from dinov3_cache.storage.token_kernel import fast_features_from_tokens
+from dinov3_cache.storage.upsampling import features_from_tokens, token_window
 
 PLANE_SETS = (("xy",), ("xz",), ("yz",), ("xy", "yz"), ("xz", "yz"), ("xy", "xz", "yz"))
 
