@@ -20,6 +20,22 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Markers from the services a test uses, so `pytest -m "not slurm and not s3 and not browser"` is the fast
+# suite: a fixture named here marks every test that requests it (directly or through another fixture).
+SERVICE_FIXTURES = {"slurm_cluster": "slurm", "moto_s3": "s3", "moto_alpha": "s3", "browser_session": "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    for item in items:
+        for fixture, marker in SERVICE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 # slice 64 = output 16 x (128 nm / 32 nm); 4 x 4 tokens per slice with patch 16
 TINY_GEOMETRY_ARGS = ["--output-image-dim", "16", "--base-resolution", "128", "--min-resolution-for-raw", "32"]
 

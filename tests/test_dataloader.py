@@ -283,24 +283,35 @@ def test_device_cpu_delivers_cpu_tensors_in_the_asked_dtypes(built_cache):
     assert torch.equal(features[1], torch.from_numpy(stored(built_cache, 1, "features").astype(np.float32)))
 
 
-def test_pin_memory_pins_with_a_gpu_and_warns_without(built_cache):
+def test_pin_memory_warns_without_a_gpu(built_cache, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loader = create_preprocessed_dataloader(built_cache, batch_size=1, pin_memory=True)
     warned = [w for w in caught if "pin_memory=True but no CUDA GPU is visible" in str(w.message)]
     features, gt, mask = next(iter(loader))
     assert torch.equal(features[0], torch.from_numpy(stored(built_cache, 0, "features").astype(np.float32)))
-    if torch.cuda.is_available():
-        assert not warned and all(t.is_pinned() for t in (features, gt, mask))
-    else:
-        assert len(warned) == 1 and not features.is_pinned()
+    assert len(warned) == 1 and not features.is_pinned()
 
 
-def test_device_cuda_delivers_gpu_tensors_or_is_refused_without_a_gpu(built_cache):
-    if not torch.cuda.is_available():
-        with pytest.raises(CacheError, match="no CUDA GPU"):
-            create_preprocessed_dataloader(built_cache, device="cuda")
-        return
+@pytest.mark.gpu
+def test_pin_memory_pins_with_a_gpu(built_cache):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = create_preprocessed_dataloader(built_cache, batch_size=1, pin_memory=True)
+    features, gt, mask = next(iter(loader))
+    assert not [w for w in caught if "no CUDA GPU" in str(w.message)]
+    assert all(t.is_pinned() for t in (features, gt, mask))
+
+
+def test_device_cuda_is_refused_without_a_gpu(built_cache, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CacheError, match="no CUDA GPU"):
+        create_preprocessed_dataloader(built_cache, device="cuda")
+
+
+@pytest.mark.gpu
+def test_device_cuda_delivers_gpu_tensors(built_cache):
     loader = create_preprocessed_dataloader(built_cache, batch_size=1, device="cuda")
     features, gt, mask = next(iter(loader))
     assert all(t.device.type == "cuda" for t in (features, gt, mask))
