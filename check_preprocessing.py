@@ -23,10 +23,11 @@ import sys
 
 from dinov3_cache.audit.run import run_audit
 from dinov3_cache.errors import OneLineParser
-from dinov3_cache.sources.registry import add_data_location_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dinov3_cache.sources.registry import add_data_location_arguments
+
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="the cache directory the jobs write to")
     expected = parser.add_argument_group("expected volumes (default: every recorded submission)")
