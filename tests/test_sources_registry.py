@@ -144,8 +144,6 @@ def test_preflight_asks_the_synthetic_source(tmp_path):
     check_organelles(extraction_config(tmp_path, "--organelles", "mito", "nuc"), source)
     with pytest.raises(PreflightError, match="unknown organelle.s. golgi for --source synthetic"):
         check_organelles(extraction_config(tmp_path, "--organelles", "golgi"), source)
-    with pytest.raises(PreflightError, match="--source synthetic has none"):
-        check_organelles(extraction_config(tmp_path, "--crop-filter", "crop1"), source)
 
 
 def test_preflight_asks_the_cellmap_source(tmp_path, no_data_root_env):
