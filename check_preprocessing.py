@@ -29,6 +29,8 @@ with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dinov3_cache.sources.registry import add_data_location_arguments
+
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="the cache directory the jobs write to")
     expected = parser.add_argument_group("expected volumes (default: every recorded submission)")
@@ -52,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--view-state", metavar="FILE", default=None,
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
     )
-    view.add_argument(
-        "--data-root", default=None,
-        help="with --view: also show the source crop from this CellMap data root (directory or s3://; default $DINOV3_DATA_ROOT)",
-    )
-    view.add_argument("--catalog", default=None, help="with --view: find the source arrays in this catalog file instead")
-    view.add_argument("--s3-endpoint", default=None, help="with --view: endpoint of an S3-compatible store holding the source (default AWS)")
+    add_data_location_arguments(view, "with --view (also shows the source crop): ")  # as the source declares them
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
     parser.add_argument(
         "--remove-debris", action="store_true",

@@ -47,7 +47,7 @@ from dinov3_cache.layout import (
     submission_stamp,
     write_submission_record,
 )
-from dinov3_cache.sources.base import source_from_args, source_name_from_args
+from dinov3_cache.sources.registry import source_from_settings, source_type
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +90,9 @@ def checked_settings(args: argparse.Namespace, indices: list[int], prepare_sourc
     config = settings.config(indices[0])
     if not args.skip_model_check:
         check_model(config)
-    # a dry run creates nothing: a CellMap data root's catalog is only scanned when submitting
-    if prepare_source or source_name_from_args(args) != "cellmap":
-        source = source_from_args(args)
+    # a dry run creates nothing: a source that writes when built (a data root's catalog) is built only when submitting
+    if prepare_source or not source_type(vars(args)).writes_when_built:
+        source = source_from_settings(vars(args))
         check_organelles(config, source)
         if not config.overwrite:
             note = check_existing_configuration(config, source, indices)

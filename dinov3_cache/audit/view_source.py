@@ -12,7 +12,6 @@ prints one note and shows the cached volume alone.
 from __future__ import annotations
 
 import math
-import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, CropGeometry
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
-from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
+from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap import CellMapSource, CropUnit, LevelArray, source_from_args
 from dinov3_cache.sources.cellmap.ome_ngff import N5_ATTRIBUTES, TOLERANCE
 from dinov3_cache.sources.cellmap.store import Storage, is_s3, join_url, split_s3
+from dinov3_cache.sources.registry import implied_source_name
 from dinov3_cache.zarr_arrays import ATTRIBUTE_FILES, METADATA_FILES
 
 SOURCE_PREFIX = "source "  # layer names: 'source raw', 'source mito', ...
@@ -80,7 +80,7 @@ class SourceOrigin:
 
 
 def wants_source(args) -> bool:
-    return bool(getattr(args, "data_root", None) or getattr(args, "catalog", None) or os.environ.get(DATA_ROOT_ENV))
+    return implied_source_name(vars(args)) is not None  # the options locate source data
 
 
 def cut(level: LevelArray, offset_nm: np.ndarray, extent_nm: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

@@ -4,7 +4,7 @@ would make every job fail is refused once, with one line, before anything is sub
 - the model's configuration is readable (a random preset, a local directory's config.json,
   a hub id's config when the hub or its cache answers) and the slice size is a multiple of
   its patch size;
-- the organelles exist in the source (the synthetic source's names, or the catalog's);
+- the source's own checks (`VolumeSource.preflight`: the organelles exist in it, ...);
 - the complete volumes among the requested ones were made with this configuration (else
   each such job would refuse to overwrite them)."""
 
@@ -105,16 +105,8 @@ def check_model(config: ExtractionConfig) -> dict | None:
 
 def check_organelles(config: ExtractionConfig, source: VolumeSource) -> None:
     """The organelles and filters against the source, as its first sample would check them."""
-    organelles = config.sampling.organelles
     try:
-        if source.name == "synthetic":
-            unknown = [o for o in organelles if o not in source.ORGANELLES]
-            if unknown:
-                raise SourceError(f"unknown organelle(s) {', '.join(unknown)} for --source synthetic; choose from {', '.join(source.ORGANELLES)}")
-        elif hasattr(source, "catalog"):
-            from dinov3_cache.sources.cellmap.crops import eligible_units
-
-            eligible_units(source.catalog, config.sampling)
+        source.preflight(config.sampling, config.geometry)
     except SourceError as e:
         raise PreflightError(first_line(e)) from None
 

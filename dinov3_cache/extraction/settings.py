@@ -7,9 +7,8 @@ once to a file every job reads (`write_settings_file`), and `ExtractionSettings.
 turns them into the `ExtractionConfig` of one volume.
 
 Defaults of values that a shared type owns (crop geometry, sampling filters, storage) are
-read from that type, so each default has one definition. The data source's own options
-(--data-root, --catalog, --s3-endpoint, --augment) are declared by the source with
-`add_cellmap_arguments` and travel in `source_options`.
+read from that type, so each default has one definition. Each data source declares its own
+options (`sources/registry.py` lists them); those every job receives travel in `source_options`.
 
 Precedence, highest first: the command line, the settings file (--settings), the defaults.
 Each flag has its opposite (`Switch`: --save-raw / --no-save-raw), so the command line can
@@ -37,7 +36,7 @@ from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.indices import parse_index_list
 from dinov3_cache.layout import LOGS_DIR, write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
-from dinov3_cache.sources.cellmap import add_cellmap_arguments
+from dinov3_cache.sources.registry import add_source_arguments, pass_through_options, source_choice_help
 from dinov3_cache.storage import DEFAULT_STORAGE_FORM, RegisteredNames, storage_for, storage_form_names
 from dinov3_cache.switch import Switch
 from dinov3_cache.zarr_arrays import COMPRESSIONS, ZARR_FORMATS, StorageOptions, parse_chunks
@@ -66,9 +65,7 @@ class ExtractionSettings:
     """Every option of one volume's extraction except --volume-index."""
 
     output_dir: str | None = option(None, "cache directory (created if missing)", required=True)
-    source: str | None = option(
-        None, "where crops come from: 'cellmap' (implied by --data-root / --catalog) or 'synthetic' (built-in, offline demo data)"
-    )
+    source: str | None = option(None, source_choice_help())
     organelles: tuple[str, ...] = option(
         SamplingOptions.organelles, "label names; one keeps instance ids, several become classes", nargs="+"
     )
@@ -114,7 +111,7 @@ class ExtractionSettings:
             f"'{f.name}' ({f.description})" for f in map(storage_for, storage_form_names())) + " (default %(default)s)",
         choices=RegisteredNames(),
     )
-    # the data source's options (add_cellmap_arguments declares them), by argparse dest
+    # the data sources' options that every job receives (each source declares its own), by argparse dest
     source_options: Mapping[str, Any] = field(default_factory=dict, metadata={"argparse": None})
 
     def config(self, volume_index: int) -> ExtractionConfig:
@@ -225,25 +222,14 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     """Every extraction option except --volume-index, with the source's own options."""
     for f in cli_fields():
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **argparse_kwargs(f))
-    _add_source_arguments(parser, lambda p, *flags, **kwargs: p.add_argument(*flags, **kwargs))
-
-
-def _add_source_arguments(parser: argparse.ArgumentParser, add_pass_through) -> None:
-    """The data source declares its own options; add_pass_through marks those every job gets."""
-    add_cellmap_arguments(parser, add_pass_through)
+    add_source_arguments(parser)
 
 
 @functools.cache
 def source_option_actions() -> dict[str, argparse.Action]:
-    """The source's options that every job receives (by dest); --refresh-catalog is not one."""
-    scratch, actions = argparse.ArgumentParser(add_help=False), {}
-
-    def add_pass_through(p: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
-        action = p.add_argument(*flags, **kwargs)
-        actions[action.dest] = action
-
-    _add_source_arguments(scratch, add_pass_through)
-    return actions
+    """The sources' options that every job receives (by dest); --refresh-catalog is not one."""
+    scratch = argparse.ArgumentParser(add_help=False)
+    return {option.dest: option.add_to(scratch) for option in pass_through_options()}
 
 
 def settings_from_args(args: argparse.Namespace) -> ExtractionSettings:

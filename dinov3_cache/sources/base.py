@@ -1,17 +1,22 @@
-"""Where training crops come from: the source interface, label filters and source choice.
+"""Where training crops come from: the source interface (`VolumeSource`), the options a
+source declares (`SourceOption`) and the label filters every source applies.
 
 A source turns a volume index into a `SourceCrop`: raw at slice resolution
 (S^3, S = output_image_dim * base_resolution / min_resolution_for_raw), labels and an
 optional valid-label mask at label resolution (D^3, D = output_image_dim), and a
 description recorded as the metadata's ``source_dataset``. Same index, same options:
 same crop, on any machine (each source seeds a local generator from the index).
+
+A source also declares its own command-line options, builds itself from a plain mapping of
+option values (by argparse dest) and checks the options before any job runs (`preflight`);
+`registry.py` lists the sources and is the one place that chooses among them.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,14 +112,60 @@ class SourceCrop:
         self.description["world_transform"] = transform.to_record({"labels": self.label_grid, "raw": self.raw_grid})
 
 
+@dataclass(frozen=True)
+class SourceOption:
+    """One command-line option of a source, declared once: its flag and add_argument keywords
+    (help and default included). `pass_through`: every job receives it (the submission's
+    settings file holds it); `locates_data`: it says where the source data is, so tools that
+    read the data again (the viewer) take it too."""
+
+    flag: str
+    kwargs: Mapping[str, Any]
+    pass_through: bool = True
+    locates_data: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: Any, help_prefix: str = "") -> argparse.Action:
+        """add_argument on a parser or an argument group; help_prefix says where the option applies."""
+        kwargs = dict(self.kwargs)
+        if help_prefix and kwargs.get("help"):
+            kwargs["help"] = help_prefix + kwargs["help"]
+        return parser.add_argument(self.flag, **kwargs)
+
+
 class VolumeSource(ABC):
-    """Turns a volume index into a crop. Implementations own their data access."""
+    """Turns a volume index into a crop. Implementations own their data access, their
+    options (`options`), how they are built from option values (`from_settings`) and the
+    checks made before jobs start (`preflight`)."""
 
     name: str
+    summary: str = ""  # --source help: '<name>' (<summary>)
+    choice_hint: str = ""  # how a user chooses it, for the 'no data source given' line
+    options: tuple[SourceOption, ...] = ()
+    # building it writes into the output directory (a dry run then does not build it)
+    writes_when_built: bool = False
+
+    @classmethod
+    def implied_by(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether these option values choose this source without --source."""
+        return False
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> VolumeSource:
+        """The source that these option values (by argparse dest) ask for; every registered
+        source provides it (a source made in code alone, as in a benchmark, need not)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from options")
 
     @abstractmethod
     def sample(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
         """The crop for this index; raises SourceError with one actionable line."""
+
+    def preflight(self, options: SamplingOptions, geometry: CropGeometry) -> None:  # noqa: B027 - most sources check in sample
+        """Refuse, with one SourceError line, options that would make every sample fail;
+        called once before jobs are submitted. Cheap: no crop is read."""
 
     def fingerprint_values(self) -> dict:
         """What identifies the data (it decides the feature values)."""
@@ -161,37 +212,15 @@ def draw_passing_crop(
     )
 
 
-def _synthetic_from_args(args: Any) -> VolumeSource:
-    from dinov3_cache.sources.synthetic import SyntheticSource
-
-    return SyntheticSource()
-
-
-def _cellmap_from_args(args: Any) -> VolumeSource:
-    from dinov3_cache.sources.cellmap import source_from_args  # on use: it imports this module
-
-    return source_from_args(args)
-
-
-# --source name -> the source built from preprocess_volume.py options
-SOURCES: dict[str, Callable[[Any], VolumeSource]] = {"cellmap": _cellmap_from_args, "synthetic": _synthetic_from_args}
-DATA_ROOT_ENV = "DINOV3_DATA_ROOT"
-
-
 def source_name_from_args(args: Any) -> str:
-    """--source, else 'cellmap' when --data-root, --catalog or $DINOV3_DATA_ROOT gives data."""
-    if args.source is not None:
-        if args.source not in SOURCES:
-            raise SourceError(f"unknown --source {args.source!r}; choose from {', '.join(sorted(SOURCES))}")
-        return args.source
-    if getattr(args, "data_root", None) or getattr(args, "catalog", None) or os.environ.get(DATA_ROOT_ENV):
-        return "cellmap"
-    raise SourceError(
-        f"no data source given: pass --data-root ROOT (or set {DATA_ROOT_ENV}) or --catalog FILE for CellMap data, "
-        "or --source synthetic for the built-in demo data"
-    )
+    """The source parsed options choose (registry.source_name for a Namespace)."""
+    from dinov3_cache.sources.registry import source_name  # on use: the registry imports every source
+
+    return source_name(vars(args))
 
 
 def source_from_args(args: Any) -> VolumeSource:
-    """The source that preprocess_volume.py options ask for (the one way to choose one)."""
-    return SOURCES[source_name_from_args(args)](args)
+    """The source parsed options ask for (registry.source_from_settings for a Namespace)."""
+    from dinov3_cache.sources.registry import source_from_settings
+
+    return source_from_settings(vars(args))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from dinov3_cache.geometry import AxisTransform, CropGeometry
@@ -24,16 +27,26 @@ class SyntheticSource(VolumeSource):
     """
 
     name = "synthetic"
+    summary = "built-in, offline demo data"
+    choice_hint = "--source synthetic for the built-in demo data"
     ORGANELLES = ("cell", "nuc", "mito")
 
-    def sample(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> SyntheticSource:
+        return cls()  # no options: the volume index decides everything
+
+    def preflight(self, options: SamplingOptions, geometry: CropGeometry) -> None:
+        """Only the synthetic organelles."""
         unknown = [o for o in options.organelles if o not in self.ORGANELLES]
         if unknown:
             raise SourceError(
                 f"unknown organelle(s) {', '.join(unknown)} for --source synthetic; "
                 f"choose from {', '.join(self.ORGANELLES)}"
             )
-        if options.crop_filter or options.inference_filter:
+
+    def sample(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
+        self.preflight(options, geometry)
+        if options.crop_filter or options.inference_filter:  # refused by the job (exit status 1), as before
             raise SourceError("--crop-filter and --inference-filter name real datasets; --source synthetic has none")
         crop = draw_passing_crop(volume_index, options, lambda rng: self._draw(volume_index, rng, geometry, options))
         crop.record_world_transform(AxisTransform())

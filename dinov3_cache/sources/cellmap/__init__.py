@@ -23,7 +23,8 @@ array, and overlaps the annotated box (GT extension) or lies inside it
 
 Modules: ``store`` (local and S3 access), ``ome_ngff`` (levels and their world placement),
 ``catalog`` (what each dataset holds), ``crops`` (crop units and window placement),
-``reading`` (resampled reads), ``augment``, ``source`` (CellMapSource and its options);
+``reading`` (resampled reads), ``augment``, ``source`` (CellMapSource: its options, how option
+values build it, its preflight check);
 ``python -m dinov3_cache.sources.cellmap`` builds a data root's catalog.
 """
 
@@ -48,12 +49,12 @@ from dinov3_cache.sources.cellmap.catalog import (
 from dinov3_cache.sources.cellmap.crops import CropUnit, eligible_units, window_start
 from dinov3_cache.sources.cellmap.ome_ngff import Level, LevelArray, Multiscale, choose_level, parse_multiscale, read_multiscale
 from dinov3_cache.sources.cellmap.reading import read_labels, read_raw
-from dinov3_cache.sources.cellmap.source import CellMapSource, add_cellmap_arguments, source_from_args
+from dinov3_cache.sources.cellmap.source import CELLMAP_OPTIONS, CellMapSource, source_from_args
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
 
 __all__ = [
-    "CATALOG_FILE_NAME", "Catalog", "CellMapSource", "CropUnit", "DatasetEntry", "LabelEntry", "Level", "LevelArray",
-    "Multiscale", "S3Options", "Storage", "add_cellmap_arguments", "augment_crop", "axis_transform", "catalog_from_csv",
+    "CATALOG_FILE_NAME", "CELLMAP_OPTIONS", "Catalog", "CellMapSource", "CropUnit", "DatasetEntry", "LabelEntry", "Level", "LevelArray",
+    "Multiscale", "S3Options", "Storage", "augment_crop", "axis_transform", "catalog_from_csv",
     "catalog_from_json", "choose_level", "draw_augmentation", "eligible_units", "load_catalog_file", "parse_multiscale",
     "prepare_catalog", "read_labels", "read_multiscale", "read_raw", "scan_cellmap_root", "source_from_args",
     "transform_geometry", "transform_intensity", "window_start",

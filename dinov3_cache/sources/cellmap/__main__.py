@@ -7,21 +7,23 @@ import sys
 from pathlib import Path
 
 from dinov3_cache.errors import OneLineParser, report_error
-from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
+from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME
-from dinov3_cache.sources.cellmap.source import source_from_args
+from dinov3_cache.sources.cellmap.source import CELLMAP_OPTIONS, CellMapSource
+
+SCAN_OPTIONS = ("data_root", "s3_endpoint")  # the source options a scan needs, as the extraction declares them
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build (or refresh) the catalog of a data root once and save it in the output directory."""
     parser = OneLineParser(prog="python -m dinov3_cache.sources.cellmap", description=main.__doc__)
-    parser.add_argument("--data-root", default=None, help=f"directory or s3://bucket/prefix (default ${DATA_ROOT_ENV})")
+    for option in CELLMAP_OPTIONS:
+        if option.dest in SCAN_OPTIONS:
+            option.add_to(parser)
     parser.add_argument("--output-dir", required=True, help=f"where {CATALOG_FILE_NAME} is written")
-    parser.add_argument("--s3-endpoint", default=None)
     args = parser.parse_args(argv)
-    args.refresh_catalog = True
     try:
-        source = source_from_args(args)
+        source = CellMapSource.from_settings({**vars(args), "refresh_catalog": True})
     except SourceError as e:
         return report_error(e)
     catalog = source.catalog

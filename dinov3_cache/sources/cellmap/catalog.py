@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from dinov3_cache.layout import canonical_json, write_json_atomic
-from dinov3_cache.sources.base import DATA_ROOT_ENV, SourceError
+from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap.store import Storage, is_absolute, is_s3, join_url
 
 log = logging.getLogger(__name__)
 
+DATA_ROOT_ENV = "DINOV3_DATA_ROOT"  # the data root when --data-root is not given
 CATALOG_FILE_NAME = "cellmap_catalog.json"
 CATALOG_FORMAT = "dinov3-cellmap-catalog"
 CATALOG_VERSION = 1

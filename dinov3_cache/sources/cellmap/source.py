@@ -1,26 +1,27 @@
 """The CellMap source: crops drawn from a catalog's crop units, read and resampled at the
-requested geometry, optionally augmented; and its command-line options."""
+requested geometry, optionally augmented; its command-line options, how option values build
+it, and its checks before jobs start."""
 
 from __future__ import annotations
 
-import argparse
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from dinov3_cache.geometry import AxisTransform, CropGeometry
 from dinov3_cache.sources.base import (
-    DATA_ROOT_ENV,
     SamplingOptions,
     SourceCrop,
     SourceError,
+    SourceOption,
     VolumeSource,
     combine_organelle_labels,
     draw_passing_crop,
 )
 from dinov3_cache.sources.cellmap.augment import augment_crop
-from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME, Catalog, prepare_catalog
+from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME, DATA_ROOT_ENV, Catalog, prepare_catalog
 from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_units, window_start
 from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
@@ -28,38 +29,70 @@ from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
 from dinov3_cache.switch import Switch
 
-
-def add_cellmap_arguments(parser: argparse.ArgumentParser, add_pass_through) -> None:
-    """The CellMap source's options; all but --refresh-catalog travel to every job."""
-    add_pass_through(
-        parser, "--data-root", default=None,
-        help=f"CellMap-layout data: a directory or s3://bucket/prefix (default ${DATA_ROOT_ENV})",
-    )
-    add_pass_through(parser, "--catalog", default=None, help="JSON or CSV file listing raw and label arrays per dataset")
-    add_pass_through(
-        parser, "--s3-endpoint", default=None,
-        help="endpoint URL of an S3-compatible store (default AWS); credentials from AWS_* variables, else anonymous",
-    )
-    add_pass_through(
-        parser, "--augment", action=Switch,
-        help="flips, axis swaps and intensity changes seeded by the volume index, recorded in metadata",
-    )
-    parser.add_argument(
-        "--refresh-catalog", action="store_true",
-        help=f"rescan --data-root and rewrite OUTPUT_DIR/{CATALOG_FILE_NAME} before sampling",
-    )
+# the CellMap source's options; all but --refresh-catalog travel to every job
+CELLMAP_OPTIONS = (
+    SourceOption(
+        "--data-root", {"default": None, "help": f"CellMap-layout data: a directory or s3://bucket/prefix (default ${DATA_ROOT_ENV})"},
+        locates_data=True,
+    ),
+    SourceOption(
+        "--catalog", {"default": None, "help": "JSON or CSV file listing raw and label arrays per dataset"}, locates_data=True,
+    ),
+    SourceOption(
+        "--s3-endpoint",
+        {"default": None,
+         "help": "endpoint URL of an S3-compatible store (default AWS); credentials from AWS_* variables, else anonymous"},
+        locates_data=True,
+    ),
+    SourceOption(
+        "--augment",
+        {"action": Switch, "help": "flips, axis swaps and intensity changes seeded by the volume index, recorded in metadata"},
+    ),
+    SourceOption(
+        "--refresh-catalog",
+        {"action": "store_true", "help": f"rescan --data-root and rewrite OUTPUT_DIR/{CATALOG_FILE_NAME} before sampling"},
+        pass_through=False,
+    ),
+)
 
 
 class CellMapSource(VolumeSource):
     """Crops from a catalog of CellMap-layout (or catalogued) multiscale arrays."""
 
     name = "cellmap"
+    summary = "implied by --data-root / --catalog"
+    choice_hint = f"--data-root ROOT (or set {DATA_ROOT_ENV}) or --catalog FILE for CellMap data"
+    options = CELLMAP_OPTIONS
+    writes_when_built = True  # the data root's catalog, saved in the output directory
 
     def __init__(self, catalog: Catalog, storage: Storage | None = None, augment: bool = False):
         self.catalog = catalog
         self.storage = storage or Storage()
         self.augment = augment
         self._multiscales: dict[str, Multiscale] = {}
+
+    @classmethod
+    def implied_by(cls, settings: Mapping[str, Any]) -> bool:
+        """A data root (option or environment) or a catalog file means CellMap data."""
+        return bool(settings.get("data_root") or settings.get("catalog") or os.environ.get(DATA_ROOT_ENV))
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> CellMapSource:
+        """The catalog of --catalog, else of the data root (read from, or scanned and saved in,
+        the output directory), read through --s3-endpoint."""
+        storage = Storage(S3Options(endpoint=settings.get("s3_endpoint")), settings.get("num_threads", 8))
+        catalog = prepare_catalog(
+            settings.get("data_root") or os.environ.get(DATA_ROOT_ENV),
+            settings.get("catalog"),
+            settings.get("output_dir"),
+            storage,
+            refresh=settings.get("refresh_catalog", False),
+        )
+        return cls(catalog, storage, augment=settings.get("augment", False))
+
+    def preflight(self, options: SamplingOptions, geometry: CropGeometry) -> None:
+        """The organelles and filters select at least one crop of the catalog."""
+        eligible_units(self.catalog, options)
 
     def fingerprint_values(self) -> dict:
         return {"source": self.name, "root": self.catalog.root, "catalog_sha256": self.catalog.sha256(), "augment": self.augment}
@@ -158,13 +191,5 @@ class CellMapSource(VolumeSource):
 
 
 def source_from_args(args: Any) -> CellMapSource:
-    """The CellMap source that preprocess_volume.py options ask for."""
-    storage = Storage(S3Options(endpoint=getattr(args, "s3_endpoint", None)), getattr(args, "num_threads", 8))
-    catalog = prepare_catalog(
-        getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV),
-        getattr(args, "catalog", None),
-        getattr(args, "output_dir", None),
-        storage,
-        refresh=getattr(args, "refresh_catalog", False),
-    )
-    return CellMapSource(catalog, storage, augment=getattr(args, "augment", False))
+    """The CellMap source of parsed options (a Namespace): CellMapSource.from_settings."""
+    return CellMapSource.from_settings(vars(args))
