@@ -15,6 +15,7 @@ from dinov3_cache.audit.png import decode_png
 from dinov3_cache.layout import VolumePaths
 from dinov3_cache.probe import run_probe
 from dinov3_cache.probe.options import ProbeOptions, split_indices
+from dinov3_cache.zarr_arrays import block_checksums
 
 TRAIN, TEST = "0-3", "4-5"
 STEPS = 60
@@ -29,6 +30,17 @@ def open_zarr(path):
     return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}).result()
 
 
+def rewrite_array(cache, index: int, array: str, values: np.ndarray) -> None:
+    """Store other values in a volume's array and record their checksums: a legitimate cache
+    of other data, not a damaged one (the loader refuses damage)."""
+    paths = VolumePaths(cache, index)
+    open_zarr(paths.array(array))[...] = values
+    metadata = json.loads(paths.metadata.read_text())
+    integrity = metadata["integrity"]
+    integrity["crc32"][array] = block_checksums(values, (0,) * values.ndim, integrity["chunks"][array])
+    paths.metadata.write_text(json.dumps(metadata))
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, tiny_model_dir):
     """The same volumes 0-5 cached dense and as tokens, and a copy of the dense cache whose
@@ -41,7 +53,7 @@ def caches(tmp_path_factory, tiny_model_dir):
     rng = np.random.default_rng(0)
     for index in range(6):
         features = open_zarr(VolumePaths(noise, index).array("features"))
-        features[...] = rng.standard_normal(features.shape).astype(features.dtype.numpy_dtype)
+        rewrite_array(noise, index, "features", rng.standard_normal(features.shape).astype(features.dtype.numpy_dtype))
     return {"dense": dense, "tokens": tokens, "noise": noise}
 
 
@@ -88,8 +100,8 @@ def test_labels_shifted_against_the_features_score_clearly_worse(caches, side_by
     shutil.copytree(caches["dense"], shifted)
     for index in range(6):
         for array in ("gt", "mask"):
-            stored = open_zarr(VolumePaths(shifted, index).array(array))
-            stored[...] = np.roll(stored.read().result(), (3, 3, 3), axis=(0, 1, 2))
+            stored = open_zarr(VolumePaths(shifted, index).array(array)).read().result()
+            rewrite_array(shifted, index, array, np.roll(stored, (3, 3, 3), axis=(0, 1, 2)))
     rows = run_probe([shifted], train_indices=range(4), test_indices=[4, 5], steps=STEPS, progress=False, print_table=False)
     assert rows[0]["mean_iou"] < side_by_side[0]["dense"]["mean_iou"] - 0.15  # 0.31 against 0.53
     assert rows[-1]["reachable"] is False and "does not match the cache's labels" in rows[-1]["note"]
