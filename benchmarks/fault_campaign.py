@@ -76,7 +76,7 @@ class Campaign:
 
 def committed_features(out: Path, index: int = 0, verify_checksums: bool = True) -> np.ndarray | None:
     """The volume as the loader hands it to training, or None when none is committed."""
-    from dinov3_cache.layout import is_volume_complete
+    from dinov3_cache.commit_protocol import is_volume_complete
     from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 
     if not is_volume_complete(out, index):
@@ -86,7 +86,8 @@ def committed_features(out: Path, index: int = 0, verify_checksums: bool = True)
 
 
 def debris_left(out: Path, index: int = 0) -> list[str]:
-    from dinov3_cache.layout import VolumePaths, partial_debris
+    from dinov3_cache.commit_protocol import partial_debris
+    from dinov3_cache.paths import VolumePaths
 
     return [p.name for p in partial_debris(VolumePaths(out, index))]
 
@@ -203,7 +204,7 @@ def concurrent_runs(c: Campaign, trials: int, tally: Tally) -> None:
 
 def damages(root: Path):
     """(name, detected without verify_checksums, damage) for each damage of volume 0."""
-    from dinov3_cache.layout import VolumePaths
+    from dinov3_cache.paths import VolumePaths
 
     v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
     yield "deleted chunk", True, lambda: (v0.array("features") / "0.0.0.0").unlink()

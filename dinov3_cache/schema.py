@@ -23,7 +23,7 @@ from typing import Any
 
 from dinov3_cache.errors import EXIT_DAMAGED, CacheToolError
 from dinov3_cache.geometry import VoxelGrid
-from dinov3_cache.layout import canonical_json
+from dinov3_cache.records import canonical_json
 
 SCHEMA_VERSION = 2
 METADATA_DIGEST_KEY = "metadata_digest"

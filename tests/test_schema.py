@@ -22,7 +22,8 @@ from conftest import call_main, preprocess_args
 
 from dinov3_cache.errors import EXIT_DAMAGED
 from dinov3_cache.geometry import VoxelGrid
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.schema import (
     SCHEMA_VERSION,
     MetadataError,

@@ -12,12 +12,12 @@ import torch
 
 from dinov3_cache.extraction.settings import ExtractionSettings
 from dinov3_cache.extraction.upsampling import rounding_bound
-from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader.dataloader import create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import ReadResources
 from dinov3_cache.loader.tokens import start_token_read
 from dinov3_cache.loader.volumes import find_volumes
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array, ts_context
 from tests.conftest import call_main, preprocess_args
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from dinov3_cache.chunk_files import StoredLayout, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 from dinov3_cache.zarr_arrays import (
     chunk_key,

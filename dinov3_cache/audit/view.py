@@ -20,7 +20,7 @@ from dinov3_cache.audit.previews import pca_rgb
 from dinov3_cache.audit.view_source import CACHED_DIMENSIONS, SourceLayer, SourceOrigin, StoredDimensions, state_url
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, UNIT, AxisTransform
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, read_array_metadata, read_attributes
 

@@ -14,7 +14,8 @@ import torch
 
 from dinov3_cache.extraction.config import UPSAMPLING, ExtractionConfig
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.layout import feature_array_name, now_iso, scheduler_job_id
+from dinov3_cache.layout import feature_array_name, scheduler_job_id
+from dinov3_cache.records import now_iso
 from dinov3_cache.schema import config_fingerprint
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import CHECKSUM_ALGORITHM, codec_description

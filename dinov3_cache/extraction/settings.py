@@ -32,7 +32,8 @@ from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import LAYOUTS, PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.indices import parse_index_list
-from dinov3_cache.layout import LOGS_DIR, write_json_atomic
+from dinov3_cache.paths import LOGS_DIR
+from dinov3_cache.records import write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.cellmap import add_cellmap_arguments
 from dinov3_cache.switch import Switch

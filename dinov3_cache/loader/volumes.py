@@ -1,5 +1,5 @@
 """Which volumes of a cache a loader sees: the committed ones (metadata present, see
-dinov3_cache.layout), each with its parsed metadata, never volumes made with different
+dinov3_cache.commit_protocol), each with its parsed metadata, never volumes made with different
 configurations mixed silently; and the loader's errors, which name the volume."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import check_index, format_some
-from dinov3_cache.layout import VolumePaths, committed_volume_indices
 from dinov3_cache.loader.identity import FileIdentity, file_identity, identity_of
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, read_metadata_document
 
 
