@@ -85,8 +85,7 @@ def committed_arrays(paths: VolumePaths) -> Committed | str | None:
         return UNREADABLE if paths.metadata.exists() else None
     if metadata.dtypes is None:  # version 1 files do not name their arrays
         return UNREADABLE
-    commit_id = metadata.integrity.commit_id if metadata.integrity is not None else None
-    return Committed(commit_id, tuple(metadata.dtypes))
+    return Committed(metadata.commit_id, tuple(metadata.dtypes))
 
 
 # ----------------------------------------------------------------------------- commit

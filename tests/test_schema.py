@@ -21,7 +21,7 @@ import pytest
 from conftest import call_main, preprocess_args
 
 from dinov3_cache.errors import EXIT_DAMAGED
-from dinov3_cache.geometry import VoxelGrid
+from dinov3_cache.geometry import AxisTransform, VoxelGrid
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.records import read_json
 from dinov3_cache.schema import (
@@ -49,7 +49,7 @@ def v1() -> dict:
 @pytest.fixture
 def v2(v1) -> dict:
     body = {k: v for k, v in v1.items() if k != "metadata_digest"}
-    return VolumeMetadata.build(body).to_dict()
+    return VolumeMetadata.build(VolumeMetadata.from_dict(body)).to_dict()
 
 
 def parts_of(part, prefix=""):
@@ -205,8 +205,10 @@ def test_the_reference_lists_every_key(v1):
     reference = schema_reference()
     rows = [line for line in reference.splitlines() if line.startswith("| `")]
     listed = {row.split("`")[1] for row in rows}
+    transform = AxisTransform().to_record({"labels": VoxelGrid.cube(128, (0, 0, 0), 16)})  # every optional part
+    every_part = {**v1, "source_dataset": {**v1["source_dataset"], "world_transform": transform}}
     expected = {f"{prefix}{(f.metadata['shown_as'] or (f.name,))[0]}"
-                for prefix, part in parts_of(VolumeMetadata.from_dict(v1)) for f in part.schema_fields()}
+                for prefix, part in parts_of(VolumeMetadata.from_dict(every_part)) for f in part.schema_fields()}
     assert listed == expected
     assert len(rows) == len(expected)
     assert "| `configuration.fingerprint` | string | from v2 |" in reference
@@ -225,8 +227,7 @@ def test_the_writer_records_no_key_the_schema_does_not_know(tmp_path, tiny_model
     unknown = {f"{prefix}{k}" for prefix, part in parts_of(metadata)
                if not isinstance(part, SourceDataset) for k in part.extra}  # sources add their own keys
     assert unknown == set()
-    assert VolumeMetadata.from_dict(VolumeMetadata.build(
-        {k: v for k, v in doc.items() if k != "metadata_digest"}).to_dict()).schema_version == SCHEMA_VERSION
+    assert VolumeMetadata.from_dict(VolumeMetadata.build(metadata).to_dict()).schema_version == SCHEMA_VERSION
     assert isinstance(metadata.storage, Storage) and metadata.storage.bytes["features"] > 0
 
 

@@ -86,7 +86,7 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
 
 
 def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, context) -> tuple[list[str], dict]:
-    path = paths.located_array(name, metadata.integrity.commit_id if metadata.integrity else None)
+    path = paths.located_array(name, metadata.commit_id)
     where = f"{paths.name} {name}"
     info: dict[str, Any] = {"path": str(path)}
     if not path.is_dir():
@@ -152,7 +152,7 @@ def attribute_problems(where: str, name: str, attributes: dict, metadata: Volume
     """The array must come from the run that wrote the metadata, and sit where it says."""
     problems = []
     commit = (attributes.get("dinov3_cache") or {}).get("commit_id")
-    expected = metadata.integrity.commit_id if metadata.integrity else None
+    expected = metadata.commit_id
     if commit != expected:
         problems.append(f"{where}: array was written by another run (commit id {commit}, metadata says {expected})")
     configuration = metadata.configuration

@@ -5,6 +5,7 @@ commit on. The commit itself and what counts as debris: dinov3_cache/commit_prot
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import threading
@@ -54,9 +55,10 @@ def volume_bytes_needed(config: ExtractionConfig, crop: SourceCrop, hidden_size:
     the labels and mask, and the raw crop with --save-raw."""
     itemsize = dtype_itemsize(config.features_dtype)
     d = config.geometry.output_image_dim
-    values = d**3 if config.layout == "dense" else len(config.planes) * d * grid_size**2
+    tokens = hidden_size * len(config.planes) * d * grid_size**2
+    values = math.prod(config.geometry.feature_shape(hidden_size)) if config.layout == "dense" else tokens
     arrays = [crop.gt, crop.mask] + ([crop.raw] if config.save_raw else [])
-    return hidden_size * values * itemsize + sum(a.nbytes for a in arrays if a is not None)
+    return values * itemsize + sum(a.nbytes for a in arrays if a is not None)
 
 
 def check_free_space(free_bytes: int, needed_bytes: int, output_dir: Path, volume_index: int) -> None:

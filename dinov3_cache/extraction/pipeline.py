@@ -228,10 +228,9 @@ class ExtractedVolume:
         storage = {name: bytes_on_disk(config.paths.staged_array(name)) for name in self.staged.stores}
         # after the load: the fingerprint records the weights actually loaded
         fingerprint_values = config.fingerprint_values(self.source)
-        body = volume_metadata(config, self.loaded, self.crop, self.staged, self.writer.checksums, storage, self.stats,
-                               self.commit_id, fingerprint_values)
         # checked against the schema before anything of an existing volume is touched
-        metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
+        metadata = volume_metadata(config, self.loaded, self.crop, self.staged, self.writer.checksums, storage, self.stats,
+                                   self.commit_id, fingerprint_values, rounded(timing))
         timing["total_seconds"] = time.perf_counter() - self.started
         metadata = replace(metadata, timing=rounded(timing)).sealed()
         keep_running_on_sigterm()

@@ -150,7 +150,7 @@ def feature_array_spec(config: ExtractionConfig, n_channels: int, grid_size: int
     if config.layout == "tokens":
         shape = (len(config.planes), n_channels, d, grid_size, grid_size)
         return "tokens", shape, (1, *feature_chunks(shape[1:], requested))  # one plane per chunk
-    shape = (n_channels, d, d, d)
+    shape = config.geometry.feature_shape(n_channels)
     return "features", shape, feature_chunks(shape, requested)
 
 

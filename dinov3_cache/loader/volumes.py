@@ -80,7 +80,7 @@ class CachedVolume:
 
     @property
     def commit_id(self) -> str | None:
-        return self.metadata.integrity.commit_id if self.metadata.integrity else None
+        return self.metadata.commit_id
 
     def recorded_checksums(self, array: str) -> dict[str, int]:
         integrity = self.metadata.integrity
@@ -104,7 +104,7 @@ class CachedVolume:
             if self.paths.metadata.exists():
                 raise volume_changed_error(self, f"replaced by a volume whose metadata is unreadable ({e})") from None
             raise volume_changed_error(self, "removed (its metadata file is gone)") from None
-        commit_id = now.integrity.commit_id if now.integrity else None
+        commit_id = now.commit_id
         if self.commit_id is None or commit_id != self.commit_id:  # without commit ids any new metadata is another volume
             raise volume_changed_error(self, f"replaced (now commit {commit_id}, loaded as commit {self.commit_id})")
         return identity_of(stat)
