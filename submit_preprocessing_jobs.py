@@ -24,6 +24,7 @@ from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
 from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
 from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
+from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
 from dinov3_cache.extraction.preflight import (
@@ -40,13 +41,8 @@ from dinov3_cache.extraction.settings import (
     write_settings_file,
 )
 from dinov3_cache.indices import check_index, format_ranges, parse_index_list
-from dinov3_cache.layout import (
-    committed_volume_indices,
-    now_iso,
-    settings_file_path,
-    submission_stamp,
-    write_submission_record,
-)
+from dinov3_cache.layout import settings_file_path, submission_stamp, write_submission_record
+from dinov3_cache.records import now_iso
 from dinov3_cache.sources.registry import source_from_settings, source_type
 
 

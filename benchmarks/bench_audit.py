@@ -27,13 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dinov3_cache.layout import (
-    ARRAY_NAMES,
-    VolumePaths,
-    read_json,
-    write_json_atomic,
-    write_submission_record,
-)
+from dinov3_cache.layout import write_submission_record
+from dinov3_cache.paths import ARRAY_NAMES, VolumePaths
+from dinov3_cache.records import read_json, write_json_atomic
 from dinov3_cache.schema import seal_metadata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from benchmarks.bench_tokens_loader import tokens_cache
 from benchmarks.loader_bench_cache import DEFAULT_ROOT, ensure_cache
-from dinov3_cache.layout import VolumePaths, feature_array_name, iter_files
+from dinov3_cache.disk import iter_files
 from dinov3_cache.loader.identity import VERIFIED_CHUNKS
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.schema import load_volume_metadata
 from preprocessed_dataloader import PreprocessedDINOv3Dataset
 
 READINGS = ("unverified", "default, 1st", "default")
@@ -54,7 +56,7 @@ def read_pass(cache: Path, reading: str, threads: int, crop: int | None, crops: 
 def verifier_rate(cache: Path) -> tuple[float, int]:
     """crc32 bytes per second over the volume's stored feature chunks, one thread, from memory."""
     paths = VolumePaths(cache, 0)
-    array = paths.array(feature_array_name("tokens" if paths.array("tokens").is_dir() else "dense"))
+    array = paths.array(load_volume_metadata(paths.metadata).storage_form.array_name)
     chunks = [Path(entry.path).read_bytes() for entry in iter_files(array) if not entry.name.startswith((".z", "zarr.json"))]
     started = time.perf_counter()
     for data in chunks:

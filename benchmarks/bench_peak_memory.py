@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_common import peak_rss_gb_of_children
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 
 REPO = Path(__file__).resolve().parents[1]

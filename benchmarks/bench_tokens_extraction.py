@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dinov3_cache.layout import VolumePaths, bytes_on_disk
+from dinov3_cache.disk import bytes_on_disk
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 from benchmarks.loader_bench_cache import DEFAULT_ROOT, ensure_cache, extraction_args
+from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.extraction.model import resolve_device
-from dinov3_cache.layout import committed_volume_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

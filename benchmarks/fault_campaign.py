@@ -80,7 +80,7 @@ class Campaign:
 def committed_features(out: Path, index: int = 0, **options) -> np.ndarray | None:
     """The volume as the loader hands it to training (default settings unless `options` say
     otherwise), or None when none is committed."""
-    from dinov3_cache.layout import is_volume_complete
+    from dinov3_cache.commit_protocol import is_volume_complete
     from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 
     if not is_volume_complete(out, index):
@@ -90,7 +90,8 @@ def committed_features(out: Path, index: int = 0, **options) -> np.ndarray | Non
 
 
 def debris_left(out: Path, index: int = 0) -> list[str]:
-    from dinov3_cache.layout import VolumePaths, partial_debris
+    from dinov3_cache.commit_protocol import partial_debris
+    from dinov3_cache.paths import VolumePaths
 
     return [p.name for p in partial_debris(VolumePaths(out, index))]
 
@@ -208,7 +209,7 @@ def concurrent_runs(c: Campaign, trials: int, tally: Tally) -> None:
 def damages(root: Path, several_chunks: bool = True):
     """(name, detected without checksums, damage) for each damage of volume 0 (chunks swapped
     within an array only where its features have several chunks: 0.0.0.0 and 0.1.1.1)."""
-    from dinov3_cache.layout import VolumePaths
+    from dinov3_cache.paths import VolumePaths
 
     v0, v1 = VolumePaths(root, 0), VolumePaths(root, 1)
     features0, features1 = v0.array("features"), v1.array("features")
@@ -233,7 +234,7 @@ def damage_campaign(cache: Path, work: Path, default: Tally, always: Tally, chec
     checked without checksums, none may reach training with them off; `checksum_only`: kinds
     only checksums catch, read with them off (counted in its notes, not failures: it is the
     explicit opt-out; left out when None)."""
-    from dinov3_cache.layout import VolumePaths
+    from dinov3_cache.paths import VolumePaths
 
     clean = committed_features(cache, verify_checksums=False)
     several_chunks = (VolumePaths(cache, 0).array("features") / "0.1.1.1").is_file()

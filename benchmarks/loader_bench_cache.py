@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dinov3_cache.layout import committed_volume_indices
+from dinov3_cache.commit_protocol import committed_volume_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinov3_cache.layout import iter_files
+from dinov3_cache.disk import iter_files
 from dinov3_cache.zarr_arrays import ArrayMetadata, chunk_key, chunk_slices
 
 

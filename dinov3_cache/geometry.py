@@ -53,6 +53,11 @@ class CropGeometry:
     def extent_nm(self) -> float:
         return self.output_image_dim * self.base_resolution
 
+    def feature_shape(self, channels: int) -> tuple[int, int, int, int]:
+        """(C, D, D, D): a volume's features, as the dense layout stores them and every layout delivers."""
+        d = self.output_image_dim
+        return (channels, d, d, d)
+
     def label_grid(self, offset_nm: Sequence[float]) -> VoxelGrid:
         """The grid of features, gt and mask for a crop whose corner is at offset_nm."""
         return VoxelGrid.cube(self.base_resolution, offset_nm, self.output_image_dim)

@@ -11,29 +11,36 @@ document writes back to an equal dict, so its digest still holds.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dinov3_cache.errors import EXIT_DAMAGED, CacheToolError
-from dinov3_cache.geometry import VoxelGrid
-from dinov3_cache.layout import canonical_json
+from dinov3_cache.geometry import AxisTransform, VoxelGrid
+from dinov3_cache.json_schema import (
+    BOOL,
+    INT,
+    NUMBER,
+    OBJECT,
+    STRING,
+    MetadataError,
+    Part,
+    Reading,
+    describe,
+    json_key,
+    list_of,
+    map_of,
+    nullable,
+    parse_value,
+)
+from dinov3_cache.records import canonical_json
 from dinov3_cache.storage import FeatureStorage, UnknownStorageForm, storage_for, storage_form_names
 
 SCHEMA_VERSION = 2
 METADATA_DIGEST_KEY = "metadata_digest"
-
-
-class MetadataError(CacheToolError):
-    """A metadata document is unreadable or does not match its schema version."""
-
-    exit_status = EXIT_DAMAGED
 
 
 # ----------------------------------------------------------------------------- digest and fingerprint
@@ -58,147 +65,21 @@ def config_fingerprint(values: dict) -> str:
     return hashlib.sha256(canonical_json(values).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- JSON value types
-
-
-def _same(value: Any) -> Any:
-    return copy.deepcopy(value)  # parts are frozen: no caller shares a mutable value with them
-
-
-@dataclass(frozen=True)
-class JsonType:
-    """A JSON value's type: its name (for messages and the reference), a check, and how the
-    value is held in Python (lists as tuples) and written back."""
-
-    name: str
-    check: Callable[[Any], bool]
-    load: Callable[[Any], Any] = _same
-    dump: Callable[[Any], Any] = _same
-    entries: JsonType | None = None  # the type of each entry of an object: messages name the bad entry
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _scalar(name: str, check: Callable[[Any], bool]) -> JsonType:
-    return JsonType(name, check, lambda v: v, lambda v: v)  # immutable: nothing to copy
-
-
-INT = _scalar("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
-NUMBER = _scalar("number", _is_number)
-STRING = _scalar("string", lambda v: isinstance(v, str))
-BOOL = _scalar("bool", lambda v: isinstance(v, bool))
-OBJECT = JsonType("object", lambda v: isinstance(v, dict))
-
-
-def _grouped(name: str) -> str:
-    return f"({name})" if " or " in name else name
-
-
-def list_of(item: JsonType) -> JsonType:
-    return JsonType(f"list of {_grouped(item.name)}", lambda v: isinstance(v, list) and all(map(item.check, v)),
-                    lambda v: tuple(map(item.load, v)), lambda v: list(map(item.dump, v)))
-
-
-def map_of(item: JsonType) -> JsonType:
-    return JsonType(f"object of {_grouped(item.name)}",
-                    lambda v: isinstance(v, dict) and all(isinstance(k, str) and item.check(x) for k, x in v.items()),
-                    lambda v: {k: item.load(x) for k, x in v.items()}, lambda v: {k: item.dump(x) for k, x in v.items()},
-                    entries=item)
-
-
-def nullable(item: JsonType) -> JsonType:
-    return JsonType(f"{item.name} or null", lambda v: v is None or item.check(v),
-                    lambda v: None if v is None else item.load(v), lambda v: None if v is None else item.dump(v))
-
-
-def json_key(doc: str, kind: JsonType | type, since: int | None = 1, shown_as: tuple[str, str] | None = None) -> Any:
-    """A documented key. since: the schema version from which the key is required (None:
-    never required); kind: its JsonType or the Part class of a nested object; shown_as:
-    (key, type) for the reference where the field stands for several keys."""
-    return field(default=None, metadata={"doc": doc, "kind": kind, "since": since, "shown_as": shown_as})
-
-
-def _describe(value: Any) -> str:
-    kind = {bool: "bool", int: "int", float: "number", str: "string", list: "list", dict: "object"}.get(type(value), "null")
-    text = json.dumps(value)
-    return f"{kind} {text[:60] + '...' if len(text) > 60 else text}"
-
-
-# ----------------------------------------------------------------------------- parts
-
-
-@dataclass(frozen=True)
-class _Reading:
-    source: str  # the file (or "metadata") named in every message
-    version: int  # the rules to apply: min(document version, SCHEMA_VERSION)
-
-
 @dataclass(frozen=True, kw_only=True)
-class Part:
-    """One JSON object of the document. `extra`: keys this schema does not know, kept as read;
-    `absent`: optional keys the document did not have, so that writing it back adds none."""
+class WorldTransform(Part):
+    """Which world voxel each stored index shows (geometry.AxisTransform): the identity unless
+    the crop was augmented (flipped and transposed inside its bounding box)."""
 
-    extra: dict = field(default_factory=dict)
-    absent: frozenset = frozenset()
+    axis_order: tuple[int, ...] = json_key("stored = transpose(unaugmented, axis_order), then the flips", list_of(INT))
+    flip: tuple[bool, ...] = json_key("the stored axes flipped after the transpose", list_of(BOOL))
+    rule: str = json_key("the rule in words", STRING)
+    affine_nm: dict[str, tuple[tuple[float, ...], ...]] = json_key(
+        "per grid ('labels', 'raw'): 4x4 matrix from a stored voxel index (z, y, x, 1) to the world nm of its centre",
+        map_of(list_of(list_of(NUMBER))))
 
-    @classmethod
-    def schema_fields(cls) -> list:
-        return [f for f in fields(cls) if "doc" in f.metadata]
-
-    @classmethod
-    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
-        return doc
-
-    def _finish(self, doc: dict) -> dict:
-        return doc
-
-    @classmethod
-    def _parse(cls, doc: Any, reading: _Reading, where: str):
-        if not isinstance(doc, dict):
-            raise MetadataError(f"{reading.source}: {where or 'the document'} must be an object, got {_describe(doc)}")
-        doc = cls._prepare(doc, reading, where)
-        values, absent = {}, set()
-        for f in cls.schema_fields():
-            path = f"{where}.{f.name}" if where else f.name
-            if f.name not in doc:
-                since = f.metadata["since"]
-                if since is not None and reading.version >= since:
-                    raise MetadataError(
-                        f"{reading.source}: required key '{path}' is missing (schema version {reading.version}); "
-                        "the file is damaged or is not a cache volume's metadata"
-                    )
-                absent.add(f.name)
-                continue
-            values[f.name] = _parse_value(f.metadata["kind"], doc[f.name], reading, path)
-        known = {f.name for f in cls.schema_fields()}
-        extra = {k: copy.deepcopy(v) for k, v in doc.items() if k not in known}
-        return cls(**values, extra=extra, absent=frozenset(absent))
-
-    def to_dict(self) -> dict:
-        doc = {}
-        for f in self.schema_fields():
-            if f.name not in self.absent:
-                doc[f.name] = _dump_value(f.metadata["kind"], getattr(self, f.name))
-        return self._finish(doc) | copy.deepcopy(self.extra)
-
-
-def _parse_value(kind: JsonType | type, value: Any, reading: _Reading, path: str) -> Any:
-    if isinstance(kind, type):
-        return kind._parse(value, reading, path)
-    if not kind.check(value):
-        if kind.entries is not None and isinstance(value, dict):
-            for name, entry in value.items():
-                _parse_value(kind.entries, entry, reading, f"{path}[{json.dumps(name)}]")
-        raise MetadataError(f"{reading.source}: key '{path}' must be {kind.name}, got {_describe(value)}")
-    return kind.load(value)
-
-
-def _dump_value(kind: JsonType | type, value: Any) -> Any:
-    if value is None:
-        return None
-    return value.to_dict() if isinstance(kind, type) else kind.dump(value)
+    @property
+    def axis_transform(self) -> AxisTransform:
+        return AxisTransform(self.axis_order, self.flip)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,6 +91,18 @@ class SourceDataset(Part):
     paths: dict[str, str] = json_key("URL or path of each source array (raw and each organelle)", map_of(STRING))
     voxel_size_nm: dict | None = json_key("voxel size (nm, z y x) of the raw and label data read", OBJECT, since=None)
     offset_nm: tuple[float, ...] | None = json_key("world corner (nm, z y x) of the crop", list_of(NUMBER), since=None)
+    world_transform: WorldTransform | None = json_key(
+        "where the stored voxels sit in the world (absent: the identity)", WorldTransform, since=None)
+
+    @classmethod
+    def from_description(cls, description: dict) -> SourceDataset:
+        """A source's description of its crop (SourceCrop.description), checked as a new document's."""
+        return cls._parse(description, Reading("new metadata", SCHEMA_VERSION), "source_dataset")
+
+    @property
+    def axis_transform(self) -> AxisTransform:
+        """Where the stored voxels sit: the recorded transform, else the identity."""
+        return self.world_transform.axis_transform if self.world_transform is not None else AxisTransform()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,10 +160,10 @@ class Storage(Part):
     bytes: dict[str, int] = json_key("bytes on disk of each array", map_of(INT), since=2)
 
     @classmethod
-    def _prepare(cls, doc: dict, reading: _Reading, where: str) -> dict:
+    def _prepare(cls, doc: dict, reading: Reading, where: str) -> dict:
         per_array = {m["array"]: v for k, v in doc.items() if k != "total_gb" and (m := ARRAY_GB.match(k))}
         for name, gb in per_array.items():
-            _parse_value(NUMBER, gb, reading, f"{where}.{name}_gb")
+            parse_value(NUMBER, gb, reading, f"{where}.{name}_gb")
         rest = {k: v for k, v in doc.items() if k == "total_gb" or not ARRAY_GB.match(k)}
         return {"array_gb": per_array, **rest}
 
@@ -340,18 +233,20 @@ class VolumeMetadata(Part):
         """Parse a document of any version; MetadataError (naming source and key) if malformed."""
         source = str(source)
         if not isinstance(doc, dict):
-            raise MetadataError(f"{source}: the document must be an object, got {_describe(doc)}")
+            raise MetadataError(f"{source}: the document must be an object, got {describe(doc)}")
         version = doc.get("schema_version", 1)
         if not INT.check(version) or version < 1:
-            raise MetadataError(f"{source}: key 'schema_version' must be an int >= 1, got {_describe(version)}")
-        parsed = cls._parse(doc, _Reading(source, min(version, SCHEMA_VERSION)), "")
+            raise MetadataError(f"{source}: key 'schema_version' must be an int >= 1, got {describe(version)}")
+        parsed = cls._parse(doc, Reading(source, min(version, SCHEMA_VERSION)), "")
         return replace(parsed, schema_version=version)
 
     @classmethod
-    def build(cls, body: dict) -> VolumeMetadata:
-        """A new document of the current version from the writer's dict, checked and sealed."""
-        doc = {"schema_version": SCHEMA_VERSION, **body, METADATA_DIGEST_KEY: ""}
-        return cls.from_dict(doc, "new metadata").sealed()
+    def build(cls, metadata: VolumeMetadata) -> VolumeMetadata:
+        """A new document of the current version as the writer made it, checked against the
+        schema (and its values held as every reader holds them: lists as tuples), and sealed."""
+        unsealed = replace(metadata, schema_version=SCHEMA_VERSION, metadata_digest="",
+                           absent=metadata.absent - {"schema_version", METADATA_DIGEST_KEY})
+        return cls.from_dict(unsealed.to_dict(), "new metadata").sealed()
 
     def to_dict(self) -> dict:
         doc = super().to_dict()  # a version 1 file has no schema_version: it stays absent
@@ -366,6 +261,11 @@ class VolumeMetadata(Part):
     def is_intact(self) -> bool:
         """The recorded digest matches the document (False when there is none)."""
         return metadata_is_intact(self.to_dict())
+
+    @property
+    def commit_id(self) -> str | None:
+        """The id of the commit that wrote the volume (None in version 1 files, which have none)."""
+        return self.integrity.commit_id if self.integrity is not None else None
 
     @property
     def storage_form(self) -> FeatureStorage:

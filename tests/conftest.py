@@ -137,7 +137,8 @@ def make_chunk_fill_valued(cache: Path, index: int, array: str, grid_index: tupl
 
     import tensorstore as ts
 
-    from dinov3_cache.layout import VolumePaths, read_json, write_json_atomic
+    from dinov3_cache.paths import VolumePaths
+    from dinov3_cache.records import read_json, write_json_atomic
     from dinov3_cache.schema import seal_metadata
     from dinov3_cache.zarr_arrays import ZARR_DRIVERS, chunk_key, read_array_metadata
 

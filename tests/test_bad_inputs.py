@@ -17,8 +17,9 @@ from conftest import REPO, TINY_GEOMETRY_ARGS, call_main, preprocess_args, run_s
 
 from dinov3_cache.errors import EXIT_USAGE
 from dinov3_cache.interrupt import EXIT_INTERRUPTED
-from dinov3_cache.layout import VolumePaths, read_json, write_json_atomic
 from dinov3_cache.loader.arguments import LoaderArgumentError, cpu_count, max_threads
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json, write_json_atomic
 from dinov3_cache.schema import seal_metadata
 from preprocessed_dataloader import CacheError, PreprocessedDINOv3Dataset, create_preprocessed_dataloader
 
@@ -295,7 +296,7 @@ def local_submission(out: Path, model_dir: Path, *extra: str) -> list[str]:
 
 def test_a_volume_held_by_another_run_is_not_a_failure_and_counts_once_that_run_completes_it(tmp_path, tiny_model_dir):
     from dinov3_cache.cluster.local import HELD, SKIPPED, ElementResult
-    from dinov3_cache.layout import VolumeLock
+    from dinov3_cache.locks import VolumeLock
 
     out = tmp_path / "cache"
     out.mkdir()

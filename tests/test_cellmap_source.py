@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from conftest import TINY_GEOMETRY_ARGS, free_port, run_script, s3_server_holding
 
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.sources.base import CropGeometry, LabelFilters, SamplingOptions, SourceError
 from dinov3_cache.sources.cellmap import (
     CATALOG_FILE_NAME,

@@ -22,20 +22,17 @@ from dinov3_cache.audit.png import MARGIN, decode_png
 from dinov3_cache.audit.report import EXIT_INCOMPLETE
 from dinov3_cache.audit.scan import StorageMeasure, expected_volumes
 from dinov3_cache.audit.summaries import read_complete_volumes, storage_summary
+from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
 from dinov3_cache.layout import (
     SCHEDULER_LOG_RE,
-    VolumePaths,
-    bytes_on_disk,
     job_element,
-    preview_path,
-    read_json,
     scheduler_log_name,
     scheduler_logs_dir,
-    write_json_atomic,
-    write_status,
     write_submission_record,
 )
+from dinov3_cache.paths import VolumePaths, preview_path
+from dinov3_cache.records import read_json, write_json_atomic, write_status
 
 SLURM_OOM = (
     "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5001.batch. "
@@ -619,7 +616,7 @@ def test_huge_indices_are_one_error_line(tmp_path, args, option):
 def test_debris_of_every_kind_is_listed_and_removed_but_a_live_runs_is_not(tmp_path, built_cache):
     import fcntl
 
-    from dinov3_cache.layout import VolumePaths, temp_path
+    from dinov3_cache.paths import VolumePaths, temp_path
 
     out = tmp_path / "cache"
     shutil.copytree(built_cache, out)

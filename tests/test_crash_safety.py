@@ -12,9 +12,10 @@ from conftest import call_main, preprocess_args
 
 from benchmarks.fault_campaign import Campaign, Tally, damage_campaign, kill_sweep
 from benchmarks.fault_injection import ForkServer
-from dinov3_cache.layout import VolumePaths, partial_debris, remove_tree, temp_path
+from dinov3_cache.commit_protocol import partial_debris, remove_tree
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.volumes import CacheError
+from dinov3_cache.paths import VolumePaths, temp_path
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="a C compiler builds the library that kills runs at chosen calls")

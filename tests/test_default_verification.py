@@ -15,8 +15,8 @@ import torch
 from conftest import call_main, make_chunk_fill_valued, preprocess_args, run_script
 
 from dinov3_cache.errors import EXIT_DAMAGED
-from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader import reader as reader_module
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import CacheError, PreprocessedDINOv3Dataset, VolumeReadError
 

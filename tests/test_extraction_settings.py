@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_GEOMETRY_ARGS, call_main, run_script
 
+from dinov3_cache.commit_protocol import is_volume_complete
 from dinov3_cache.extraction.settings import (
     SETTINGS_FORMAT,
     SETTINGS_VERSION,
@@ -18,7 +19,8 @@ from dinov3_cache.extraction.settings import (
     settings_from_args,
     write_settings_file,
 )
-from dinov3_cache.layout import VolumePaths, is_volume_complete, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.switch import Switch
 from preprocess_volume import build_parser, parse_args
 

@@ -17,7 +17,9 @@ import torch
 from conftest import REPO, call_main, preprocess_args
 
 from dinov3_cache.extraction.model import FEATURE_TOLERANCE, CachedRopeTables, load_model
-from dinov3_cache.layout import VolumeLock, VolumePaths, read_json
+from dinov3_cache.locks import VolumeLock
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 
 
 def features(paths: VolumePaths) -> np.ndarray:

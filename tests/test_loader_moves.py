@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import call_main, preprocess_args
 
-from dinov3_cache.extraction import commit
-from dinov3_cache.layout import VolumePaths, committed_arrays, remove_tree
+from dinov3_cache import commit_protocol
+from dinov3_cache.commit_protocol import committed_arrays, remove_tree
 from dinov3_cache.loader.reader import VolumeReader
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import PreprocessedDINOv3Dataset, VolumeReadError
 
@@ -51,7 +52,8 @@ def into_commit_directory(cache: Path) -> None:
     """Leave volume 0 as a commit killed before its arrays took the seed names: each array in
     volume_000000.commit-ID/NAME.zarr, ID the committed metadata's commit id."""
     paths = VolumePaths(cache, 0)
-    commit_id, arrays = committed_arrays(paths)
+    committed = committed_arrays(paths)
+    commit_id, arrays = committed.commit_id, committed.arrays
     paths.commit_dir(commit_id).mkdir()
     for name in arrays:
         paths.array(name).rename(paths.commit_dir(commit_id) / f"{name}.zarr")
@@ -61,7 +63,7 @@ def into_commit_directory(cache: Path) -> None:
 def finish_commit(cache: Path) -> None:
     """What the next run of the index does first: the arrays take their seed names."""
     paths = VolumePaths(cache, 0)
-    commit.finish_commit(paths, *committed_arrays(paths))
+    commit_protocol.finish_commit(paths, committed_arrays(paths))
     assert not any(p.name.startswith("volume_000000.commit-") for p in cache.iterdir())
 
 
@@ -134,7 +136,7 @@ def test_a_volume_overwritten_under_an_open_dataset_is_an_error_never_values(
     item(dataset)
     unread = PreprocessedDINOv3Dataset(cache, reader=reader)  # its arrays are opened after the overwrite
     if not finished:  # new metadata committed, the old arrays still under the seed names
-        monkeypatch.setattr(commit, "tidy_volume", lambda paths: [])
+        monkeypatch.setattr(commit_protocol, "tidy_volume", lambda paths: [])
     call_main("preprocess_volume", *preprocess_args(cache, 0, tiny_model_dir, "--planes", "xy", "--overwrite"), check=True)
     monkeypatch.undo()
     for index in range(3):  # crops read before and crops not read before

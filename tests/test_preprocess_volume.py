@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, TINY_GEOMETRY_ARGS, call_main, preprocess_args, run_script
 
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.schema import metadata_is_intact
 from dinov3_cache.zarr_arrays import open_array
 

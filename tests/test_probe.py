@@ -12,7 +12,7 @@ import tensorstore as ts
 from conftest import call_main, preprocess_args
 
 from dinov3_cache.audit.png import decode_png
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.probe import run_probe
 from dinov3_cache.probe.options import ProbeOptions, split_indices
 from dinov3_cache.zarr_arrays import block_checksums

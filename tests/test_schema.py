@@ -21,14 +21,16 @@ import pytest
 from conftest import call_main, preprocess_args
 
 from dinov3_cache.errors import EXIT_DAMAGED
-from dinov3_cache.geometry import VoxelGrid
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.geometry import AxisTransform, VoxelGrid
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.schema import (
     SCHEMA_VERSION,
     MetadataError,
     SourceDataset,
     Storage,
     VolumeMetadata,
+    WorldTransform,
     canonical_json,
     load_volume_metadata,
     metadata_digest,
@@ -48,7 +50,7 @@ def v1() -> dict:
 @pytest.fixture
 def v2(v1) -> dict:
     body = {k: v for k, v in v1.items() if k != "metadata_digest"}
-    return VolumeMetadata.build(body).to_dict()
+    return VolumeMetadata.build(VolumeMetadata.from_dict(body)).to_dict()
 
 
 def parts_of(part, prefix=""):
@@ -204,12 +206,34 @@ def test_the_reference_lists_every_key(v1):
     reference = schema_reference()
     rows = [line for line in reference.splitlines() if line.startswith("| `")]
     listed = {row.split("`")[1] for row in rows}
+    transform = AxisTransform().to_record({"labels": VoxelGrid.cube(128, (0, 0, 0), 16)})  # every optional part
+    every_part = {**v1, "source_dataset": {**v1["source_dataset"], "world_transform": transform}}
     expected = {f"{prefix}{(f.metadata['shown_as'] or (f.name,))[0]}"
-                for prefix, part in parts_of(VolumeMetadata.from_dict(v1)) for f in part.schema_fields()}
+                for prefix, part in parts_of(VolumeMetadata.from_dict(every_part)) for f in part.schema_fields()}
     assert listed == expected
     assert len(rows) == len(expected)
     assert "| `configuration.fingerprint` | string | from v2 |" in reference
     assert "| `storage.<array>_gb` | number, one key per array | always |" in reference
+
+
+def test_the_world_transform_reads_typed_and_writes_back_the_same(v2):
+    moved = AxisTransform((2, 0, 1), (True, False, True))
+    record = moved.to_record({"labels": VoxelGrid.cube(128, (0, 0, 0), 16)})
+    doc = {**v2, "source_dataset": {**v2["source_dataset"], "world_transform": record}}
+    metadata = VolumeMetadata.from_dict(doc)
+    assert isinstance(metadata.source_dataset.world_transform, WorldTransform)
+    assert "world_transform" not in metadata.source_dataset.extra
+    assert metadata.source_dataset.axis_transform == moved and metadata.to_dict() == doc
+    assert VolumeMetadata.from_dict(v2).source_dataset.axis_transform == AxisTransform()  # absent: the identity
+    bad = {**doc, "source_dataset": {**doc["source_dataset"], "world_transform": {**record, "flip": [1, 0, 0]}}}
+    with pytest.raises(MetadataError, match=r"'source_dataset\.world_transform\.flip' must be list of bool"):
+        VolumeMetadata.from_dict(bad)
+
+
+def test_the_commit_id_is_read_through_the_schema(v1, v2):
+    assert VolumeMetadata.from_dict(v2).commit_id == v2["integrity"]["commit_id"]
+    without = {k: v for k, v in v1.items() if k not in ("integrity", "metadata_digest")}
+    assert VolumeMetadata.from_dict(without).commit_id is None  # version 1 files may have none
 
 
 # ----------------------------------------------------------------------------- real caches
@@ -224,8 +248,8 @@ def test_the_writer_records_no_key_the_schema_does_not_know(tmp_path, tiny_model
     unknown = {f"{prefix}{k}" for prefix, part in parts_of(metadata)
                if not isinstance(part, SourceDataset) for k in part.extra}  # sources add their own keys
     assert unknown == set()
-    assert VolumeMetadata.from_dict(VolumeMetadata.build(
-        {k: v for k, v in doc.items() if k != "metadata_digest"}).to_dict()).schema_version == SCHEMA_VERSION
+    assert isinstance(metadata.source_dataset.world_transform, WorldTransform)  # typed, not kept as an unknown key
+    assert VolumeMetadata.from_dict(VolumeMetadata.build(metadata).to_dict()).schema_version == SCHEMA_VERSION
     assert isinstance(metadata.storage, Storage) and metadata.storage.bytes["features"] > 0
 
 

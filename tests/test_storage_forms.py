@@ -15,8 +15,8 @@ import torch
 
 from dinov3_cache.audit.verify import verify_volume
 from dinov3_cache.errors import CacheToolError
-from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.storage import FeatureStorage, register_storage, unregister_storage
 from dinov3_cache.storage.dense import write_dense_slab
 from dinov3_cache.zarr_arrays import clamp_chunks

@@ -18,16 +18,11 @@ from dinov3_cache.cluster.jobs import JobSpec, split_arrays
 from dinov3_cache.cluster.lsf import LsfScheduler
 from dinov3_cache.cluster.resources import Resources, parse_walltime
 from dinov3_cache.cluster.slurm import SlurmScheduler
-from dinov3_cache.layout import (
-    VolumeLock,
-    VolumePaths,
-    is_volume_complete,
-    read_json,
-    read_status,
-    read_submission_records,
-    scheduler_logs_dir,
-    write_json_atomic,
-)
+from dinov3_cache.commit_protocol import is_volume_complete
+from dinov3_cache.layout import read_submission_records, scheduler_logs_dir
+from dinov3_cache.locks import VolumeLock
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json, read_status, write_json_atomic
 
 SUBMIT = "submit_preprocessing_jobs.py"
 START_SLURM = REPO / "tests" / "slurm" / "start_slurm.sh"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dinov3_cache.extraction.settings import ExtractionSettings
-from dinov3_cache.layout import VolumePaths
 from dinov3_cache.loader.dataloader import create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import ReadResources
 from dinov3_cache.loader.volumes import find_volumes
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.storage import storage_for
 from dinov3_cache.storage.upsampling import rounding_bound
 from dinov3_cache.zarr_arrays import open_array, ts_context

@@ -24,7 +24,8 @@ from conftest import TINY_GEOMETRY_ARGS, call_main, run_script, s3_server_holdin
 
 from dinov3_cache.audit.view import SOURCE_BASE_URL, STATE_BASE_URL, state_layer
 from dinov3_cache.audit.view_source import SourceLayer, SourceOrigin, StoredDimensions, state_url, stored_dimensions
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.sources.cellmap import Level, LevelArray, Multiscale, Storage
 from dinov3_cache.zarr_arrays import read_attributes
 

@@ -10,7 +10,8 @@ from conftest import call_main, preprocess_args
 
 from dinov3_cache.extraction.model import load_model
 from dinov3_cache.extraction.weights import RANDOM_MODEL_SEED, ModelError, weights_identity, weights_identity_resolved
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 
 
 def save_tiny_model(path: Path, seed: int) -> None:

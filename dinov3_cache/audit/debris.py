@@ -8,27 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinov3_cache.audit.scan import DirectoryScan, scan_directory
-from dinov3_cache.layout import (
-    VolumeLock,
-    VolumeLocked,
-    VolumePaths,
-    bytes_on_disk,
-    fsync_directory,
-    lock_is_held,
-    partial_debris,
-    remove_tree,
-)
+from dinov3_cache.audit.scan import scan_directory
+from dinov3_cache.commit_protocol import partial_debris, remove_dead_debris
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import fsync_directory
 
 
 def removal_command(output_dir: Path) -> str:
     return f"python check_preprocessing.py --output-dir {output_dir} --remove-debris"
-
-
-def dead_debris(paths: VolumePaths, scan: DirectoryScan) -> list[Path]:
-    """The volume's debris from the scan's names; none while a live run holds its lock."""
-    debris = partial_debris(paths, scan.listing(paths.volume_index))
-    return debris if debris and not lock_is_held(paths) else []
 
 
 @dataclass
@@ -47,14 +34,11 @@ def remove_debris(output_dir: Path) -> tuple[list[Removed], list[int]]:
         paths = VolumePaths(output_dir, index)
         if not partial_debris(paths, scan.listing(index)):
             continue
-        try:
-            with VolumeLock(paths):  # a run starting now waits for (or is refused by) this lock
-                for path in partial_debris(paths):  # listed again, under the lock
-                    size = bytes_on_disk(path)
-                    remove_tree(path)
-                    removed.append(Removed(str(path), size))
-        except VolumeLocked:
+        gone = remove_dead_debris(paths)
+        if gone is None:
             live.append(index)
+        else:
+            removed += [Removed(str(path), size) for path, size in gone]
     if removed:
         fsync_directory(output_dir)
     return removed, live

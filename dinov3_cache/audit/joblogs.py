@@ -10,15 +10,11 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dinov3_cache.audit.debris import dead_debris
 from dinov3_cache.audit.scan import DirectoryScan
-from dinov3_cache.layout import (
-    SCHEDULER_LOG_RE,
-    VolumePaths,
-    job_element,
-    read_status,
-    scheduler_logs_dir,
-)
+from dinov3_cache.commit_protocol import dead_debris
+from dinov3_cache.layout import SCHEDULER_LOG_RE, job_element, scheduler_logs_dir
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_status
 
 LOG_READ_BYTES = 64 * 1024  # kill messages and errors sit at the end of a job log
 
@@ -215,7 +211,7 @@ def classify_pending(
     if entry.state == "failed":
         entry.log_tail = logs.tail
     if entry.state != "running" and scan.entries.get(index):
-        entry.debris = [str(p) for p in dead_debris(paths, scan)]
+        entry.debris = [str(p) for p in dead_debris(paths, scan.listing(paths.volume_index))]
         if entry.debris and entry.state == "not_started":
             entry.state = "partial"
     return entry

@@ -13,7 +13,7 @@ import numpy as np
 
 from dinov3_cache.audit.png import compose, write_png
 from dinov3_cache.audit.summaries import source_label
-from dinov3_cache.layout import VolumePaths, preview_path
+from dinov3_cache.paths import VolumePaths, preview_path
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, ts_context
 

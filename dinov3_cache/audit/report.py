@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dinov3_cache.audit.debris import dead_debris
 from dinov3_cache.audit.joblogs import PendingVolume, SchedulerLogs, classify_pending
 from dinov3_cache.audit.live_jobs import mark_vanished_jobs
 from dinov3_cache.audit.scan import AuditError, StorageMeasure, expected_volumes, scan_directory
@@ -29,9 +28,12 @@ from dinov3_cache.audit.summaries import (
     throughput,
     timing_statistics,
 )
+from dinov3_cache.commit_protocol import dead_debris
+from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import ARRAY_NAMES, VolumePaths, bytes_on_disk, read_submission_records, submissions_dir
+from dinov3_cache.layout import read_submission_records, submissions_dir
+from dinov3_cache.paths import ARRAY_NAMES, VolumePaths
 
 if TYPE_CHECKING:
     from dinov3_cache.audit.verify import VolumeCheck
@@ -108,7 +110,7 @@ def gather_report(
         if i not in complete_set and i not in expected_set
     ]
     debris_of_complete = [
-        PendingVolume(i, "complete", debris=[str(p) for p in dead_debris(VolumePaths(output_dir, i), scan)])
+        PendingVolume(i, "complete", debris=[str(p) for p in dead_debris(VolumePaths(output_dir, i), scan.listing(i))])
         for i in complete if scan.has_unexpected_names(i)
     ]
     pending_all = pending + [p for p in debris_elsewhere + debris_of_complete if p.debris]

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import UsageError
-from dinov3_cache.layout import ARRAY_NAMES, VOLUME_ENTRY_RE, VolumePaths, bytes_on_disk, volume_entry_index
+from dinov3_cache.paths import ARRAY_NAMES, VOLUME_ENTRY_RE, VolumePaths, volume_entry_index
 
 
 class AuditError(UsageError):

@@ -16,7 +16,7 @@ from pathlib import Path
 from dinov3_cache.audit.joblogs import PendingVolume
 from dinov3_cache.audit.scan import StorageMeasure
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata
 from dinov3_cache.storage import DEFAULT_STORAGE_FORM
 

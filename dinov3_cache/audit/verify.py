@@ -19,7 +19,7 @@ import numpy as np
 from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem, volume_index_problem
 from dinov3_cache.chunk_files import StoredLayout, missing_written_chunks, present_files, stored_layout
 from dinov3_cache.errors import first_line
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 from dinov3_cache.zarr_arrays import (
     chunk_key,
@@ -95,7 +95,7 @@ def _chunk_problems_limit(problems: list[str], where: str) -> list[str]:
 
 
 def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, context) -> tuple[list[str], dict]:
-    path = paths.located_array(name, metadata.integrity.commit_id if metadata.integrity else None)
+    path = paths.located_array(name, metadata.commit_id)
     where = f"{paths.name} {name}"
     info: dict[str, Any] = {"path": str(path)}
     if not path.is_dir():
@@ -169,7 +169,7 @@ def attribute_problems(where: str, name: str, attributes: dict, metadata: Volume
     """The array must come from the run that wrote the metadata, and sit where it says."""
     problems = []
     commit = (attributes.get("dinov3_cache") or {}).get("commit_id")
-    expected = metadata.integrity.commit_id if metadata.integrity else None
+    expected = metadata.commit_id
     if commit != expected:
         problems.append(f"{where}: array was written by another run (commit id {commit}, metadata says {expected})")
     configuration = metadata.configuration

@@ -19,8 +19,8 @@ import numpy as np
 from dinov3_cache.audit.previews import pca_rgb
 from dinov3_cache.audit.view_source import CACHED_DIMENSIONS, SourceLayer, SourceOrigin, StoredDimensions, state_url
 from dinov3_cache.errors import CacheToolError
-from dinov3_cache.geometry import SPATIAL_AXES, UNIT, AxisTransform
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.geometry import SPATIAL_AXES, UNIT
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, read_array_metadata, read_attributes
 
@@ -64,7 +64,7 @@ def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[st
     """name -> (unmoved z, y, x[, rgb] array, its attributes) for every array of the volume."""
     paths = VolumePaths(Path(output_dir), index)
     metadata = load_volume_metadata(volume_metadata_path(output_dir, index))
-    transform = AxisTransform.from_record(metadata.source_dataset.to_dict().get("world_transform"))
+    transform = metadata.source_dataset.axis_transform
     arrays = {}
     for name in ("raw", "gt", "mask"):
         if paths.array(name).is_dir():

@@ -20,7 +20,7 @@ import numpy as np
 
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, CropGeometry
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap import CellMapSource, CropUnit, LevelArray, source_from_args

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dinov3_cache.errors import UsageError
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 
 DEFAULT_JOB_NAME = "dinov3_preprocess"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where the top-level scripts live

@@ -21,7 +21,7 @@ from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
 from dinov3_cache.errors import EXIT_LOCKED
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 
 COMPLETED, SKIPPED, FAILED, HELD = "completed", "skipped", "failed", "held"
 INTERRUPTED = "interrupted by the user (Ctrl-C)"

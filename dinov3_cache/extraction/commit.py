@@ -1,24 +1,10 @@
-"""Committing a volume: the output directory check, the skip-or-refuse check against an
-existing volume, removal of dead runs' debris, and the commit itself.
-
-The commit never leaves an index without a complete volume (old or new), whatever syscall
-a kill interrupts:
-
-1. the staged arrays are written under volume_X.partial/ (debris if killed: the old volume stands);
-2. volume_X.partial/ is renamed to volume_X.commit-ID/ (still debris: the old metadata names
-   another commit id);
-3. the new metadata (with commit id ID) is renamed into place: the single commit point.
-   Readers locate each array in volume_X.commit-ID/ while it is there (layout.located_array);
-4. each array of the replaced volume is removed and the new one renamed to the seed's name
-   (volume_X_features.zarr ...); then the empty commit directory is removed.
-
-Step 4 is idempotent and any later run of the index finishes it under the lock
-(finish_commit), before it removes the debris of dead runs (remove_debris)."""
+"""Extraction's side of committing a volume: the output directory check, the free-space
+check, the skip-or-refuse check against an existing volume, and holding SIGTERM from the
+commit on. The commit itself and what counts as debris: dinov3_cache/commit_protocol.py."""
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import threading
@@ -28,21 +14,10 @@ from pathlib import Path
 
 from dinov3_cache.extraction.config import ExtractionConfig, PreprocessingError
 from dinov3_cache.extraction.weights import weights_identity_resolved
-from dinov3_cache.layout import (
-    ARRAY_NAMES,
-    LOGS_DIR,
-    VolumePaths,
-    committed_arrays,
-    fsync_directory,
-    partial_debris,
-    remove_tree,
-    write_json_atomic,
-)
+from dinov3_cache.paths import LOGS_DIR, VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 from dinov3_cache.zarr_arrays import StorageError, dtype_itemsize
-
-log = logging.getLogger("dinov3_preprocessing")
 
 
 @dataclass
@@ -146,48 +121,6 @@ def existing_volume_check(
     return VolumeOutcome(
         "skipped", f"volume {config.volume_index} is already complete; skipping (use --overwrite to recompute)", metadata
     )
-
-
-def tidy_volume(paths: VolumePaths) -> list[Path]:
-    """Under the lock: finish a killed run's commit, then remove every dead run's debris of
-    this index (the lock guarantees no live run owns any). Returns what was removed."""
-    committed = committed_arrays(paths)
-    if committed:
-        finish_commit(paths, *committed)
-    removed = partial_debris(paths)
-    for debris in removed:
-        log.info("removing debris of an interrupted run: %s", debris)
-        remove_tree(debris)
-    if removed:
-        fsync_directory(paths.output_dir)
-    return removed
-
-
-def commit_volume(paths: VolumePaths, commit_id: str, metadata: dict) -> None:
-    """Make the staged arrays and `metadata` the volume (steps 2-4 above)."""
-    keep_running_on_sigterm()
-    os.rename(paths.staging, paths.commit_dir(commit_id))
-    fsync_directory(paths.output_dir)
-    write_json_atomic(paths.metadata, metadata)  # the commit point
-    tidy_volume(paths)  # step 4, and the replaced volume's arrays the new one lacks
-
-
-def finish_commit(paths: VolumePaths, commit_id: str | None, arrays: tuple[str, ...]) -> None:
-    """Step 4: give the committed arrays the seed's names. Each array is readable at every
-    instant: in the commit directory until its rename, under its own name after it."""
-    if not commit_id:
-        return
-    directory = paths.commit_dir(commit_id)
-    if not directory.is_dir():
-        return
-    for name in ARRAY_NAMES:
-        moving = directory / f"{name}.zarr"
-        if name in arrays and moving.is_dir():
-            remove_tree(paths.array(name))  # the replaced volume's array (or a partly removed one)
-            os.rename(moving, paths.array(name))
-    fsync_directory(paths.output_dir)
-    remove_tree(directory)
-    fsync_directory(paths.output_dir)
 
 
 DEFERRED_SIGNALS: list[int] = []  # SIGTERMs held since a commit started

@@ -11,7 +11,7 @@ from dinov3_cache.errors import CacheToolError, UsageError
 from dinov3_cache.extraction.normalization import normalization_for
 from dinov3_cache.extraction.weights import weights_identity
 from dinov3_cache.geometry import CropGeometry
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.sources.base import SamplingOptions, VolumeSource
 from dinov3_cache.storage import FeatureStorage
 from dinov3_cache.storage.planes import PLANE_AXES, PLANES

@@ -1,5 +1,5 @@
-"""A volume's metadata record: configuration, shapes, storage, statistics, integrity and
-provenance, and the running feature statistics it reports."""
+"""A volume's metadata record, built as the schema's VolumeMetadata: configuration, shapes,
+storage, statistics, integrity and provenance, and the running feature statistics it reports."""
 
 from __future__ import annotations
 
@@ -14,8 +14,18 @@ import torch
 
 from dinov3_cache.extraction.config import UPSAMPLING, ExtractionConfig
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.layout import now_iso, scheduler_job_id
-from dinov3_cache.schema import config_fingerprint
+from dinov3_cache.layout import scheduler_job_id
+from dinov3_cache.records import now_iso
+from dinov3_cache.schema import (
+    Configuration,
+    Integrity,
+    Provenance,
+    SourceDataset,
+    Statistics,
+    Storage,
+    VolumeMetadata,
+    config_fingerprint,
+)
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import CHECKSUM_ALGORITHM, codec_description
 
@@ -65,65 +75,73 @@ def volume_metadata(
     stats: FeatureStatistics,
     commit_id: str,
     fingerprint_values: dict,
-) -> dict:
+    timing: dict[str, float],
+) -> VolumeMetadata:
+    """The volume's metadata, checked against the schema and sealed (VolumeMetadata.build)."""
     paths = config.paths
     shapes = {name: list(store.shape) for name, store in staged.stores.items()}
     shapes.setdefault("raw", list(crop.raw.shape))
-    d = config.geometry.output_image_dim
-    shapes.setdefault("features", [loaded.hidden_size, d, d, d])  # what a tokens volume delivers
+    shapes.setdefault("features", list(config.geometry.feature_shape(loaded.hidden_size)))  # what a tokens volume delivers
+    return VolumeMetadata.build(VolumeMetadata(
+        volume_index=config.volume_index,
+        volume_name=paths.name,
+        timestamp=now_iso(),
+        paths={name: str(paths.array(name).resolve()) for name in staged.stores},
+        source_dataset=SourceDataset.from_description(crop.description),
+        shapes=shapes,
+        dtypes={name: str(store.dtype.numpy_dtype) for name, store in staged.stores.items()},
+        configuration=configuration(config, loaded, crop, staged, shapes, fingerprint_values),
+        timing=timing,
+        storage=Storage(array_gb={name: round(n / 1e9, 6) for name, n in storage_bytes.items()},
+                        total_gb=round(sum(storage_bytes.values()) / 1e9, 6), bytes=storage_bytes),
+        statistics=Statistics(**label_statistics(crop), features=stats.summary()),
+        integrity=Integrity(
+            commit_id=commit_id,
+            algorithm=CHECKSUM_ALGORITHM,
+            chunks={name: list(c) for name, c in staged.chunks.items()},
+            crc32={name: dict(sorted(sums.items())) for name, sums in checksums.items()},
+        ),
+        provenance=provenance(loaded),
+    ))
+
+
+def configuration(
+    config: ExtractionConfig, loaded: LoadedModel, crop: SourceCrop, staged: StagedArrays, shapes: dict, fingerprint_values: dict
+) -> Configuration:
     stored = config.storage_form.array_name
-    gb = {f"{name}_gb": round(n / 1e9, 6) for name, n in storage_bytes.items()}
-    return {
-        "volume_index": config.volume_index,
-        "volume_name": paths.name,
-        "timestamp": now_iso(),
-        "paths": {name: str(paths.array(name).resolve()) for name in staged.stores},
-        "source_dataset": crop.description,
-        "shapes": shapes,
-        "dtypes": {name: str(store.dtype.numpy_dtype) for name, store in staged.stores.items()},
-        "configuration": {
-            "model_id": config.model_id,
-            "model_revision": loaded.identity.get("revision"),
-            "pretrained": loaded.identity["pretrained"],
-            "base_resolution": config.geometry.base_resolution,
-            "min_resolution_for_raw": config.geometry.min_resolution_for_raw,
-            "output_image_dim": config.geometry.output_image_dim,
-            "slice_size": config.geometry.slice_size,
-            "patch_size": loaded.patch_size,
-            "planes": list(config.planes),
-            "plane_combination": "mean",
-            "slice_reduction": "area mean along the plane normal",
-            "upsampling": UPSAMPLING,
-            "normalization": loaded.normalization,
-            "intensity_range": list(crop.raw_range),
-            "organelles": list(config.sampling.organelles),
-            "gt_extension": config.sampling.gt_extension,
-            "filters": asdict(config.sampling.filters),
-            "features_dtype": config.features_dtype,
-            "compression": config.storage.compression,
-            "zarr_format": config.storage.zarr_format,
-            "layout": config.storage_form.name,
-            "chunks": list(staged.chunks[stored]),
-            "codecs": codec_description(config.storage, shapes[stored], staged.chunks[stored], config.features_dtype),
-            "batch_size": config.batch_size,
-            "device": str(loaded.device),
-            "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-            "execution": loaded.execution,  # not fingerprinted: features equal within model.FEATURE_TOLERANCE
-            "voxel_size_nm": {"features": list(crop.label_grid.voxel_size_nm), "raw": list(crop.raw_grid.voxel_size_nm)},
-            "offset_nm": list(crop.offset_nm),
-            "fingerprint": config_fingerprint(fingerprint_values),
-            "fingerprint_inputs": fingerprint_values,
-        },
-        "storage": {**gb, "total_gb": round(sum(storage_bytes.values()) / 1e9, 6), "bytes": storage_bytes},
-        "statistics": label_statistics(crop) | {"features": stats.summary()},
-        "integrity": {
-            "commit_id": commit_id,
-            "algorithm": CHECKSUM_ALGORITHM,
-            "chunks": {name: list(c) for name, c in staged.chunks.items()},
-            "crc32": {name: dict(sorted(sums.items())) for name, sums in checksums.items()},
-        },
-        "provenance": provenance(loaded),
-    }
+    return Configuration(
+        model_id=config.model_id,
+        model_revision=loaded.identity.get("revision"),
+        pretrained=loaded.identity["pretrained"],
+        base_resolution=config.geometry.base_resolution,
+        min_resolution_for_raw=config.geometry.min_resolution_for_raw,
+        output_image_dim=config.geometry.output_image_dim,
+        slice_size=config.geometry.slice_size,
+        patch_size=loaded.patch_size,
+        planes=list(config.planes),
+        plane_combination="mean",
+        slice_reduction="area mean along the plane normal",
+        upsampling=UPSAMPLING,
+        normalization=loaded.normalization,
+        intensity_range=list(crop.raw_range),
+        organelles=list(config.sampling.organelles),
+        gt_extension=config.sampling.gt_extension,
+        filters=asdict(config.sampling.filters),
+        features_dtype=config.features_dtype,
+        compression=config.storage.compression,
+        zarr_format=config.storage.zarr_format,
+        layout=config.storage_form.name,
+        chunks=list(staged.chunks[stored]),
+        codecs=codec_description(config.storage, shapes[stored], staged.chunks[stored], config.features_dtype),
+        batch_size=config.batch_size,
+        device=str(loaded.device),
+        compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
+        execution=loaded.execution,  # not fingerprinted: features equal within model.FEATURE_TOLERANCE
+        voxel_size_nm={"features": list(crop.label_grid.voxel_size_nm), "raw": list(crop.raw_grid.voxel_size_nm)},
+        offset_nm=list(crop.offset_nm),
+        fingerprint=config_fingerprint(fingerprint_values),
+        fingerprint_inputs=fingerprint_values,
+    )
 
 
 def label_statistics(crop: SourceCrop) -> dict:
@@ -135,22 +153,22 @@ def label_statistics(crop: SourceCrop) -> dict:
     }
 
 
-def provenance(loaded: LoadedModel) -> dict:
+def provenance(loaded: LoadedModel) -> Provenance:
     import transformers
 
-    return {
-        "model": loaded.identity,
-        "versions": {
+    return Provenance(
+        model=loaded.identity,
+        versions={
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "tensorstore": getattr(ts, "__version__", None) or package_version("tensorstore"),
             "numpy": np.__version__,
         },
-        "host": platform.node(),
-        "job_id": scheduler_job_id(),
-        "command": sys.argv,
-    }
+        host=platform.node(),
+        job_id=scheduler_job_id(),
+        command=sys.argv,
+    )
 
 
 def package_version(name: str) -> str | None:

@@ -28,7 +28,7 @@ from dinov3_cache.extraction.pipeline import (
     read_now,
     start_volume,
 )
-from dinov3_cache.layout import VolumeLocked
+from dinov3_cache.locks import VolumeLocked
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 
 log = logging.getLogger("dinov3_preprocessing")

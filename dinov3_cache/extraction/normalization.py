@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dinov3_cache.layout import read_json
+from dinov3_cache.records import read_json
 
 # Normalisation constants by pretraining data (DINOv3 model cards).
 SAT493M_NORMALIZATION = {"family": "SAT-493M", "mean": [0.430, 0.411, 0.296], "std": [0.213, 0.156, 0.143]}

@@ -10,7 +10,7 @@ The pipeline, per volume:
    averaged into features (C, D, H, W), slab by slab (upsampling.py, writer.py); tokens
    layout: the grids themselves are stored (--layout).
 4. Each block is written asynchronously while the next ones are computed (writer.py).
-5. Arrays are written under OUT/volume_XXXXXX.partial/ and committed (commit.py): the
+5. Arrays are written under OUT/volume_XXXXXX.partial/ and committed (commit_protocol.py): the
    metadata file (metadata.py) is the single commit point. The volume is extracted
    (`start_volume`), then finished (`ExtractedVolume.finish`: the last writes and the
    commit), so that a process of several volumes commits one while computing the next (multi.py).
@@ -29,29 +29,25 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+from dinov3_cache.commit_protocol import commit_volume, remove_tree, tidy_volume
+from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
     DEFERRED_SIGNALS,
     VolumeOutcome,
     as_storage_error,
-    commit_volume,
     ensure_free_space,
     ensure_writable,
     existing_volume_check,
-    tidy_volume,
+    keep_running_on_sigterm,
 )
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
 from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
 from dinov3_cache.extraction.writer import AsyncBlockWriter, StagedArrays, stage_arrays, write_features, write_label_arrays
-from dinov3_cache.layout import (
-    VolumeLock,
-    VolumePaths,
-    bytes_on_disk,
-    now_iso,
-    remove_tree,
-    write_status,
-)
+from dinov3_cache.locks import VolumeLock
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import now_iso, write_status
 from dinov3_cache.schema import VolumeMetadata
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 from dinov3_cache.zarr_arrays import ts_context
@@ -232,13 +228,13 @@ class ExtractedVolume:
         storage = {name: bytes_on_disk(config.paths.staged_array(name)) for name in self.staged.stores}
         # after the load: the fingerprint records the weights actually loaded
         fingerprint_values = config.fingerprint_values(self.source)
-        body = volume_metadata(config, self.loaded, self.crop, self.staged, self.writer.checksums, storage, self.stats,
-                               self.commit_id, fingerprint_values)
         # checked against the schema before anything of an existing volume is touched
-        metadata = VolumeMetadata.build({**body, "timing": rounded(timing)})
+        metadata = volume_metadata(config, self.loaded, self.crop, self.staged, self.writer.checksums, storage, self.stats,
+                                   self.commit_id, fingerprint_values, rounded(timing))
         timing["total_seconds"] = time.perf_counter() - self.started
         metadata = replace(metadata, timing=rounded(timing)).sealed()
-        commit_volume(config.paths, self.commit_id, metadata.to_dict())
+        keep_running_on_sigterm()
+        commit_volume(config.paths, self.commit_id, metadata)
         return metadata
 
 

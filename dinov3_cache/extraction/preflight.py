@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.weights import (
@@ -23,7 +24,8 @@ from dinov3_cache.extraction.weights import (
     random_preset,
     weights_identity_resolved,
 )
-from dinov3_cache.layout import VolumePaths, committed_volume_indices, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.schema import MetadataError, config_fingerprint, load_volume_metadata
 from dinov3_cache.sources.base import SourceError, VolumeSource
 

@@ -34,7 +34,8 @@ from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import PLANES, ExtractionConfig
 from dinov3_cache.geometry import CropGeometry
 from dinov3_cache.indices import parse_index_list
-from dinov3_cache.layout import LOGS_DIR, write_json_atomic
+from dinov3_cache.paths import LOGS_DIR
+from dinov3_cache.records import write_json_atomic
 from dinov3_cache.sources.base import LabelFilters, SamplingOptions
 from dinov3_cache.sources.registry import add_source_arguments, pass_through_options, source_choice_help
 from dinov3_cache.storage import DEFAULT_STORAGE_FORM, RegisteredNames, storage_for, storage_form_names

@@ -1,5 +1,5 @@
 """Which volumes of a cache a loader sees: the committed ones (metadata present, see
-dinov3_cache.layout), each with its parsed metadata, never volumes made with different
+dinov3_cache.commit_protocol), each with its parsed metadata, never volumes made with different
 configurations mixed silently; and the loader's errors, which name the volume."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from functools import cached_property
 from pathlib import Path
 
 from dinov3_cache.array_form import volume_index_problem
+from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.indices import check_index, format_some
-from dinov3_cache.layout import VolumePaths, committed_volume_indices
 from dinov3_cache.loader.identity import FileIdentity, file_identity, identity_of
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, read_metadata_document
 
 
@@ -80,7 +81,7 @@ class CachedVolume:
 
     @property
     def commit_id(self) -> str | None:
-        return self.metadata.integrity.commit_id if self.metadata.integrity else None
+        return self.metadata.commit_id
 
     def recorded_checksums(self, array: str) -> dict[str, int]:
         integrity = self.metadata.integrity
@@ -104,7 +105,7 @@ class CachedVolume:
             if self.paths.metadata.exists():
                 raise volume_changed_error(self, f"replaced by a volume whose metadata is unreadable ({e})") from None
             raise volume_changed_error(self, "removed (its metadata file is gone)") from None
-        commit_id = now.integrity.commit_id if now.integrity else None
+        commit_id = now.commit_id
         if self.commit_id is None or commit_id != self.commit_id:  # without commit ids any new metadata is another volume
             raise volume_changed_error(self, f"replaced (now commit {commit_id}, loaded as commit {self.commit_id})")
         return identity_of(stat)

@@ -10,8 +10,8 @@ import numpy as np
 from dinov3_cache.audit.png import compose, write_png
 from dinov3_cache.audit.previews import PREVIEW_PANEL_PIXELS, grey_rgb, label_rgb
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import write_json_atomic
 from dinov3_cache.probe.run import ProbeResult
+from dinov3_cache.records import write_json_atomic
 
 
 def number(value: float | None) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinov3_cache.layout import canonical_json, write_json_atomic
+from dinov3_cache.records import canonical_json, write_json_atomic
 from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap.store import Storage, is_absolute, is_s3, join_url
 
