@@ -10,6 +10,7 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --remove-debris
     python check_preprocessing.py --output-dir OUT --view 3            (neuroglancer; pip install neuroglancer)
     python check_preprocessing.py --output-dir OUT --view 3 --data-root ROOT   (and the source crop)
+    python check_preprocessing.py --output-dir OUT --view 3 --view-state state.json --view-features
 
 Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
 when asked); 1 an expected volume is not complete; 2 bad arguments; 4 verification
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument(
         "--view-state", metavar="FILE", default=None,
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
+    )
+    view.add_argument(
+        "--view-features", action="store_true",
+        help="with --view-state: also write OUTPUT_DIR/volume_XXXXXX_preview.zarr (the features' PCA as uint8 RGB) and a features layer reading it",
     )
     view.add_argument(
         "--data-root", default=None,
