@@ -490,6 +490,8 @@ def opened_view_images(viewer, webdriver, names: list[str]) -> dict[str, np.ndar
     """The xy panel (top left of the 4-panel layout) of the view as it opens, each named layer
     alone at full opacity; raw on a magenta background (the volume's extent shows), the
     others on black."""
+    import neuroglancer
+
     images = {}
     for name in names:
         with viewer.txn() as s:
@@ -497,7 +499,8 @@ def opened_view_images(viewer, webdriver, names: list[str]) -> dict[str, np.ndar
             s.cross_section_background_color = MAGENTA if name == "raw" else BLACK
             for layer in s.layers:
                 layer.visible = layer.name == name
-                layer.opacity = 1.0
+                if isinstance(layer.layer, neuroglancer.ImageLayer):
+                    layer.layer.opacity = 1.0
         image = screenshot(viewer, webdriver, OPENED_SIZE)
         images[name] = image[: OPENED_SIZE[1] // 2, : OPENED_SIZE[0] // 2]
     return images
