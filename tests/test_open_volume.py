@@ -123,3 +123,12 @@ def test_a_missing_volume_or_xarray_is_one_clear_error(case, monkeypatch):
     monkeypatch.setitem(sys.modules, "xarray", None)
     with pytest.raises(OpenVolumeError, match="pip install xarray"):
         dinov3_cache.open_volume(cache, INDEX)
+
+
+def test_xarray_alone_cannot_open_a_lone_array(case):
+    """What open_volume is for: xarray.open_zarr opens groups, and every cached array stands alone."""
+    cache, _, name = case
+    if "augmented" in name or name.startswith("tokens"):
+        pytest.skip("one dense volume per zarr format is enough")
+    with pytest.raises(Exception, match="(?i)group|array"):
+        xarray.open_zarr(VolumePaths(cache, INDEX).array("gt"), consolidated=False)
