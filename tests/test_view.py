@@ -26,7 +26,7 @@ from dinov3_cache.audit.view import SOURCE_BASE_URL, STATE_BASE_URL, state_layer
 from dinov3_cache.audit.view_source import SourceLayer, SourceOrigin, StoredDimensions, state_url, stored_dimensions
 from dinov3_cache.layout import VolumePaths, read_json
 from dinov3_cache.sources.cellmap import Level, LevelArray, Multiscale, Storage
-from dinov3_cache.zarr_arrays import read_attributes
+from dinov3_cache.zarr_arrays import open_array, read_attributes
 
 INDEX = 1
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -185,9 +185,21 @@ def headless_browser(viewer):
     return webdriver, errors
 
 
-def plain_xy_section(viewer, unit_nm: float = 32.0) -> None:
-    """One black-backed section; unit_nm: the viewer's global voxel (--view: the finest array's)."""
+def most_labelled_z_nm(cache: Path) -> float:
+    """World z (nm) of the centre of the gt slice with the most labelled voxels: an x-y section
+    there shows the labels (the crop's middle slice may hold few)."""
+    paths = VolumePaths(cache, INDEX)
+    gt, attributes = np.asarray(open_array(paths.array("gt")).read().result()), read_attributes(paths.array("gt"))
+    k = int(np.argmax((gt > 0).mean(axis=(1, 2))))
+    return attributes["offset"][0] + (k + 0.5) * attributes["voxel_size"][0]
+
+
+def plain_xy_section(viewer, unit_nm: float = 32.0, z_nm: float | None = None) -> None:
+    """One black-backed section, at world z z_nm when given; unit_nm: the viewer's global voxel
+    (--view: the finest array's; the global dimensions are x, y, z)."""
     with viewer.txn() as s:
+        if z_nm is not None:
+            s.position = [*s.position[:2], z_nm / unit_nm]
         s.layout = "xy"
         s.show_axis_lines = False
         s.show_scale_bar = False
@@ -232,7 +244,7 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
     viewer = open_viewer(cellmap_cache, INDEX)
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer)
+        plain_xy_section(viewer, z_nm=most_labelled_z_nm(cellmap_cache))
         raw, gt, both = (shown(viewer, webdriver, names) for names in (["raw"], ["gt"], ["raw", "gt"]))
     assert not errors, errors
     for name, image in (("raw", raw), ("gt", gt), ("both", both)):
@@ -316,7 +328,7 @@ def test_source_labels_land_on_cached_gt_in_a_real_browser(cellmap_cache, cellma
     viewer = open_viewer(cellmap_cache, INDEX, source=layers)
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer)
+        plain_xy_section(viewer, z_nm=most_labelled_z_nm(cellmap_cache))
         gt, source_labels, source_raw = (shown(viewer, webdriver, [n]) for n in ("gt", "source mito", "source raw"))
     assert not errors, errors
     assert labelled(gt).mean() > 0.02 and labelled(source_labels).any() and bright(source_raw).any()
@@ -406,7 +418,7 @@ def served(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
-def rendered_state(state: dict, names: list[str], unit_nm: float) -> dict[str, np.ndarray]:
+def rendered_state(state: dict, names: list[str], unit_nm: float, z_nm: float | None = None) -> dict[str, np.ndarray]:
     """The state loaded as is into neuroglancer in headless Chromium: the named layers, one at a time."""
     import neuroglancer
 
@@ -414,7 +426,7 @@ def rendered_state(state: dict, names: list[str], unit_nm: float) -> dict[str, n
     viewer.set_state(neuroglancer.ViewerState(state))
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer, unit_nm)
+        plain_xy_section(viewer, unit_nm, z_nm)
         images = {name: shown(viewer, webdriver, [name]) for name in names}
     assert not errors, errors
     return images
@@ -450,7 +462,7 @@ def test_state_file_puts_the_source_on_the_cached_arrays_in_a_real_browser(case,
         call_main("check_preprocessing", "--output-dir", str(cache), "--view", str(INDEX), "--view-state", str(state_file), *options, check=True)
         text = functools.reduce(lambda t, pair: t.replace(*pair), replace.items(), state_file.read_text())
         gt_voxel = read_attributes(VolumePaths(cache, INDEX).array("gt"))["voxel_size"][0]
-        images = rendered_state(json.loads(text), ["raw", "source raw", "gt", labels], gt_voxel)
+        images = rendered_state(json.loads(text), ["raw", "source raw", "gt", labels], gt_voxel, most_labelled_z_nm(cache))
     assert 0.02 < bright(images["raw"]).mean() < 0.95 and labelled(images["gt"]).mean() > 0.02
     on_raw, shifted = coverage(bright(images["raw"]), bright(images["source raw"]))
     assert on_raw > 0.95 and on_raw > shifted + 0.2, (on_raw, shifted)
