@@ -186,12 +186,14 @@ def headless_browser(viewer):
 
 
 def most_labelled_z_nm(cache: Path) -> float:
-    """World z (nm) of the centre of the gt slice with the most labelled voxels: an x-y section
-    there shows the labels (the crop's middle slice may hold few)."""
+    """World z (nm) in the gt slice with the most labelled voxels, at the centre of its first raw
+    voxel: an x-y section there shows the labels (the crop's middle slice may hold few) and cuts
+    no layer on a voxel boundary (where layers of equal voxels may each show another slice)."""
     paths = VolumePaths(cache, INDEX)
     gt, attributes = np.asarray(open_array(paths.array("gt")).read().result()), read_attributes(paths.array("gt"))
     k = int(np.argmax((gt > 0).mean(axis=(1, 2))))
-    return attributes["offset"][0] + (k + 0.5) * attributes["voxel_size"][0]
+    raw_voxel = read_attributes(paths.array("raw"))["voxel_size"][0]
+    return attributes["offset"][0] + k * attributes["voxel_size"][0] + raw_voxel / 2
 
 
 def plain_xy_section(viewer, unit_nm: float = 32.0, z_nm: float | None = None) -> None:
@@ -208,7 +210,8 @@ def plain_xy_section(viewer, unit_nm: float = 32.0, z_nm: float | None = None) -
 
 
 def bright(image: np.ndarray) -> np.ndarray:
-    return image.mean(axis=-1) > 128
+    """Bright grey: raw's bright voxels, not the yellow bounds a state's layer draws at its edges."""
+    return (image.mean(axis=-1) > 128) & (np.ptp(image, axis=-1) < 32)
 
 
 def labelled(image: np.ndarray) -> np.ndarray:
