@@ -209,13 +209,17 @@ def plain_xy_section(viewer, unit_nm: float = 32.0, z_nm: float | None = None) -
         s.cross_section_scale = 2048 / 512 / unit_nm  # the 2048 nm crop fills 512 px
 
 
+def layer_bounds(image: np.ndarray) -> np.ndarray:
+    """The yellow lines neuroglancer draws along a layer's bounds where they are in view: not data."""
+    return (image[..., 0] > 200) & (image[..., 1] > 200) & (image[..., 2] < 80)
+
+
 def bright(image: np.ndarray) -> np.ndarray:
-    """Bright grey: raw's bright voxels, not the yellow bounds a state's layer draws at its edges."""
-    return (image.mean(axis=-1) > 128) & (np.ptp(image, axis=-1) < 32)
+    return (image.mean(axis=-1) > 128) & ~layer_bounds(image)
 
 
 def labelled(image: np.ndarray) -> np.ndarray:
-    return image.max(axis=-1) > 0
+    return (image.max(axis=-1) > 0) & ~layer_bounds(image)
 
 
 def coverage(under: np.ndarray, over: np.ndarray) -> tuple[float, float]:
