@@ -623,3 +623,19 @@ def test_features_preview_is_beside_the_volume_and_not_debris(cellmap_cache, tmp
     assert report["complete"] == [INDEX] and report["exit_status"] == 0 and preview.name not in text, report  # not listed as debris
     removed = call_main("check_preprocessing", "--output-dir", str(cache), "--remove-debris", check=True)
     assert "removed 0 debris entries" in removed.stdout and preview.is_dir()
+
+
+def test_features_of_a_tokens_volume_are_built_for_the_view(tmp_path, tiny_model_dir):
+    """A tokens volume has no features array: the viewer's RGB (and the state's preview) is built
+    from its tokens, on the label grid."""
+    from conftest import preprocess_args
+
+    from dinov3_cache.audit.view import features_rgb, write_features_preview
+
+    call_main("preprocess_volume", *preprocess_args(tmp_path, INDEX, tiny_model_dir, "--layout", "tokens"), check=True)
+    rgb, attributes = features_rgb(tmp_path, INDEX)
+    gt = read_attributes(VolumePaths(tmp_path, INDEX).array("gt"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 16, 16, 16) and attributes["voxel_size"] == gt["voxel_size"]
+    assert len(np.unique(rgb.reshape(3, -1).T, axis=0)) > 20  # varied colours
+    preview = open_array(write_features_preview(tmp_path, INDEX)).read().result()
+    assert np.array_equal(preview, rgb)
