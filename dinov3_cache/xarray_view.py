@@ -22,7 +22,7 @@ import numpy as np
 
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import CHANNEL_AXIS, SPATIAL_AXES, AxisTransform
-from dinov3_cache.layout import VolumePaths, feature_array_name
+from dinov3_cache.layout import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, read_attributes, ts_context
 
@@ -144,11 +144,12 @@ def open_volume(output_dir: Path | str, index: int, num_threads: int = 8):
     metadata = load_volume_metadata(paths.metadata)
     transform = AxisTransform.from_record(metadata.source_dataset.to_dict().get("world_transform"))
     context = ts_context(num_threads)
-    grid_array = paths.array("features" if feature_array_name(metadata.layout) == "features" else "gt")  # tokens: off the grid
+    layout = metadata.configuration.layout or "dense"
+    grid_array = paths.array("gt" if layout == "tokens" else "features")  # the tokens are off the grid
     grids = {grid_key(read_attributes(grid_array), metadata.shapes["features"][1:]): ""}  # the features' grid: z, y, x
     variables, coordinates = {}, {}
     for name in VARIABLES:
-        if name == "features" and metadata.layout == "tokens":
+        if name == "features" and layout == "tokens":
             data, attributes = TokenFeatures(paths, metadata, num_threads), read_attributes(grid_array)
         elif paths.array(name).is_dir():
             data, attributes = StoredArray(open_array(paths.array(name), context)), read_attributes(paths.array(name))
@@ -163,5 +164,5 @@ def open_volume(output_dir: Path | str, index: int, num_threads: int = 8):
         variables[name] = xarray.Variable(dims, indexing.LazilyIndexedArray(data), kept)
     return xarray.Dataset(
         variables, coords=coordinates,
-        attrs={"volume_index": index, "layout": metadata.layout, "commit_id": metadata.integrity.commit_id if metadata.integrity else ""},
+        attrs={"volume_index": index, "layout": layout, "commit_id": metadata.integrity.commit_id if metadata.integrity else ""},
     )

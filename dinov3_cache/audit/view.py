@@ -102,9 +102,14 @@ def volume_arrays(output_dir: Path, index: int, num_threads: int = 8) -> dict[st
     return arrays
 
 
+def is_tokens(metadata) -> bool:
+    """Whether the volume stores token grids (no features array) rather than dense features."""
+    return metadata.configuration.layout == "tokens"
+
+
 def feature_values(paths: VolumePaths, metadata, step: int, num_threads: int) -> np.ndarray:
     """The features (C, D, H, W) float32, every step-th voxel along each axis, of either layout."""
-    if metadata.layout != "tokens":
+    if not is_tokens(metadata):
         features = open_array(paths.array("features"), ts_context(num_threads))
         return np.asarray(features[:, ::step, ::step, ::step].read().result(), np.float32)
     context, depth = ts_context(num_threads), metadata.shapes["features"][1]
@@ -123,7 +128,7 @@ def features_rgb(output_dir: Path, index: int, num_threads: int = 8) -> tuple[np
     c, d, h, w = values.shape
     rgb = np.moveaxis(pca_rgb(values.reshape(c, d * h, w)).reshape(d, h, w, 3), -1, 0)
     rgb = np.stack([transform.undo(rgb[k]) for k in range(3)]) if step == 1 else np.ascontiguousarray(rgb)
-    attributes = read_attributes(paths.array("features" if metadata.layout != "tokens" else "gt"))  # the same grid
+    attributes = read_attributes(paths.array("gt" if is_tokens(metadata) else "features"))  # the same grid
     return rgb, {**attributes, "voxel_size": [v * step for v in attributes["voxel_size"]]}
 
 
