@@ -51,16 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
     )
     view.add_argument(
-        "--view-features", action="store_true",
-        help="with --view-state: also write OUTPUT_DIR/volume_XXXXXX_preview.zarr (the features' PCA as uint8 RGB) and a features layer reading it",
-    )
-    view.add_argument(
         "--data-root", default=None,
         help="with --view: also show the source crop from this CellMap data root (directory or s3://; default $DINOV3_DATA_ROOT)",
     )
     view.add_argument("--catalog", default=None, help="with --view: find the source arrays in this catalog file instead")
     view.add_argument("--s3-endpoint", default=None, help="with --view: endpoint of an S3-compatible store holding the source (default AWS)")
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
+    view.add_argument(
+        "--view-features", action="store_true",
+        help="with --view-state: also write OUTPUT_DIR/volume_XXXXXX_preview.zarr (the features' PCA as uint8 RGB) and a features layer reading it",
+    )
     parser.add_argument(
         "--remove-debris", action="store_true",
         help="remove the debris of dead runs (staging areas, stale commit directories, orphan arrays, temporary files) and exit",
