@@ -10,6 +10,7 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --remove-debris
     python check_preprocessing.py --output-dir OUT --view 3            (neuroglancer; pip install neuroglancer)
     python check_preprocessing.py --output-dir OUT --view 3 --data-root ROOT   (and the source crop)
+    python check_preprocessing.py --output-dir OUT --view 3 --view-state state.json --view-features
 
 Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
 when asked); 1 an expected volume is not complete; 2 bad arguments; 4 verification
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_location_arguments(view, "with --view (also shows the source crop): ")  # as the source declares them
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
+    view.add_argument(
+        "--view-features", action="store_true",
+        help="with --view-state: also write OUTPUT_DIR/volume_XXXXXX_preview.zarr (the features' PCA as uint8 RGB) and a features layer reading it",
+    )
     parser.add_argument(
         "--remove-debris", action="store_true",
         help="remove the debris of dead runs (staging areas, stale commit directories, orphan arrays, temporary files) and exit",

@@ -27,7 +27,7 @@ from dinov3_cache.audit.view_source import SourceLayer, SourceOrigin, StoredDime
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.records import read_json
 from dinov3_cache.sources.cellmap import Level, LevelArray, Multiscale, Storage
-from dinov3_cache.zarr_arrays import read_attributes
+from dinov3_cache.zarr_arrays import open_array, read_attributes
 
 INDEX = 1
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -186,9 +186,23 @@ def headless_browser(viewer):
     return webdriver, errors
 
 
-def plain_xy_section(viewer, unit_nm: float = 32.0) -> None:
-    """One black-backed section; unit_nm: the viewer's global voxel (--view: the finest array's)."""
+def most_labelled_z_nm(cache: Path) -> float:
+    """World z (nm) in the gt slice with the most labelled voxels, at the centre of its first raw
+    voxel: an x-y section there shows the labels (the crop's middle slice may hold few) and cuts
+    no layer on a voxel boundary (where layers of equal voxels may each show another slice)."""
+    paths = VolumePaths(cache, INDEX)
+    gt, attributes = np.asarray(open_array(paths.array("gt")).read().result()), read_attributes(paths.array("gt"))
+    k = int(np.argmax((gt > 0).mean(axis=(1, 2))))
+    raw_voxel = read_attributes(paths.array("raw"))["voxel_size"][0]
+    return attributes["offset"][0] + k * attributes["voxel_size"][0] + raw_voxel / 2
+
+
+def plain_xy_section(viewer, unit_nm: float = 32.0, z_nm: float | None = None) -> None:
+    """One black-backed section, at world z z_nm when given; unit_nm: the viewer's global voxel
+    (--view: the finest array's; the global dimensions are x, y, z)."""
     with viewer.txn() as s:
+        if z_nm is not None:
+            s.position = [*s.position[:2], z_nm / unit_nm]
         s.layout = "xy"
         s.show_axis_lines = False
         s.show_scale_bar = False
@@ -196,12 +210,17 @@ def plain_xy_section(viewer, unit_nm: float = 32.0) -> None:
         s.cross_section_scale = 2048 / 512 / unit_nm  # the 2048 nm crop fills 512 px
 
 
+def layer_bounds(image: np.ndarray) -> np.ndarray:
+    """The yellow lines neuroglancer draws along a layer's bounds where they are in view: not data."""
+    return (image[..., 0] > 200) & (image[..., 1] > 200) & (image[..., 2] < 80)
+
+
 def bright(image: np.ndarray) -> np.ndarray:
-    return image.mean(axis=-1) > 128
+    return (image.mean(axis=-1) > 128) & ~layer_bounds(image)
 
 
 def labelled(image: np.ndarray) -> np.ndarray:
-    return image.max(axis=-1) > 0
+    return (image.max(axis=-1) > 0) & ~layer_bounds(image)
 
 
 def coverage(under: np.ndarray, over: np.ndarray) -> tuple[float, float]:
@@ -233,7 +252,7 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
     viewer = open_viewer(cellmap_cache, INDEX)
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer)
+        plain_xy_section(viewer, z_nm=most_labelled_z_nm(cellmap_cache))
         raw, gt, both = (shown(viewer, webdriver, names) for names in (["raw"], ["gt"], ["raw", "gt"]))
     assert not errors, errors
     for name, image in (("raw", raw), ("gt", gt), ("both", both)):
@@ -242,8 +261,6 @@ def test_gt_lands_on_raw_in_a_real_browser(cellmap_cache, tmp_path):
     # gt is 128 nm voxels on 32 nm raw: most labelled pixels are bright; moved 96 nm, far fewer
     on_raw, shifted = coverage(labelled(gt), bright(raw))
     assert on_raw > 0.7 and on_raw > shifted + 0.1, (on_raw, shifted)
-    if os.environ.get("DINOV3_WRITE_DOCS_SCREENSHOT"):
-        Image.fromarray(both).resize((384, 384)).save(SCREENSHOT, optimize=True)
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -319,7 +336,7 @@ def test_source_labels_land_on_cached_gt_in_a_real_browser(cellmap_cache, cellma
     viewer = open_viewer(cellmap_cache, INDEX, source=layers)
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer)
+        plain_xy_section(viewer, z_nm=most_labelled_z_nm(cellmap_cache))
         gt, source_labels, source_raw = (shown(viewer, webdriver, [n]) for n in ("gt", "source mito", "source raw"))
     assert not errors, errors
     assert labelled(gt).mean() > 0.02 and labelled(source_labels).any() and bright(source_raw).any()
@@ -409,7 +426,7 @@ def served(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
-def rendered_state(state: dict, names: list[str], unit_nm: float) -> dict[str, np.ndarray]:
+def rendered_state(state: dict, names: list[str], unit_nm: float, z_nm: float | None = None) -> dict[str, np.ndarray]:
     """The state loaded as is into neuroglancer in headless Chromium: the named layers, one at a time."""
     import neuroglancer
 
@@ -417,7 +434,7 @@ def rendered_state(state: dict, names: list[str], unit_nm: float) -> dict[str, n
     viewer.set_state(neuroglancer.ViewerState(state))
     webdriver, errors = headless_browser(viewer)
     with webdriver:
-        plain_xy_section(viewer, unit_nm)
+        plain_xy_section(viewer, unit_nm, z_nm)
         images = {name: shown(viewer, webdriver, [name]) for name in names}
     assert not errors, errors
     return images
@@ -453,10 +470,173 @@ def test_state_file_puts_the_source_on_the_cached_arrays_in_a_real_browser(case,
         call_main("check_preprocessing", "--output-dir", str(cache), "--view", str(INDEX), "--view-state", str(state_file), *options, check=True)
         text = functools.reduce(lambda t, pair: t.replace(*pair), replace.items(), state_file.read_text())
         gt_voxel = read_attributes(VolumePaths(cache, INDEX).array("gt"))["voxel_size"][0]
-        images = rendered_state(json.loads(text), ["raw", "source raw", "gt", labels], gt_voxel)
+        images = rendered_state(json.loads(text), ["raw", "source raw", "gt", labels], gt_voxel, most_labelled_z_nm(cache))
     assert 0.02 < bright(images["raw"]).mean() < 0.95 and labelled(images["gt"]).mean() > 0.02
     on_raw, shifted = coverage(bright(images["raw"]), bright(images["source raw"]))
     assert on_raw > 0.95 and on_raw > shifted + 0.2, (on_raw, shifted)
     # gamma's cells are large: a 96 nm move uncovers little of them
     on_gt, shifted = coverage(labelled(images["gt"]), labelled(images[labels]))
     assert on_gt > 0.8 and on_gt > shifted, (on_gt, shifted)
+
+
+# --------------------------------------------------------------------------- the view as it opens
+
+OPENED_SIZE = (800, 800)  # 4 panels of 400 px (view.PANEL_PIXELS): "xy" is the top left one
+MAGENTA, BLACK = "#ff00ff", "#000000"
+
+
+def patterned_copy(cache: Path, tmp_path: Path) -> Path:
+    """A copy of the cache whose raw is bright only where x < 1/3, y < 2/3 and z >= 1/3 of the
+    crop (so each plane through the centre looks different: xy a corner, xz a band, yz dark)
+    and whose mask is 0 (labels not valid) where y < 1/2."""
+    import tensorstore as ts
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    paths = VolumePaths(copy, INDEX)
+    for name in ("raw", "mask"):
+        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(paths.array(name))}}).result()
+        d, h, w = store.shape
+        z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+        if name == "raw":
+            values = np.where((x < w / 3) & (y < 2 * h / 3) & (z >= d / 3), 255, 40)
+        else:
+            values = (y >= h / 2).astype(np.uint8)
+        store.write(values.astype(store.dtype.numpy_dtype)).result()
+    return copy
+
+
+def opened_view_images(viewer, webdriver, names: list[str]) -> dict[str, np.ndarray]:
+    """The xy panel (top left of the 4-panel layout) of the view as it opens, each named layer
+    alone at full opacity; raw on a magenta background (the volume's extent shows), the
+    others on black."""
+    import neuroglancer
+
+    images = {}
+    for name in names:
+        with viewer.txn() as s:
+            s.show_axis_lines, s.show_scale_bar = False, False
+            s.cross_section_background_color = MAGENTA if name == "raw" else BLACK
+            for layer in s.layers:
+                layer.visible = layer.name == name
+                if isinstance(layer.layer, neuroglancer.ImageLayer):
+                    layer.layer.opacity = 1.0
+        image = screenshot(viewer, webdriver, OPENED_SIZE)
+        images[name] = image[: OPENED_SIZE[1] // 2, : OPENED_SIZE[0] // 2]
+    return images
+
+
+def volume_box(raw_panel: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The pixels the volume covers (not the magenta background) and their bounding box."""
+    covered = ~((raw_panel[..., 0] > 200) & (raw_panel[..., 1] < 60) & (raw_panel[..., 2] > 200))
+    rows, cols = np.nonzero(covered)
+    return covered, (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+
+
+def relative_grid(box: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v) in [0, 1) across the box: u along the panel's width, v down its height."""
+    h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+    v, u = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    return u, v
+
+
+def assert_opened_on_the_xy_plane(images: dict[str, np.ndarray]) -> None:
+    """The crop fills most of the xy panel, which shows x across and y down at a z in the
+    crop's bright third (the raw pattern's corner), and the mask shades where it is 0."""
+    covered, box = volume_box(images["raw"])
+    assert covered.mean() > 0.5, covered.mean()  # 0.81 when the crop spans 90 % of the panel
+    u, v = relative_grid(box)
+    bright = images["raw"][box][..., 1] > 128
+    assert (bright == ((u < 1 / 3) & (v < 2 / 3))).mean() > 0.95, (bright.mean(), box)
+    shaded = images["mask"][box][..., 2] > 30
+    assert (shaded == (v < 1 / 2)).mean() > 0.95, shaded.mean()  # inside and outside the mask differ
+
+
+def assert_renders_features(image: np.ndarray, box: tuple[slice, slice]) -> None:
+    features = image[box].reshape(-1, 3)
+    assert len(np.unique(features, axis=0)) > 20 and features.std(axis=0).max() > 10
+
+
+@pytest.mark.skipif(not chromium_available(), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_view_opens_on_the_xy_plane_of_the_volume_with_the_mask_shaded_in_a_real_browser(cellmap_cache, tmp_path):
+    """--view as it opens: the crop fills most of the "xy" panel, which shows the x-y plane;
+    the mask's shader compiles (no console error) and shades where labels are not valid; the
+    features render as RGB."""
+    pytest.importorskip("neuroglancer")
+    from PIL import Image
+
+    from dinov3_cache.audit.view import open_viewer
+
+    if os.environ.get("DINOV3_WRITE_DOCS_SCREENSHOT"):  # the real crop as it opens, every layer shown at start
+        viewer = open_viewer(cellmap_cache, INDEX)
+        webdriver, errors = headless_browser(viewer)
+        with webdriver:
+            Image.fromarray(screenshot(viewer, webdriver, OPENED_SIZE)).resize((512, 512)).save(SCREENSHOT, optimize=True)
+        assert not errors, errors
+    viewer = open_viewer(patterned_copy(cellmap_cache, tmp_path), INDEX)
+    webdriver, errors = headless_browser(viewer)
+    with webdriver:
+        images = opened_view_images(viewer, webdriver, ["raw", "mask", "features"])
+    assert not errors, errors
+    assert_opened_on_the_xy_plane(images)
+    assert_renders_features(images["features"], volume_box(images["raw"])[1])
+
+
+@pytest.mark.skipif(not chromium_available(), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_state_file_opens_on_the_xy_plane_with_features_and_mask_in_a_real_browser(cellmap_cache, tmp_path):
+    """--view-state --view-features, loaded as is with the cache served over HTTP: the same
+    opening view as --view, the mask shaded by its shader, and a features layer read from the
+    RGB preview written beside the volume that renders (non-uniform pixels)."""
+    import neuroglancer
+
+    cache = patterned_copy(cellmap_cache, tmp_path)
+    state_file = tmp_path / "state.json"
+    call_main("check_preprocessing", "--output-dir", str(cache), "--view", str(INDEX), "--view-state", str(state_file), "--view-features", check=True)
+    with served(cache) as base:
+        state = json.loads(state_file.read_text().replace(STATE_BASE_URL.format(host="127.0.0.1"), base))
+        viewer = neuroglancer.Viewer()
+        viewer.set_state(neuroglancer.ViewerState(state))
+        webdriver, errors = headless_browser(viewer)
+        with webdriver:
+            images = opened_view_images(viewer, webdriver, ["raw", "mask", "features"])
+    assert not errors, errors
+    assert_opened_on_the_xy_plane(images)
+    assert_renders_features(images["features"], volume_box(images["raw"])[1])
+
+
+def test_features_preview_is_beside_the_volume_and_not_debris(cellmap_cache, tmp_path):
+    """--view-features writes OUT/volume_XXXXXX_preview.zarr: uint8 RGB on the features' grid,
+    referenced by the state; the audit still reports the volume complete with no debris, and
+    --remove-debris leaves the preview alone."""
+    from dinov3_cache.audit.view import features_preview_path
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cellmap_cache, cache)
+    layers, _ = state_layers(cache, tmp_path / "state.json", "--view-features")
+    preview = features_preview_path(cache, INDEX)
+    assert layers["features"]["source"]["url"].endswith("/" + preview.name) and "getDataValue(2)" in layers["features"]["shader"]
+    attributes, features = read_attributes(preview), read_attributes(VolumePaths(cache, INDEX).array("features"))
+    assert attributes["voxel_size"] == features["voxel_size"] and attributes["offset"] == features["offset"]
+    assert attributes["_ARRAY_DIMENSIONS"] == ["c", "z", "y", "x"]
+    assert list(layers["features"]["source"]["transform"]["outputDimensions"]) == ["c^", "z", "y", "x"]
+    text = call_main("check_preprocessing", "--output-dir", str(cache), "--indices", str(INDEX), "--json").stdout
+    report = json.loads(text)
+    assert report["complete"] == [INDEX] and report["exit_status"] == 0 and preview.name not in text, report  # not listed as debris
+    removed = call_main("check_preprocessing", "--output-dir", str(cache), "--remove-debris", check=True)
+    assert "removed 0 debris entries" in removed.stdout and preview.is_dir()
+
+
+def test_features_of_a_tokens_volume_are_built_for_the_view(tmp_path, tiny_model_dir):
+    """A tokens volume has no features array: the viewer's RGB (and the state's preview) is built
+    from its tokens, on the label grid."""
+    from conftest import preprocess_args
+
+    from dinov3_cache.audit.view import features_rgb, write_features_preview
+
+    call_main("preprocess_volume", *preprocess_args(tmp_path, INDEX, tiny_model_dir, "--layout", "tokens"), check=True)
+    rgb, attributes = features_rgb(tmp_path, INDEX)
+    gt = read_attributes(VolumePaths(tmp_path, INDEX).array("gt"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 16, 16, 16) and attributes["voxel_size"] == gt["voxel_size"]
+    assert len(np.unique(rgb.reshape(3, -1).T, axis=0)) > 20  # varied colours
+    preview = open_array(write_features_preview(tmp_path, INDEX)).read().result()
+    assert np.array_equal(preview, rgb)

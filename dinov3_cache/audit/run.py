@@ -177,7 +177,8 @@ def run_view(args: argparse.Namespace) -> int:
     view.volume_metadata_path(output_dir, args.view)  # a missing volume is an error before the source is read
     source, origin = reachable_source_layers(output_dir, args.view, args)
     if args.view_state:
-        print(view.write_state(output_dir, args.view, Path(args.view_state), args.bind_address, source, origin))
+        features = getattr(args, "view_features", False)
+        print(view.write_state(output_dir, args.view, Path(args.view_state), args.bind_address, source, origin, features))
         return 0
     view.serve(view.open_viewer(output_dir, args.view, args.bind_address, source))
     return 0
