@@ -22,7 +22,7 @@ import numpy as np
 
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import CHANNEL_AXIS, SPATIAL_AXES, AxisTransform
-from dinov3_cache.layout import VolumePaths
+from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import load_volume_metadata
 from dinov3_cache.zarr_arrays import open_array, read_attributes, ts_context
 

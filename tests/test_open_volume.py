@@ -13,7 +13,8 @@ import pytest
 from conftest import TINY_GEOMETRY_ARGS, call_main, preprocess_args
 
 import dinov3_cache
-from dinov3_cache.layout import VolumePaths, read_json
+from dinov3_cache.paths import VolumePaths
+from dinov3_cache.records import read_json
 from dinov3_cache.xarray_view import OpenVolumeError
 from dinov3_cache.zarr_arrays import open_array, read_attributes
 
