@@ -16,7 +16,8 @@ import argparse
 import logging
 import sys
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.errors import EXIT_INTERRUPTED, CacheToolError, OneLineParser, exit_status_for_signal, report_error
+from dinov3_cache.extraction.preflight import check_model
 from dinov3_cache.extraction.settings import add_extraction_arguments, apply_settings_file, read_settings_file, settings_from_args
 from dinov3_cache.indices import format_ranges, parse_index_list
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         indices = parse_index_list(args.volume_index, "--volume-index")
         configs = [settings.config(index) for index in indices]
+        check_model(configs[0])  # a model no run could load fails here, before any output exists
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(e)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
@@ -68,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e)
     except Terminated as e:
         print(f"error: {which}: {e}", file=sys.stderr)
-        return 128 + e.signum
+        return exit_status_for_signal(e.signum)
     except KeyboardInterrupt:
         print(f"error: {which}: interrupted; rerun to finish", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     keep_running_on_sigterm()  # every volume is done: a late SIGTERM must not turn that into 143
     if len(results) > 1:
         print(summary_line(results))

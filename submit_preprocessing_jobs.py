@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler: {scheduler.name} ({reason})")
         resources = resources_from_args(args)
         scheduler.check_resources(resources)
+        stamp = submission_stamp()
+        # every value that reaches a job script or a scheduler command line is checked here
+        spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file_path(args.output_dir, stamp), args.job_name)
     except CacheToolError as e:
         report_error(e)
         return EXIT_USAGE  # every error so far is bad input: nothing was submitted
@@ -128,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         report_error(e)
         return EXIT_USAGE
 
-    stamp = submission_stamp()
     settings_file = settings_file_path(args.output_dir, stamp)
-    spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file, args.job_name)
     try:
         arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None, args.volumes_per_job)
     except CacheToolError as e:

@@ -354,8 +354,10 @@ BEFORE_WORK, DURING_WORK = 2, 1  # bad options found before anything ran; a run 
         (lambda a, t, m: a.extend(["--planes", "xy", "xy"]), "--planes lists a plane twice", BEFORE_WORK),
         (lambda a, t, m: a.__setitem__(3, str(file(t) / "out")), "cannot create output directory", DURING_WORK),
         (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi", DURING_WORK),
-        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", DURING_WORK),
-        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model", DURING_WORK),
+        (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot read the config of model", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), "random:"), "unknown random model 'random:'", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), "no-such-org/no-such-model"), "HF_HUB_OFFLINE", BEFORE_WORK),
         # the source is built (and says what it cannot do) only once the run has started
         (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source", DURING_WORK),
         (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none", DURING_WORK),
