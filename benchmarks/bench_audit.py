@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dinov3_cache.cluster.submissions import write_submission_record
 from dinov3_cache.layout import (
     ARRAY_NAMES,
     VolumePaths,
     read_json,
     write_json_atomic,
-    write_submission_record,
 )
 from dinov3_cache.schema import seal_metadata
 

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
 
+from dinov3_cache.cluster.base import scheduler_logs_dir
 from dinov3_cache.cluster.jobs import JobSpec, split_arrays
 from dinov3_cache.cluster.lsf import LsfScheduler
 from dinov3_cache.cluster.resources import Resources, parse_walltime
 from dinov3_cache.cluster.slurm import SlurmScheduler
+from dinov3_cache.cluster.submissions import read_submission_records
 from dinov3_cache.layout import (
     VolumeLock,
     VolumePaths,
     is_volume_complete,
     read_json,
     read_status,
-    read_submission_records,
-    scheduler_logs_dir,
     write_json_atomic,
 )
 

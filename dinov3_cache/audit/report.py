@@ -29,9 +29,10 @@ from dinov3_cache.audit.summaries import (
     throughput,
     timing_statistics,
 )
+from dinov3_cache.cluster.submissions import read_submission_records, submissions_dir
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import ARRAY_NAMES, VolumePaths, bytes_on_disk, read_submission_records, submissions_dir
+from dinov3_cache.layout import ARRAY_NAMES, VolumePaths, bytes_on_disk
 
 if TYPE_CHECKING:
     from dinov3_cache.audit.verify import VolumeCheck

@@ -19,6 +19,7 @@ from queue import Queue
 from dinov3_cache.cluster.base import Scheduler
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
+from dinov3_cache.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.layout import VolumePaths
 
@@ -108,6 +109,7 @@ class LocalScheduler(Scheduler):
     """Processes on this machine, at most `max_concurrent` at a time, each with its own GPU."""
 
     name = "local"
+    title = "local processes"
     executable = None
     element_variable = "LOCAL_ARRAY_ELEMENT"
     job_id_expression = "${LOCAL_JOB_ID:-}"
@@ -140,6 +142,22 @@ class LocalScheduler(Scheduler):
 
     def prepare_directories(self, output_dir: Path) -> None:
         VolumePaths(output_dir, 0).logs.mkdir(parents=True, exist_ok=True)
+
+    def run_submitted(self, resources: Resources, progress: bool) -> int:
+        """The processes run here, in the foreground: one line per volume, then the summary."""
+        workers, gpus = self.concurrency(resources)
+        volumes, processes = sum(len(r.array.volume_indices) for r in self.queued), sum(r.array.size for r in self.queued)
+        print(f"running {volumes} volumes here" + (f" in {processes} process(es)" if processes != volumes else "")
+              + f", {workers} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
+        if "memory_gb" in resources.explicit:
+            print("note: the local backend does not limit memory; --memory-gb is only recorded")
+        try:
+            summary = self.run_queued(resources, progress=progress)
+        except KeyboardInterrupt:
+            print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(summary.line())  # each volume's line was printed as it finished
+        return EXIT_FAILED if summary.failed else EXIT_OK
 
     def concurrency(self, resources: Resources) -> tuple[int, list[str]]:
         """Default: one volume per GPU, or one at a time on CPU (each run uses every core)."""

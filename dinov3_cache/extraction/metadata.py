@@ -12,9 +12,10 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from dinov3_cache.cluster.schedulers import current_job_id
 from dinov3_cache.extraction.config import UPSAMPLING, ExtractionConfig
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.layout import feature_array_name, now_iso, scheduler_job_id
+from dinov3_cache.layout import feature_array_name, now_iso
 from dinov3_cache.schema import config_fingerprint
 from dinov3_cache.sources.base import SourceCrop
 from dinov3_cache.zarr_arrays import CHECKSUM_ALGORITHM, codec_description
@@ -148,7 +149,7 @@ def provenance(loaded: LoadedModel) -> dict:
             "numpy": np.__version__,
         },
         "host": platform.node(),
-        "job_id": scheduler_job_id(),
+        "job_id": current_job_id(),
         "command": sys.argv,
     }
 
