@@ -385,6 +385,26 @@ def test_an_unloadable_hub_model_is_refused_once_naming_every_way_out(tmp_path):
     assert "running" not in result.stdout and not (tmp_path / "o").exists()
 
 
+def test_an_unreachable_hub_fails_fast_and_a_cached_hub_model_passes(tmp_path, tiny_model_dir):
+    """Without HF_HUB_OFFLINE the hub is asked within seconds (here a closed port), then the
+    cache decides; a hub id whose config is in the cache is accepted, offline or not."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--some-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", snapshot / "config.json")
+    (cache / "models--some-org--some-model" / "refs").mkdir()
+    (cache / "models--some-org--some-model" / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(cache)}
+    base = [SUBMIT, "--num-volumes", "2", "--scheduler", "lsf", "--dry-run", "--output-dir", tmp_path / "o",
+            "--source", "synthetic", *TINY_GEOMETRY_ARGS, "--model-id"]
+    missing = run_script(*base, "no-such-org/no-such-model", env=env, timeout=60)
+    line = only_line(missing.stderr)
+    assert missing.returncode == 2 and "not in the local Hugging Face cache, and the hub http://127.0.0.1:9 is unreachable" in line
+    for offline in ("0", "1"):
+        cached = run_script(*base, "some-org/some-model", env={**env, "HF_HUB_OFFLINE": offline}, timeout=60)
+        assert cached.returncode == 0 and "bsub" in cached.stdout, cached.stderr
+
+
 def test_a_model_directory_without_weights_is_refused(tmp_path, tiny_model_dir):
     model = tmp_path / "config-only"
     model.mkdir()
