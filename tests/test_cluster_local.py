@@ -56,3 +56,13 @@ def test_the_running_job_id_outside_any_scheduler_is_none():
 def test_every_backends_kill_signatures_are_collected():
     schedulers = {s.scheduler for s in scheduler_kill_signatures()}
     assert schedulers == {"LSF", "SLURM"}
+
+
+def test_a_volume_stopped_by_ctrl_c_says_so_not_its_last_log_line():
+    from dinov3_cache.cluster.local import ElementResult
+
+    stopped = ElementResult(3, -15, 6.0, "WARNING model random:tiny has RANDOM weights", interrupted=True)
+    assert stopped.line() == "volume 3: not complete: interrupted by the user (rerun with --missing-only)"
+    failed = ElementResult(4, 1, 6.0, "error: something broke")
+    assert failed.line() == "volume 4: failed (exit 1): error: something broke"
+    assert ElementResult(5, None, 6.0).line().startswith("volume 5: failed (killed at the walltime)")

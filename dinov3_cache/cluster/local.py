@@ -37,6 +37,7 @@ class ElementResult:
     committed: bool = False  # this run wrote the volume's metadata (the commit marker)
     present: bool = False  # the volume is complete after the run
     packed: bool = False  # the element ran several volumes: its exit status speaks for all of them
+    interrupted: bool = False  # stopped by the user's Ctrl-C (its exit status and last line say nothing of the cause)
 
     @property
     def state(self) -> str:
@@ -54,6 +55,8 @@ class ElementResult:
             return f"volume {self.volume_index}: completed in {self.seconds:.1f} s"
         if self.state == SKIPPED:
             return f"volume {self.volume_index}: skipped, already complete (--overwrite recomputes it)"
+        if self.interrupted:
+            return f"volume {self.volume_index}: not complete: interrupted by the user (rerun with --missing-only)"
         if self.returncode is None:
             why = "killed at the walltime"
         elif self.returncode == 0:
@@ -217,7 +220,7 @@ class LocalScheduler(Scheduler):
         before = [metadata_signature(paths.metadata) for paths in volumes]
         started = time.monotonic()
         if self._stopping:
-            return [ElementResult(i, -signal.SIGTERM, 0.0, "not started: interrupted") for i in volume_indices]
+            return [ElementResult(i, -signal.SIGTERM, 0.0, interrupted=True) for i in volume_indices]
         process = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
         self._running.add(process)
         try:
@@ -234,7 +237,7 @@ class LocalScheduler(Scheduler):
         for paths, previous in zip(volumes, before, strict=True):
             after = metadata_signature(paths.metadata)
             results.append(ElementResult(paths.volume_index, returncode, seconds, error_line, committed=after is not None and after != previous,
-                                         present=after is not None, packed=len(volumes) > 1))
+                                         present=after is not None, packed=len(volumes) > 1, interrupted=self._stopping))
         return results
 
     def _stop_running(self) -> None:
