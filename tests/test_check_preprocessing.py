@@ -258,7 +258,7 @@ def test_failed_running_killed_and_partial_volumes(cache, tiny_model_dir):
                                     "scheduler": "lsf", "job_ids": ["7001"], "options": {}, "arrays": [lsf]})
     # 3: a real failure of the real CLI (slice size not a multiple of the patch), its stderr in the job log
     failing = run_script("preprocess_volume.py", *preprocess_args(cache, 3, tiny_model_dir, "--output-image-dim", "15"))
-    assert failing.returncode == 1
+    assert failing.returncode == 2  # refused before any work, as bad input
     (logs / "volume_000003.err").write_text(failing.stderr)
     # 4: killed by SLURM's OOM handler mid-write: status still 'running', staging debris left behind
     paths4 = VolumePaths(cache, 4)
