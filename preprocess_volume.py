@@ -15,12 +15,20 @@ options (nothing done), 3 another run holds a volume (and none failed), 143 term
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
 
 with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
-    from dinov3_cache.errors import CacheToolError, OneLineParser, UsageError, first_line, report_error
+    from dinov3_cache.errors import (
+        EXIT_INTERRUPTED,
+        CacheToolError,
+        OneLineParser,
+        UsageError,
+        exit_status_for_signal,
+        first_line,
+        report_error,
+    )
+    from dinov3_cache.extraction.preflight import check_model
     from dinov3_cache.extraction.settings import (
         add_extraction_arguments,
         apply_settings_file,
@@ -59,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         indices = parse_index_list(args.volume_index, "--volume-index")
         configs = [settings.config(index) for index in indices]
         source_name_from_args(args)
+        check_model(configs[0])  # a model no run could load fails here, before any output exists
     except CacheToolError as e:  # bad options or settings: nothing was done
         return report_error(UsageError(first_line(e)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
@@ -87,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e)
     except Terminated as e:
         print(f"error: {which}: {e}", file=sys.stderr)
-        return 128 + e.signum
+        return exit_status_for_signal(e.signum)
     except KeyboardInterrupt:
         print(f"error: {which}: interrupted; rerun to finish", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     keep_running_on_sigterm()  # every volume is done: a late SIGTERM must not turn that into 143
     if len(results) > 1:
         print(summary_line(results))
@@ -99,15 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_before_model_load(config, source) -> None:
     """What would otherwise fail once the model has loaded (and leave a 'failed' record): the
-    device, the organelles, and the slice size against the patch size of a model whose config
-    is readable without the network (a random preset or a local directory)."""
+    device and the organelles (the model itself was checked with the options)."""
     from dinov3_cache.extraction.model import resolve_device
-    from dinov3_cache.extraction.preflight import check_model, check_organelles
+    from dinov3_cache.extraction.preflight import check_organelles
 
     resolve_device(config.device)
     check_organelles(config, source)
-    if config.model_id.startswith("random") or Path(config.model_id).is_dir():
-        check_model(config)
 
 
 def report(result, several: bool) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from dinov3_cache.cluster.base import SchedulerError
 from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
-from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
 from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
+from dinov3_cache.cluster.submissions import settings_file_path, submission_stamp, write_submission_record
 from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
@@ -41,7 +41,6 @@ from dinov3_cache.extraction.settings import (
     write_settings_file,
 )
 from dinov3_cache.indices import check_index, format_ranges, parse_index_list
-from dinov3_cache.layout import settings_file_path, submission_stamp, write_submission_record
 from dinov3_cache.records import now_iso
 from dinov3_cache.sources.registry import source_from_settings, source_type
 
@@ -109,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler: {scheduler.name} ({reason})")
         resources = resources_from_args(args)
         scheduler.check_resources(resources)
+        stamp = submission_stamp()
+        # every value that reaches a job script or a scheduler command line is checked here
+        spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file_path(args.output_dir, stamp), args.job_name)
     except CacheToolError as e:
         report_error(e)
         return EXIT_USAGE  # every error so far is bad input: nothing was submitted
@@ -127,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         report_error(e)
         return EXIT_USAGE
 
-    stamp = submission_stamp()
     settings_file = settings_file_path(args.output_dir, stamp)
-    spec = JobSpec.preprocess_volume(Path(args.output_dir), settings_file, args.job_name)
     try:
         arrays = split_arrays(spec, indices, args.max_array_size if scheduler.max_array_size else None, args.volumes_per_job)
     except CacheToolError as e:
@@ -189,27 +189,12 @@ def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, s
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if isinstance(scheduler, LocalScheduler):
-        return run_locally(args, scheduler, resources)
+    status = scheduler.run_submitted(resources, progress=sys.stderr.isatty())  # a backend that runs them here
+    if status is not None:
+        return status
     print(f"watch: {scheduler.watch_command([r.job_id for r in submitted])}")
     print(f"progress: python check_preprocessing.py --output-dir {args.output_dir}")
     return EXIT_OK
-
-
-def run_locally(args, scheduler: LocalScheduler, resources) -> int:
-    workers, gpus = scheduler.concurrency(resources)
-    volumes, processes = sum(len(r.array.volume_indices) for r in scheduler.queued), sum(r.array.size for r in scheduler.queued)
-    print(f"running {volumes} volumes here" + (f" in {processes} process(es)" if processes != volumes else "") + f", {workers} at a time"
-          + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
-    if "memory_gb" in resources.explicit:
-        print("note: the local backend does not limit memory; --memory-gb is only recorded")
-    try:
-        summary = scheduler.run_queued(resources, progress=sys.stderr.isatty())
-    except KeyboardInterrupt:
-        print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
-        return 130
-    print(summary.line())  # each volume's line was printed as it finished
-    return EXIT_FAILED if summary.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dinov3_cache.layout import write_submission_record
+from dinov3_cache.cluster.submissions import write_submission_record
 from dinov3_cache.paths import ARRAY_NAMES, VolumePaths
 from dinov3_cache.records import read_json, write_json_atomic
 from dinov3_cache.schema import seal_metadata

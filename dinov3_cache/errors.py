@@ -9,6 +9,7 @@ returns the error's exit status. No traceback reaches the user for these.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import NoReturn
 
@@ -17,8 +18,15 @@ EXIT_FAILED = 1  # a run failed, or expected volumes are not complete
 EXIT_USAGE = 2  # bad input on the command line (argparse uses 2 as well); nothing was done
 EXIT_LOCKED = 3  # another live run holds the volume; nothing was touched
 EXIT_DAMAGED = 4  # verification found damage, or a metadata file is unreadable
-EXIT_TERMINATED = 143  # SIGTERM (a scheduler's walltime or kill): 128 + 15
 
+
+def exit_status_for_signal(signum: int) -> int:
+    """The shell's convention for a process stopped by a signal: 128 + its number."""
+    return 128 + int(signum)
+
+
+EXIT_INTERRUPTED = exit_status_for_signal(signal.SIGINT)  # 130: Ctrl-C
+EXIT_TERMINATED = exit_status_for_signal(signal.SIGTERM)  # 143: a scheduler's walltime or kill
 
 
 class CacheToolError(Exception):

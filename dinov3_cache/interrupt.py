@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+from dinov3_cache.errors import EXIT_INTERRUPTED
 
 
 def interrupted_line(what: str = "") -> str:

@@ -55,7 +55,7 @@ def now_iso() -> str:
 def write_status(paths: VolumePaths, state: str, **fields: Any) -> dict:
     """Record running / complete / failed / skipped for one volume, keeping earlier fields
     this process wrote."""
-    from dinov3_cache.layout import scheduler_job_id  # layout imports this module
+    from dinov3_cache.cluster.schedulers import current_job_id  # here: cluster/ imports this module
 
     previous = read_status(paths) or {}
     record = {
@@ -64,7 +64,7 @@ def write_status(paths: VolumePaths, state: str, **fields: Any) -> dict:
         "state": state,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "job_id": scheduler_job_id(),
+        "job_id": current_job_id(),
         "updated": now_iso(),
         **fields,
     }

@@ -22,15 +22,11 @@ from dinov3_cache.audit.png import MARGIN, decode_png
 from dinov3_cache.audit.report import EXIT_INCOMPLETE
 from dinov3_cache.audit.scan import StorageMeasure, expected_volumes
 from dinov3_cache.audit.summaries import read_complete_volumes, storage_summary
+from dinov3_cache.cluster.base import SCHEDULER_LOG_RE, scheduler_log_name, scheduler_logs_dir
+from dinov3_cache.cluster.schedulers import job_element
+from dinov3_cache.cluster.submissions import write_submission_record
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
-from dinov3_cache.layout import (
-    SCHEDULER_LOG_RE,
-    job_element,
-    scheduler_log_name,
-    scheduler_logs_dir,
-    write_submission_record,
-)
 from dinov3_cache.paths import VolumePaths, preview_path
 from dinov3_cache.records import read_json, write_json_atomic, write_status
 
@@ -652,16 +648,6 @@ def test_debris_of_every_kind_is_listed_and_removed_but_a_live_runs_is_not(tmp_p
         os.close(holder)
     audit = call_main("check_preprocessing", "--output-dir", out, "--indices", "0-2", "--verify-all")
     assert audit.returncode == 0, audit.stdout  # the complete volumes are intact
-
-
-def test_scheduler_answers_are_parsed():
-    from dinov3_cache.audit.live_jobs import base_job_ids, parse_bjobs, parse_squeue
-
-    # squeue -h -o %i -j 812,900: running elements, a pending range with a throttle, a plain job
-    assert parse_squeue("812_3\n812_[5-7,9%2]\n900\n") == {"812_3", "812_5", "812_6", "812_7", "812_9", "900"}
-    # bjobs -noheader -o 'jobid jobindex stat' 77 78: an element running, one finished, a plain job pending
-    assert parse_bjobs("77 1 RUN\n77 2 EXIT\n78 0 PEND\nJob <79> is not found\n") == {"77[1]", "78"}
-    assert base_job_ids(["812_3", "812_4", "77[1]", "900"]) == ["77", "812", "900"]
 
 
 def test_a_running_volume_whose_job_is_gone_is_reported_failed():

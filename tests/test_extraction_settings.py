@@ -153,7 +153,7 @@ def imported_modules(*argv: str) -> set[str]:
 def test_help_and_dry_run_do_not_import_torch(tmp_path):
     help_modules = imported_modules("--help")
     dry_run_modules = imported_modules("--num-volumes", "3", "--scheduler", "slurm", "--dry-run",
-                                       "--output-dir", str(tmp_path / "o"), "--source", "synthetic")
+                                       "--output-dir", str(tmp_path / "o"), "--source", "synthetic", "--model-id", "random:tiny")
     assert "argparse" in help_modules and "dinov3_cache" in dry_run_modules  # the listing is real
     for name in NOT_ON_LOGIN_NODES:
         assert name not in help_modules and name not in dry_run_modules

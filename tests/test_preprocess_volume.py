@@ -356,7 +356,9 @@ BEFORE_WORK, DURING_WORK = 2, 1  # bad options found before anything ran; a run 
         (lambda a, t, m: a.__setitem__(3, str(file(t) / "out")), "cannot create output directory", DURING_WORK),
         (lambda a, t, m: a.extend(["--organelles", "golgi"]), "unknown organelle(s) golgi", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--output-image-dim", "10"]), "not a multiple of the model's patch size", BEFORE_WORK),
-        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot load model", DURING_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), str(t / "no-such-model")), "cannot read the config of model", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), "random:"), "unknown random model 'random:'", BEFORE_WORK),
+        (lambda a, t, m: a.__setitem__(a.index(str(m)), "no-such-org/no-such-model"), "HF_HUB_OFFLINE", BEFORE_WORK),
         (lambda a, t, m: a.extend(["--source", "nowhere"]), "unknown --source", BEFORE_WORK),
         # the source's crops are drawn (and say what they cannot do) only once the run has started
         (lambda a, t, m: a.extend(["--crop-filter", "crop1"]), "--source synthetic has none", DURING_WORK),

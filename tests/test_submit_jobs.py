@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_GEOMETRY_ARGS, run_script
 
+from dinov3_cache.cluster.base import scheduler_logs_dir
 from dinov3_cache.cluster.jobs import JobSpec, split_arrays
 from dinov3_cache.cluster.lsf import LsfScheduler
 from dinov3_cache.cluster.resources import Resources, parse_walltime
 from dinov3_cache.cluster.slurm import SlurmScheduler
+from dinov3_cache.cluster.submissions import read_submission_records
 from dinov3_cache.commit_protocol import is_volume_complete
-from dinov3_cache.layout import read_submission_records, scheduler_logs_dir
 from dinov3_cache.locks import VolumeLock
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.records import read_json, read_status, write_json_atomic
@@ -29,6 +30,8 @@ START_SLURM = REPO / "tests" / "slurm" / "start_slurm.sh"
 STOP_SLURM = REPO / "tests" / "slurm" / "stop_slurm.sh"
 # small requests that fit the 2-core test node; no GPU there
 SMALL_JOB = ["--no-gpu", "--num-processors", "1", "--memory-gb", "2", "--walltime", "10"]
+# the default model is a hub id that is not cached here: the model check would refuse it
+DEMO = ["--source", "synthetic", "--model-id", "random:tiny"]
 
 
 def extraction_args(output_dir: Path, model_dir: Path) -> list[str]:
@@ -196,14 +199,14 @@ def test_lsf_job_script_maps_lsb_jobindex_to_the_volume(tmp_path, tiny_model_dir
 def test_dry_run_prints_and_creates_nothing(tmp_path):
     out = tmp_path / "never"
     for scheduler in ("lsf", "slurm", "local"):
-        result = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", scheduler, "--dry-run", "--output-dir", out, "--source", "synthetic")
+        result = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", scheduler, "--dry-run", "--output-dir", out, *DEMO)
         assert result.returncode == 0, result.stderr
         assert "nothing submitted or created" in result.stdout
         assert "preprocess_volume.py --settings " in result.stdout and '"source": "synthetic"' in result.stdout
     assert not out.exists()
-    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--source", "synthetic").stdout
+    lsf = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, *DEMO).stdout
     assert "bsub -J 'dinov3_preprocess[1-4]'" in lsf and "-gpu num=1" in lsf  # a GPU by default
-    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, "--source", "synthetic", "--gpu", "False").stdout
+    seed_spelling = run_script(SUBMIT, "--num-volumes", "4", "--scheduler", "lsf", "--dry-run", "--output-dir", out, *DEMO, "--gpu", "False").stdout
     assert "bsub -J" in seed_spelling and "-gpu" not in seed_spelling
     assert not out.exists()
 
@@ -214,13 +217,13 @@ def test_dry_run_prints_and_creates_nothing(tmp_path):
     (["--source", "synthetic", "--base-resolution", "100"], "must be a whole multiple"),
 ])
 def test_bad_extraction_options_are_refused_before_submitting(tmp_path, extra, message):
-    result = run_script(SUBMIT, "--num-volumes", "2", "--scheduler", "local", "--output-dir", tmp_path / "o", *extra)
+    result = run_script(SUBMIT, "--num-volumes", "2", "--scheduler", "local", "--output-dir", tmp_path / "o", "--model-id", "random:tiny", *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
-    result = run_script(SUBMIT, "--indices", "0-2500", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path / "o", "--source", "synthetic")
+    result = run_script(SUBMIT, "--indices", "0-2500", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path / "o", *DEMO)
     assert result.returncode == 0, result.stderr
     assert "2501 volumes exceed the array size limit of 1000: split into 3 arrays" in result.stdout
     assert re.findall(r"--array=(\S+)", result.stdout) == ["1-1000", "1-1000", "1-501"]
@@ -228,7 +231,7 @@ def test_arrays_over_the_size_limit_are_split_not_rejected(tmp_path):
     assert re.search(r"^\s+1\) VOLUME_INDEX=2000 ", third_script, re.MULTILINE)
     assert re.search(r"^\s+501\) VOLUME_INDEX=2500 ", third_script, re.MULTILINE)
 
-    lsf = run_script(SUBMIT, "--indices", "0-4", "--scheduler", "lsf", "--dry-run", "--max-array-size", "2", "--max-concurrent", "1", "--output-dir", tmp_path / "o", "--source", "synthetic")
+    lsf = run_script(SUBMIT, "--indices", "0-4", "--scheduler", "lsf", "--dry-run", "--max-array-size", "2", "--max-concurrent", "1", "--output-dir", tmp_path / "o", *DEMO)
     assert re.findall(r"-J '(\S+)'", lsf.stdout) == ["dinov3_preprocess[1-2]%1"] * 2 + ["dinov3_preprocess[1-1]%1"]
 
 
@@ -288,7 +291,7 @@ def test_bad_input_is_one_clear_line(tmp_path, extra, expected):
     if "bsub" in expected and shutil.which("bsub"):
         pytest.skip("bsub is installed here")
     out = tmp_path / "out"
-    result = run_script(SUBMIT, "--output-dir", out, "--source", "synthetic", *extra)
+    result = run_script(SUBMIT, "--output-dir", out, *DEMO, *extra)
     assert result.returncode == 2
     assert expected in only_line(result.stderr)
     assert not out.exists()
@@ -309,7 +312,7 @@ def dry_run_settings(stdout: str) -> dict:
 def test_extraction_options_reach_every_job_through_one_settings_file(tmp_path):
     options = ["--organelles", "cell", "nuc", "--inference-filter", "jrc_a", "jrc_b", "--compression", "zstd",
                "--zarr-format", "3", "--save-raw", "--planes", "xy", "--features-dtype", "float32", "--batch-size", "3"]
-    result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path, "--source", "synthetic", *options)
+    result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "slurm", "--dry-run", "--output-dir", tmp_path, *DEMO, *options)
     assert result.returncode == 0, result.stderr
     settings = dry_run_settings(result.stdout)["settings"]
     assert settings["organelles"] == ["cell", "nuc"] and settings["inference_filter"] == ["jrc_a", "jrc_b"]
@@ -356,6 +359,9 @@ def test_rendered_submission_matches_its_golden_file(name, scheduler, resources)
     (["--output-image-dim", "17"], "not a multiple of the model's patch size 16"),
     (["--model-id", "random:huge"], "unknown random model 'random:huge'"),
     (["--model-id", "no/such-model-dir/"], "cannot read the config of model"),
+    (["--model-id", "random:"], "unknown random model 'random:'; choose one of random:tiny"),
+    (["--model-id", "random"], "a random demo model (random:tiny"),
+    (["--model-id", "no-such-org/no-such-model"], "not in the local Hugging Face cache"),
 ])
 def test_options_that_fail_every_job_are_refused_before_submitting(tmp_path, tiny_model_dir, extra, message):
     out = tmp_path / "o"
@@ -364,6 +370,44 @@ def test_options_that_fail_every_job_are_refused_before_submitting(tmp_path, tin
         result = run_script(SUBMIT, "--num-volumes", "2", "--scheduler", scheduler, "--dry-run", *args)
         assert result.returncode == 2 and message in only_line(result.stderr), result.stderr
         assert "bsub" not in result.stdout and not out.exists()
+
+
+def test_an_unloadable_hub_model_is_refused_once_naming_every_way_out(tmp_path):
+    """With HF_HUB_OFFLINE only the cache counts: a hub id not in it would fail every job."""
+    result = run_script(SUBMIT, "--num-volumes", "1000", "--scheduler", "local", "--output-dir", tmp_path / "o",
+                        "--source", "synthetic", "--model-id", "no-such-org/no-such-model", env={"HF_HUB_OFFLINE": "1"})
+    line = only_line(result.stderr)
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in line and "local directory" in line and "random:tiny" in line
+    assert "running" not in result.stdout and not (tmp_path / "o").exists()
+
+
+def test_an_unreachable_hub_fails_fast_and_a_cached_hub_model_passes(tmp_path, tiny_model_dir):
+    """Without HF_HUB_OFFLINE the hub is asked within seconds (here a closed port), then the
+    cache decides; a hub id whose config is in the cache is accepted, offline or not."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--some-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", snapshot / "config.json")
+    (cache / "models--some-org--some-model" / "refs").mkdir()
+    (cache / "models--some-org--some-model" / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(cache)}
+    base = [SUBMIT, "--num-volumes", "2", "--scheduler", "lsf", "--dry-run", "--output-dir", tmp_path / "o",
+            "--source", "synthetic", *TINY_GEOMETRY_ARGS, "--model-id"]
+    missing = run_script(*base, "no-such-org/no-such-model", env=env, timeout=60)
+    line = only_line(missing.stderr)
+    assert missing.returncode == 2 and "not in the local Hugging Face cache, and the hub http://127.0.0.1:9 is unreachable" in line
+    for offline in ("0", "1"):
+        cached = run_script(*base, "some-org/some-model", env={**env, "HF_HUB_OFFLINE": offline}, timeout=60)
+        assert cached.returncode == 0 and "bsub" in cached.stdout, cached.stderr
+
+
+def test_a_model_directory_without_weights_is_refused(tmp_path, tiny_model_dir):
+    model = tmp_path / "config-only"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    result = run_script(SUBMIT, "--num-volumes", "1", "--scheduler", "local", "--dry-run",
+                        "--output-dir", tmp_path / "o", "--source", "synthetic", "--model-id", model)
+    assert result.returncode == 2 and "holds no weights" in only_line(result.stderr)
 
 
 def test_a_local_model_without_a_config_is_refused(tmp_path):

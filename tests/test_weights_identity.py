@@ -46,9 +46,10 @@ def test_loaded_model_records_its_weights_identity(tmp_path):
 
 def test_random_model_identity_is_preset_and_seed():
     assert weights_identity("random:small") == {"kind": "random", "preset": "small", "seed": RANDOM_MODEL_SEED}
-    assert weights_identity("random") == weights_identity("random:tiny")
     with pytest.raises(ModelError, match="unknown random model"):
         weights_identity("random:huge")
+    with pytest.raises(ModelError, match="unknown random model 'random:'"):  # names no preset: not recorded as one
+        weights_identity("random:")
 
 
 def test_hub_identity_from_a_commit_revision_or_the_local_cache(tmp_path, monkeypatch):

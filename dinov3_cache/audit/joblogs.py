@@ -1,6 +1,6 @@
-"""Why a volume is not complete: job logs (the volume's own and the scheduler's files),
-kill notices of LSF, SLURM, CUDA and Python, and the state each pending volume is in
-(running, failed, partial or not started)."""
+"""Why a volume is not complete: job logs (the volume's own and the scheduler's files), kill
+notices (each scheduler's, as its backend in cluster/ defines them, then CUDA's and Python's),
+and the state each pending volume is in (running, failed, partial or not started)."""
 
 from __future__ import annotations
 
@@ -11,40 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinov3_cache.audit.scan import DirectoryScan
+from dinov3_cache.cluster.base import SCHEDULER_LOG_RE, kill_signature, scheduler_logs_dir
+from dinov3_cache.cluster.schedulers import job_element, scheduler_kill_signatures
 from dinov3_cache.commit_protocol import dead_debris
-from dinov3_cache.layout import SCHEDULER_LOG_RE, job_element, scheduler_logs_dir
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.records import read_status
 
 LOG_READ_BYTES = 64 * 1024  # kill messages and errors sit at the end of a job log
 
-
-@dataclass(frozen=True)
-class KillSignature:
-    kind: str  # out_of_memory | walltime | gpu_out_of_memory | preempted | node_failure | cancelled
-    scheduler: str
-    pattern: re.Pattern
-    advice: str
-
-
-def _sig(kind: str, scheduler: str, pattern: str, advice: str) -> KillSignature:
-    return KillSignature(kind, scheduler, re.compile(pattern), advice)
-
-
-# What LSF (job report in the -o file), SLURM (slurmstepd / srun on stderr) and PyTorch
-# print when a job is killed. Most specific first.
+# How a kill shows: each scheduler's own notices (its backend in cluster/ knows them), then
+# what PyTorch and Python print. Most specific first.
 KILL_SIGNATURES = (
-    _sig("out_of_memory", "LSF", r"TERM_MEMLIMIT", "raise --memory-gb"),
-    _sig("walltime", "LSF", r"TERM_RUNLIMIT", "raise --walltime"),
-    _sig("preempted", "LSF", r"TERM_PREEMPT", "resubmit with --missing-only"),
-    _sig("cancelled", "LSF", r"TERM_OWNER|TERM_ADMIN", "resubmit with --missing-only"),
-    _sig("out_of_memory", "SLURM", r"oom[-_]kill event|Exceeded job memory limit|task \d+: Out Of Memory", "raise --memory-gb"),
-    _sig("walltime", "SLURM", r"CANCELLED AT \S+ DUE TO TIME LIMIT", "raise --walltime"),
-    _sig("preempted", "SLURM", r"CANCELLED AT \S+ DUE TO PREEMPTION", "resubmit with --missing-only"),
-    _sig("node_failure", "SLURM", r"DUE TO NODE FAILURE", "resubmit with --missing-only"),
-    _sig("cancelled", "SLURM", r"CANCELLED AT \S+ \*\*\*", "resubmit with --missing-only"),
-    _sig("gpu_out_of_memory", "CUDA", r"CUDA out of memory|OutOfMemoryError", "lower --batch-size or use a larger GPU"),
-    _sig("out_of_memory", "Python", r"\bMemoryError\b", "raise --memory-gb"),
+    *scheduler_kill_signatures(),
+    kill_signature("gpu_out_of_memory", "CUDA", r"CUDA out of memory|OutOfMemoryError", "lower --batch-size or use a larger GPU"),
+    kill_signature("out_of_memory", "Python", r"\bMemoryError\b", "raise --memory-gb"),
 )
 
 

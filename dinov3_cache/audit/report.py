@@ -28,11 +28,11 @@ from dinov3_cache.audit.summaries import (
     throughput,
     timing_statistics,
 )
+from dinov3_cache.cluster.submissions import read_submission_records, submissions_dir
 from dinov3_cache.commit_protocol import dead_debris
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK
 from dinov3_cache.indices import format_ranges
-from dinov3_cache.layout import read_submission_records, submissions_dir
 from dinov3_cache.paths import ARRAY_NAMES, VolumePaths
 
 if TYPE_CHECKING:

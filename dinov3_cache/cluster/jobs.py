@@ -11,6 +11,7 @@ each volume keeps its own status record.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,27 @@ from dinov3_cache.paths import VolumePaths
 
 DEFAULT_JOB_NAME = "dinov3_preprocess"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where the top-level scripts live
+
+
+# a job name reaches scheduler command lines, job scripts and log file names: no shell, LSF
+# ([ ] %) or SLURM (%) syntax in it
+JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def check_job_name(name: str) -> str:
+    if not JOB_NAME_RE.fullmatch(name):
+        raise UsageError(f"--job-name {name!r} is not a job name: use at most 128 letters, digits and _ . + -, "
+                         "starting with a letter or digit")
+    return name
+
+
+def check_script_text(text: str, what: str) -> str:
+    """A value written into a job script or a scheduler command line (quoted there) may hold
+    spaces and shell syntax, but no newline or other control character: those would end a
+    line of the script or of the scheduler's directives."""
+    if not text.isprintable():  # spaces are printable; newlines, tabs and escapes are not
+        raise UsageError(f"{what} {text!r} contains a newline or another control character; choose one without")
+    return text
 
 
 def array_ranges(indices) -> str:
@@ -38,6 +60,13 @@ class JobSpec:
     output_dir: Path
     command: tuple[str, ...]
     workdir: Path
+
+    def __post_init__(self) -> None:
+        check_job_name(self.name)
+        check_script_text(str(self.output_dir), "--output-dir")
+        check_script_text(str(self.workdir), "the working directory")
+        for part in self.command:
+            check_script_text(part, "the job command's argument")
 
     @classmethod
     def preprocess_volume(cls, output_dir: Path, settings_file: Path, name: str = DEFAULT_JOB_NAME) -> JobSpec:

@@ -19,12 +19,11 @@ from queue import Queue
 from dinov3_cache.cluster.base import Scheduler
 from dinov3_cache.cluster.jobs import ArrayJob, RenderedArray
 from dinov3_cache.cluster.resources import ResourceError, Resources
-from dinov3_cache.errors import EXIT_LOCKED
+from dinov3_cache.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.paths import VolumePaths
 
 COMPLETED, SKIPPED, FAILED, HELD = "completed", "skipped", "failed", "held"
-INTERRUPTED = "interrupted by the user (Ctrl-C)"
 
 
 @dataclass
@@ -38,6 +37,7 @@ class ElementResult:
     committed: bool = False  # this run wrote the volume's metadata (the commit marker)
     present: bool = False  # the volume is complete after the run
     packed: bool = False  # the element ran several volumes: its exit status speaks for all of them
+    interrupted: bool = False  # stopped by the user's Ctrl-C (its exit status and last line say nothing of the cause)
 
     @property
     def state(self) -> str:
@@ -55,6 +55,8 @@ class ElementResult:
             return f"volume {self.volume_index}: completed in {self.seconds:.1f} s"
         if self.state == SKIPPED:
             return f"volume {self.volume_index}: skipped, already complete (--overwrite recomputes it)"
+        if self.interrupted:
+            return f"volume {self.volume_index}: not complete: interrupted by the user (rerun with --missing-only)"
         if self.state == HELD:
             return f"volume {self.volume_index}: held by another live run (not a failure; --missing-only reruns it if that run fails)"
         if self.returncode is None:
@@ -114,6 +116,7 @@ class LocalScheduler(Scheduler):
     """Processes on this machine, at most `max_concurrent` at a time, each with its own GPU."""
 
     name = "local"
+    title = "local processes"
     executable = None
     element_variable = "LOCAL_ARRAY_ELEMENT"
     job_id_expression = "${LOCAL_JOB_ID:-}"
@@ -146,6 +149,22 @@ class LocalScheduler(Scheduler):
 
     def prepare_directories(self, output_dir: Path) -> None:
         VolumePaths(output_dir, 0).logs.mkdir(parents=True, exist_ok=True)
+
+    def run_submitted(self, resources: Resources, progress: bool) -> int:
+        """The processes run here, in the foreground: one line per volume, then the summary."""
+        workers, gpus = self.concurrency(resources)
+        volumes, processes = sum(len(r.array.volume_indices) for r in self.queued), sum(r.array.size for r in self.queued)
+        print(f"running {volumes} volumes here" + (f" in {processes} process(es)" if processes != volumes else "")
+              + f", {workers} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else " (no GPU)"))
+        if "memory_gb" in resources.explicit:
+            print("note: the local backend does not limit memory; --memory-gb is only recorded")
+        try:
+            summary = self.run_queued(resources, progress=progress)
+        except KeyboardInterrupt:
+            print("error: interrupted; running volumes were stopped. Rerun with --missing-only to finish", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(summary.line())  # each volume's line was printed as it finished
+        return EXIT_FAILED if summary.failed else EXIT_OK
 
     def concurrency(self, resources: Resources) -> tuple[int, list[str]]:
         """Default: one volume per GPU, or one at a time on CPU (each run uses every core)."""
@@ -207,7 +226,7 @@ class LocalScheduler(Scheduler):
         before = [metadata_signature(paths.metadata) for paths in volumes]
         started = time.monotonic()
         if self._stopping:
-            return [ElementResult(i, -signal.SIGTERM, 0.0, "not started: interrupted") for i in volume_indices]
+            return [ElementResult(i, -signal.SIGTERM, 0.0, interrupted=True) for i in volume_indices]
         process = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
         self._running.add(process)
         try:
@@ -220,13 +239,11 @@ class LocalScheduler(Scheduler):
         finally:
             self._running.discard(process)
         seconds, error_line = time.monotonic() - started, last_line(volumes[0].log_err)  # the element's log
-        if self._stopping and returncode != 0:
-            error_line = INTERRUPTED  # stopped by _stop_running, not its first stderr line
         results = []
         for paths, previous in zip(volumes, before, strict=True):
             after = metadata_signature(paths.metadata)
             results.append(ElementResult(paths.volume_index, returncode, seconds, error_line, committed=after is not None and after != previous,
-                                         present=after is not None, packed=len(volumes) > 1))
+                                         present=after is not None, packed=len(volumes) > 1, interrupted=self._stopping))
         return results
 
     def _stop_running(self) -> None:

@@ -10,12 +10,13 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from dinov3_cache.cluster.jobs import DEFAULT_JOB_NAME
+from dinov3_cache.cluster.jobs import DEFAULT_JOB_NAME, check_script_text
 from dinov3_cache.errors import UsageError
 
 DEFAULT_NUM_PROCESSORS = 16
 DEFAULT_MEMORY_GB = 64.0
 DEFAULT_WALLTIME = "2:00"
+SCHEDULER_NAME_RE = re.compile(r"[A-Za-z0-9_.,:@+-]+")  # queues, partitions, projects, accounts (a,b: a SLURM list)
 DEFAULT_MAX_ARRAY_SIZE = 1000  # LSF's MAX_JOB_ARRAY_SIZE and SLURM's MaxArraySize default to about this
 
 
@@ -68,6 +69,12 @@ class Resources:
             raise ResourceError(f"--max-concurrent must be at least 1, got {self.max_concurrent}")
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
             raise ResourceError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gb}")
+        for option, value in (("--queue", self.queue), ("--project", self.project)):
+            if value is not None and not SCHEDULER_NAME_RE.fullmatch(value):
+                raise ResourceError(f"{option} {value!r} is not a queue, partition, project or account name: "
+                                    "use letters, digits and _ . , : @ + -")
+        for argument in self.scheduler_args:
+            check_script_text(argument, "--scheduler-args")
 
     @property
     def memory_mb(self) -> int:

@@ -12,9 +12,9 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from dinov3_cache.cluster.schedulers import current_job_id
 from dinov3_cache.extraction.config import UPSAMPLING, ExtractionConfig
 from dinov3_cache.extraction.model import LoadedModel
-from dinov3_cache.layout import scheduler_job_id
 from dinov3_cache.records import now_iso
 from dinov3_cache.schema import (
     Configuration,
@@ -166,7 +166,7 @@ def provenance(loaded: LoadedModel) -> Provenance:
             "numpy": np.__version__,
         },
         host=platform.node(),
-        job_id=scheduler_job_id(),
+        job_id=current_job_id(),
         command=sys.argv,
     )
 

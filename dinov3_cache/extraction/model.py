@@ -19,6 +19,7 @@ from dinov3_cache.extraction.weights import (
     RANDOM_PATCH_SIZE,
     ModelError,
     hub_offline_reason,
+    is_random_model_id,
     random_preset,
     weights_identity,
 )
@@ -128,7 +129,7 @@ def load_model(
 
 def transformers_model(model_id: str, revision: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The model as transformers builds it (float32, sdpa attention, on the CPU) and its identity."""
-    if model_id.startswith("random"):
+    if is_random_model_id(model_id):
         return build_random_model(model_id)
     return load_pretrained_model(model_id, revision)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dinov3_cache.extraction.weights import is_random_model_id
 from dinov3_cache.records import read_json
 
 # Normalisation constants by pretraining data (DINOv3 model cards).
@@ -14,7 +15,7 @@ IMAGENET_NORMALIZATION = {"family": "LVD-1689M (ImageNet)", "mean": [0.485, 0.45
 
 def normalization_for(model_id: str) -> dict:
     """Mean/std of the pretraining data: the local preprocessor config if any, else the model family."""
-    if model_id.startswith("random"):
+    if is_random_model_id(model_id):
         return IMAGENET_NORMALIZATION
     preprocessor = Path(model_id) / "preprocessor_config.json"
     if preprocessor.is_file():

@@ -1,9 +1,9 @@
 """Checks made before submitting jobs, without loading model weights: every option that
 would make every job fail is refused once, with one line, before anything is submitted.
 
-- the model's configuration is readable (a random preset, a local directory's config.json,
-  a hub id's config when the hub or its cache answers) and the slice size is a multiple of
-  its patch size;
+- the model can be loaded: a random id names a preset, a local directory holds config.json
+  and weights, a hub id's config is in the local cache or on a hub that answers here (with
+  HF_HUB_OFFLINE set, the cache alone); and the slice size is a multiple of its patch size;
 - the source's own checks (`VolumeSource.preflight`: the organelles exist in it, ...);
 - the complete volumes among the requested ones were made with this configuration (else
   each such job would refuse to overwrite them)."""
@@ -17,10 +17,12 @@ from dinov3_cache.commit_protocol import committed_volume_indices
 from dinov3_cache.errors import CacheToolError, UsageError, first_line
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.weights import (
+    MODEL_CHOICES,
     RANDOM_MODEL_PRESETS,
     RANDOM_PATCH_SIZE,
     ModelError,
     hub_offline_reason,
+    is_random_model_id,
     random_preset,
     weights_identity_resolved,
 )
@@ -41,10 +43,11 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def model_config_values(model_id: str, revision: str | None) -> dict | None:
-    """hidden_size and patch_size of a model id, read from its config alone (no weights);
-    None when it is a hub id and neither the hub nor the local cache answers here."""
-    if model_id.startswith("random"):
+def model_config_values(model_id: str, revision: str | None) -> dict:
+    """hidden_size and patch_size of a model id, read from its config alone (no weights). A
+    random id must name a preset, a directory must hold a config and weights, a hub id must be
+    in the local cache or on a hub that answers here (HF_HUB_OFFLINE: the cache alone)."""
+    if is_random_model_id(model_id):
         try:
             preset = random_preset(model_id)
         except ModelError as e:
@@ -52,52 +55,89 @@ def model_config_values(model_id: str, revision: str | None) -> dict | None:
         return {"hidden_size": RANDOM_MODEL_PRESETS[preset]["hidden_size"], "patch_size": RANDOM_PATCH_SIZE}
     if Path(model_id).is_dir():
         return local_config_values(Path(model_id))
+    if not is_hub_id(model_id):
+        raise PreflightError(f"cannot read the config of model {model_id!r}: no such directory, and not a Hugging Face id; {MODEL_CHOICES}")
     return hub_config_values(model_id, revision)
 
 
-def hub_config_values(model_id: str, revision: str | None) -> dict | None:
-    """The config.json of a hub id, fetched alone (huggingface_hub: no torch, no weights), or
-    None when neither the hub nor the local cache has it here."""
+def is_hub_id(model_id: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_config_values(model_id: str, revision: str | None) -> dict:
+    """The config.json of a hub id, fetched alone (huggingface_hub: no torch, no weights): from
+    the hub when it answers within seconds, else from the local cache only (what a job would load)."""
+    offline = hub_offline_reason()
+    path = cached_hub_config(model_id, revision) if offline else downloaded_hub_config(model_id, revision)
+    if path is None:
+        why = f"not in the local Hugging Face cache, and {offline}" if offline else "the hub does not answer for it"
+        raise PreflightError(f"cannot read the config of model {model_id!r} ({why}); {MODEL_CHOICES}")
+    return local_config_values(Path(path).parent, weights=False)
+
+
+def cached_hub_config(model_id: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    return path if isinstance(path, str) else None  # None: not cached; a sentinel: cached as missing
+
+
+def downloaded_hub_config(model_id: str, revision: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    offline = hub_offline_reason()
     try:
-        path = hf_hub_download(model_id, "config.json", revision=revision, local_files_only=offline is not None)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # not cached, and the hub is not asked here
-        return None
+        return hf_hub_download(model_id, "config.json", revision=revision, etag_timeout=HUB_CONFIG_TIMEOUT_SECONDS)
     except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise PreflightError(f"cannot read the config of model {model_id!r} ({first_line(e, 160)}); check --model-id") from None
-    except Exception:  # unreachable and not cached: the jobs may still reach it
-        return None
-    return local_config_values(Path(path).parent)
+    except Exception:  # the hub stopped answering: the cache decides, as it would for a job
+        return cached_hub_config(model_id, revision)
 
 
-def local_config_values(directory: Path) -> dict:
-    """hidden_size and patch_size from a local checkpoint's config.json (plain JSON: no torch)."""
+HUB_CONFIG_TIMEOUT_SECONDS = 10
+
+
+def local_config_values(directory: Path, weights: bool = True) -> dict:
+    """hidden_size and patch_size from a checkpoint's config.json (plain JSON: no torch); a
+    local directory must also hold a readable weight file."""
     try:
         config = read_json(directory / "config.json")
-        return {"hidden_size": int(config["hidden_size"]), "patch_size": int(config["patch_size"])}
+        values = {"hidden_size": int(config["hidden_size"]), "patch_size": int(config["patch_size"])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PreflightError(
             f"cannot read the config of model {str(directory)!r} ({type(e).__name__}: {first_line(e, 160)}); check --model-id"
         ) from None
+    if weights:
+        check_weight_files(directory)
+    return values
 
 
-def check_model(config: ExtractionConfig) -> dict | None:
-    """The model's config values, and the slice size checked against its patch size."""
+def check_weight_files(directory: Path) -> None:
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in directory.glob(pattern))
+    if not files:
+        raise PreflightError(f"model directory {str(directory)!r} holds no weights (*.safetensors or *.bin); {MODEL_CHOICES}")
+    try:
+        with open(files[0], "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise PreflightError(f"cannot read the weights of model {str(directory)!r} ({e.strerror}: {files[0].name})") from None
+
+
+def check_model(config: ExtractionConfig) -> dict:
+    """The model's config values, and the slice size checked against its patch size. Refuses
+    a model that no job could load: every job would fail after starting."""
     values = model_config_values(config.model_id, config.model_revision)
-    if values is None:
-        print(f"note: the config of {config.model_id} is not readable here (hub unreachable, not cached); "
-              "its patch size is not checked (pass --skip-model-check to skip this check)")
-        return None
     try:
         check_slice_size(config.geometry, values["patch_size"])
     except CacheToolError as e:

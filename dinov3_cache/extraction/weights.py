@@ -33,12 +33,27 @@ HASH_READ_BYTES = 16 * 2**20
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_MODEL_IDS = ", ".join(RANDOM_PREFIX + name for name in RANDOM_MODEL_PRESETS)
+# what to do when a model cannot be found: every way to give one that works offline
+MODEL_CHOICES = (
+    "pass --model-id a local directory holding config.json and model.safetensors (fetch one with "
+    "'hf download <id> --local-dir DIR'), run where the Hugging Face hub is reachable, or set HF_HUB_OFFLINE=1 "
+    f"with the model in the Hugging Face cache; a random demo model ({RANDOM_MODEL_IDS}) runs offline"
+)
+
+
+def is_random_model_id(model_id: str) -> bool:
+    """'random:PRESET' names an offline demo model; anything else is a directory or a hub id."""
+    return model_id.startswith(RANDOM_PREFIX)
+
+
 def random_preset(model_id: str) -> str:
-    preset = model_id.partition(":")[2] or "tiny"
+    """The preset a 'random:PRESET' id names; 'random:' alone names none and is refused (it
+    would be recorded as given, not as the preset it builds)."""
+    preset = model_id.partition(":")[2]
     if preset not in RANDOM_MODEL_PRESETS:
-        raise ModelError(
-            f"unknown random model {model_id!r}; choose random:{' or random:'.join(RANDOM_MODEL_PRESETS)}"
-        )
+        raise ModelError(f"unknown random model {model_id!r}; choose one of {RANDOM_MODEL_IDS}")
     return preset
 
 
@@ -55,7 +70,7 @@ def weights_identity(model_id: str, revision: str | None = None) -> dict:
     else resolved without downloading weights (a commit-hash revision, the hub's model_info,
     or the local cache's refs); {"commit": None} when none of those answers (offline, not
     cached): the caller then resolves it by loading the model."""
-    if model_id.startswith("random"):
+    if is_random_model_id(model_id):
         return {"kind": "random", "preset": random_preset(model_id), "seed": RANDOM_MODEL_SEED}
     directory = Path(model_id)
     if directory.is_dir():
