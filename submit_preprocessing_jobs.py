@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir = str(Path(args.output_dir).absolute())  # jobs may start in another directory
     try:
         requested = requested_indices(args)
-        scheduler, reason = choose_scheduler(args.scheduler)
+        scheduler, reason = choose_scheduler(args.scheduler, len(requested))
         print(f"scheduler: {scheduler.name} ({reason})")
         resources = resources_from_args(args)
         scheduler.check_resources(resources)

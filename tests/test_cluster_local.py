@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from dinov3_cache.cluster.jobs import JobSpec, split_arrays
 from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.resources import Resources
 from dinov3_cache.cluster.schedulers import (
     SCHEDULERS,
+    UNNAMED_LOCAL_VOLUMES,
     choose_scheduler,
     current_job_id,
     query_live_jobs,
     scheduler_kill_signatures,
 )
+from dinov3_cache.errors import UsageError
 
 
 def test_local_jobs_have_no_scheduler_id_logs_or_liveness_query(tmp_path):
@@ -47,6 +51,14 @@ def test_the_first_installed_submission_command_chooses_the_backend(tmp_path, mo
     scheduler, reason = choose_scheduler(None)
     assert scheduler.name == "slurm" and reason == "sbatch found on PATH"
     assert choose_scheduler("lsf")[0].name == "lsf"
+
+
+def test_many_volumes_fall_back_to_this_machine_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither bsub nor sbatch
+    assert choose_scheduler(None, UNNAMED_LOCAL_VOLUMES)[0].name == "local"
+    with pytest.raises(UsageError, match=r"1000 volumes would run on this machine.*pass --scheduler local"):
+        choose_scheduler(None, 1000)
+    assert choose_scheduler("local", 1000)[0].name == "local"
 
 
 def test_the_running_job_id_outside_any_scheduler_is_none():

@@ -14,19 +14,32 @@ from dinov3_cache.cluster.base import KillSignature, Scheduler
 from dinov3_cache.cluster.local import LocalScheduler
 from dinov3_cache.cluster.lsf import LsfScheduler
 from dinov3_cache.cluster.slurm import SlurmScheduler
+from dinov3_cache.errors import UsageError
 
 # in the order of preference when none is named: the first whose submission command is installed
 SCHEDULERS: dict[str, type[Scheduler]] = {"lsf": LsfScheduler, "slurm": SlurmScheduler, "local": LocalScheduler}
 
 
-def choose_scheduler(name: str | None) -> tuple[Scheduler, str]:
-    """The named backend, or the first one whose submission command is on PATH; with the reason."""
+# volumes a submission runs on this machine when no scheduler is installed and none was named;
+# more must be asked for with --scheduler local (1,000 volumes on a login node is a mistake)
+UNNAMED_LOCAL_VOLUMES = 16
+
+
+def choose_scheduler(name: str | None, volumes: int = 0) -> tuple[Scheduler, str]:
+    """The named backend, or the first one whose submission command is on PATH; with the reason.
+    Falling back to this machine for more than UNNAMED_LOCAL_VOLUMES volumes is refused."""
     if name:
         return SCHEDULERS[name](), "chosen with --scheduler"
     for backend in SCHEDULERS.values():
         if backend.executable is None:
             installed = [b.executable for b in SCHEDULERS.values() if b.executable]
-            return backend(), f"neither {' nor '.join(installed)} on PATH"
+            reason = f"neither {' nor '.join(installed)} on PATH"
+            if volumes > UNNAMED_LOCAL_VOLUMES:
+                raise UsageError(
+                    f"{reason}: {volumes} volumes would run on this machine, one after another; pass --scheduler "
+                    f"{backend.name} to run them here (up to {UNNAMED_LOCAL_VOLUMES} run here without it), or submit "
+                    f"from a machine with {' or '.join(installed)}")
+            return backend(), reason
         if shutil.which(backend.executable):
             return backend(), f"{backend.executable} found on PATH"
     raise AssertionError("the last backend runs on this machine")
