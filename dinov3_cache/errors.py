@@ -41,7 +41,7 @@ class UsageError(CacheToolError):
     exit_status = EXIT_USAGE
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
+def first_line(error: BaseException, limit: int = 500) -> str:
     """The first non-empty line of an error's message (its type name when it has none)."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return (lines[0].strip() if lines else type(error).__name__)[:limit]

@@ -37,9 +37,9 @@ RANDOM_PREFIX = "random:"
 RANDOM_MODEL_IDS = ", ".join(RANDOM_PREFIX + name for name in RANDOM_MODEL_PRESETS)
 # what to do when a model cannot be found: every way to give one that works offline
 MODEL_CHOICES = (
-    "pass --model-id a local directory holding config.json and model.safetensors (fetch one with "
-    "'hf download <id> --local-dir DIR'), run where the Hugging Face hub is reachable, or set HF_HUB_OFFLINE=1 "
-    f"with the model in the Hugging Face cache; a random demo model ({RANDOM_MODEL_IDS}) runs offline"
+    "pass --model-id a local directory with config.json and weights ('hf download ID --local-dir DIR'), "
+    "run where the Hugging Face hub is reachable, or set HF_HUB_OFFLINE=1 with the model cached; "
+    f"a random demo model ({RANDOM_MODEL_IDS}) runs offline"
 )
 
 

@@ -57,7 +57,8 @@ def volume_index_list(indices) -> list[int] | None:
         return None
     if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
         example = f"[{indices}]" if isinstance(indices, numbers.Integral) else "[0, 1, 2] or list(range(0, 3))"
-        raise LoaderArgumentError(f"volume_indices must be a list of integers, got {indices!r}; write e.g. volume_indices={example}")
+        got = f"the string {indices!r}" if isinstance(indices, (str, bytes)) else repr(indices)
+        raise LoaderArgumentError(f"volume_indices must be a list of integers, got {got}; write e.g. volume_indices={example}")
     values = list(indices)
     if not values:
         raise LoaderArgumentError("volume_indices is empty; pass at least one index, or None for every committed volume")
