@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.loader_bench_cache import ensure_cache
+from dinov3_cache.loader.array_readers import chunk_overlaps
 from dinov3_cache.loader.page_cache import evict_from_page_cache, io_counters, volume_files
-from dinov3_cache.loader.reader import chunk_overlaps
 from dinov3_cache.zarr_arrays import storage_chunks
 from preprocessed_dataloader import PreprocessedDINOv3Dataset
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_chunk_fill_valued, preprocess_args, run_script
 
-from dinov3_cache.loader.reader import read_fully
+from dinov3_cache.loader.array_readers import read_fully
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import (

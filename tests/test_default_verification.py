@@ -15,7 +15,7 @@ import torch
 from conftest import call_main, make_chunk_fill_valued, preprocess_args, run_script
 
 from dinov3_cache.errors import EXIT_DAMAGED
-from dinov3_cache.loader import reader as reader_module
+from dinov3_cache.loader import array_readers
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import CacheError, PreprocessedDINOv3Dataset, VolumeReadError
@@ -151,13 +151,13 @@ def test_a_volume_copied_over_another_index_is_damaged_in_the_audit(cache):
 
 def count_checks(monkeypatch) -> list[str]:
     checked: list[str] = []
-    real = reader_module.check_chunk_crc
+    real = array_readers.check_chunk_crc
 
     def counting(key, recorded, data):
         checked.append(key)
         return real(key, recorded, data)
 
-    monkeypatch.setattr(reader_module, "check_chunk_crc", counting)
+    monkeypatch.setattr(array_readers, "check_chunk_crc", counting)
     return checked
 
 

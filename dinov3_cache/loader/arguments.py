@@ -17,7 +17,7 @@ import torch
 
 from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import EXIT_USAGE
-from dinov3_cache.loader.reader import TORCH_DTYPES
+from dinov3_cache.loader.array_readers import TORCH_DTYPES
 from dinov3_cache.loader.volumes import CacheError
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")

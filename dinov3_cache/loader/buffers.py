@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dinov3_cache.loader.reader import ReadResources, torch_dtype
+from dinov3_cache.loader.array_readers import torch_dtype
+from dinov3_cache.loader.reader import ReadResources
 from dinov3_cache.loader.volumes import CacheError, VolumeReadError
 
 if TYPE_CHECKING:

@@ -45,7 +45,7 @@ def file_identity(path: Path) -> FileIdentity | None:
 class OpenedArray:
     """One array as opened, with the identity its metadata file had before it was read."""
 
-    reader: Any  # reader.RawChunkReader or reader.TensorStoreReader
+    reader: Any  # array_readers.RawChunkReader or array_readers.TensorStoreReader
     path: Path
     metadata_file: Path
     identity: FileIdentity | None
