@@ -15,7 +15,7 @@ from dinov3_cache.audit.report import Report, finish_report, gather_report
 from dinov3_cache.audit.scan import AuditError
 from dinov3_cache.audit.text import format_report
 from dinov3_cache.directories import directory_problem
-from dinov3_cache.errors import CacheToolError, first_line, report_error
+from dinov3_cache.errors import EXIT_OK, CacheToolError, first_line, report_error
 from dinov3_cache.indices import check_index, parse_index_list
 
 
@@ -179,9 +179,9 @@ def run_view(args: argparse.Namespace) -> int:
     if args.view_state:
         features = getattr(args, "view_features", False)
         print(view.write_state(output_dir, args.view, Path(args.view_state), args.bind_address, source, origin, features))
-        return 0
+        return EXIT_OK
     view.serve(view.open_viewer(output_dir, args.view, args.bind_address, source))
-    return 0
+    return EXIT_OK
 
 
 def check_bind_address(address: str) -> None:
@@ -210,4 +210,4 @@ def run_remove_debris(output_dir: Path) -> int:
     if live:
         print(f"left alone: volume(s) {', '.join(map(str, live))} (a live run holds them)")
     print(f"removed {len(removed)} debris entries, {human_bytes(sum(r.bytes for r in removed))}")
-    return 0
+    return EXIT_OK

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov3_cache.errors import OneLineParser, UsageError, report_error
+from dinov3_cache.errors import EXIT_OK, OneLineParser, UsageError, report_error
 from dinov3_cache.interrupt import EXIT_INTERRUPTED, interrupted_line
 from dinov3_cache.loader.arguments import THREADS_PER_CORE, LoaderArgumentError, cache_directory, cpu_count, max_threads
 from dinov3_cache.loader.array_readers import TORCH_DTYPES
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(interrupted_line("measuring"), file=sys.stderr)
         return EXIT_INTERRUPTED
     print_report(report)
-    return 0
+    return EXIT_OK
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from dinov3_cache.errors import CacheToolError, OneLineParser, report_error
+from dinov3_cache.errors import EXIT_OK, CacheToolError, OneLineParser, report_error
 from dinov3_cache.probe.options import DEFAULT_STEPS, ProbeOptions, parse_indices
 from dinov3_cache.probe.report import table, write_predictions, write_rows, write_slice_png
 from dinov3_cache.probe.run import probe_caches
@@ -91,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
         )
     except CacheToolError as e:
         return report_error(e)
-    return 0
+    return EXIT_OK

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dinov3_cache.errors import OneLineParser, report_error
+from dinov3_cache.errors import EXIT_OK, OneLineParser, report_error
 from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap.catalog import CATALOG_FILE_NAME
 from dinov3_cache.sources.cellmap.source import CELLMAP_OPTIONS, CellMapSource
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         f"catalog of {catalog.root}: {len(catalog.datasets)} dataset(s), {n_crops} label set(s), "
         f"organelles {', '.join(catalog.organelles())}; saved to {Path(args.output_dir) / CATALOG_FILE_NAME}"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
