@@ -98,7 +98,7 @@ class Catalog:
 
 def catalog_from_json(document: Any, where: str, base: str | None) -> Catalog:
     if not isinstance(document, dict) or not isinstance(document.get("datasets"), list):
-        raise SourceError(f"catalog {where} has no 'datasets' list; see README 'Data sources' for the format")
+        raise SourceError(f"catalog {where} has no 'datasets' list; see docs/sources.md, section 'Catalog', for the format")
     root = document.get("root") or base
 
     def resolve(url: Any, what: str) -> str:
