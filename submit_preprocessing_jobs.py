@@ -40,6 +40,7 @@ from dinov3_cache.extraction.settings import (
     settings_from_args,
     write_settings_file,
 )
+from dinov3_cache.extraction.weights import is_random_model_id
 from dinov3_cache.indices import check_index, format_ranges, parse_index_list
 from dinov3_cache.records import now_iso
 from dinov3_cache.sources.registry import source_from_settings, source_type
@@ -85,6 +86,8 @@ def checked_settings(args: argparse.Namespace, indices: list[int], prepare_sourc
     config = settings.config(indices[0])
     if not args.skip_model_check:
         check_model(config)
+    if is_random_model_id(config.model_id):  # the jobs warn in their logs only: say it once here
+        print(f"note: model {config.model_id} has RANDOM weights (not pretrained): features are for testing the pipeline only")
     # a dry run creates nothing: a source that writes when built (a data root's catalog) is built only when submitting
     if prepare_source or not source_type(vars(args)).writes_when_built:
         source = source_from_settings(vars(args))
