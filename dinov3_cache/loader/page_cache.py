@@ -48,6 +48,7 @@ def resident_bytes(path: Path) -> tuple[int, int]:
         return 0, 0
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable view for ctypes, never written
+    address = None  # bound before anything can interrupt: the cleanup below runs whatever happens
     try:
         pages = (size + PAGE - 1) // PAGE
         vector = (ctypes.c_ubyte * pages)()
