@@ -39,7 +39,7 @@ from dinov3_cache.paths import (
     temp_pid,
     volume_names,
 )
-from dinov3_cache.records import fsync_directory, write_json_atomic
+from dinov3_cache.records import fsync_directory, now_iso, read_status, write_json_atomic, write_status_or_remove
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 
 log = logging.getLogger("dinov3_preprocessing")
@@ -88,6 +88,18 @@ def committed_arrays(paths: VolumePaths) -> Committed | str | None:
     return Committed(metadata.commit_id, tuple(metadata.dtypes))
 
 
+def repair_status(paths: VolumePaths) -> str | None:
+    """Under the lock, for a committed volume: a run killed between its commit point and its
+    last status write left a record saying `running` (a dead process) or `failed`, or none
+    (a full disk); the volume is complete, and so is its record now. Returns the state it
+    said ('missing' for none), None when it was right."""
+    status = read_status(paths)
+    if status is not None and status.get("state") == "complete":
+        return None
+    write_status_or_remove(paths, "complete", repaired=now_iso())
+    return str(status.get("state")) if status is not None else "missing"
+
+
 # ----------------------------------------------------------------------------- commit
 
 
@@ -108,7 +120,7 @@ def commit_volume(paths: VolumePaths, commit_id: str, metadata: VolumeMetadata) 
     try:
         tidy_volume(paths)  # step 4, and the replaced volume's arrays the new one lacks
     except OSError as e:
-        return (f"volume {paths.volume_index} is committed, but finishing its commit failed ({e}); it is read "
+        return (f"volume {paths.volume_index} is committed, but finishing its commit failed ({e.strerror}: {e.filename}); it is read "
                 f"from {paths.commit_dir(commit_id).name} until the next run of the volume finishes it")
     return None
 

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from dinov3_cache.commit_protocol import commit_volume, remove_tree, tidy_volume
+from dinov3_cache.commit_protocol import commit_volume, remove_tree, repair_status, tidy_volume
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
@@ -48,7 +48,7 @@ from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_mo
 from dinov3_cache.extraction.writer import AsyncBlockWriter, StagedArrays, stage_arrays, write_features, write_label_arrays
 from dinov3_cache.locks import VolumeLock
 from dinov3_cache.paths import VolumePaths
-from dinov3_cache.records import now_iso, read_status, write_status, write_status_or_remove
+from dinov3_cache.records import now_iso, write_status, write_status_or_remove
 from dinov3_cache.schema import VolumeMetadata
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 from dinov3_cache.zarr_arrays import ts_context
@@ -162,22 +162,15 @@ def start_volume(
         skip = existing_volume_check(config, source, load_model=model.get)
         if skip is not None:
             keep_running_on_sigterm()  # the volume is complete: this job exits 0
-            repair_status(paths)
+            said = repair_status(paths)
+            if said is not None:
+                log.info("volume %d is committed; its status record said %s: now complete", config.volume_index, said)
             return skip
         write_status(paths, "running", started=now_iso())
         with failure_recorded(paths):
             extracted = extract(config, source, model, read_crop)
         extracted.lock = lock.pop_all()
         return extracted
-
-
-def repair_status(paths: VolumePaths) -> None:
-    """A run killed between its commit point and its last status write left a committed
-    volume whose record says `running` (a dead process) or `failed`: it is complete."""
-    status = read_status(paths)
-    if status is not None and status.get("state") != "complete":
-        log.info("volume %d is committed; its status record said %s: now complete", paths.volume_index, status.get("state"))
-        write_status_or_remove(paths, "complete", repaired=now_iso())
 
 
 @contextmanager
@@ -199,7 +192,8 @@ def record_failure(paths: VolumePaths, caught: BaseException) -> BaseException:
     remove_tree(paths.staging)  # first: it frees the space the status record needs
     unwritten = write_status_or_remove(paths, "failed", finished=now_iso(), error=named_first_line(e))
     if unwritten is not None:
-        log.warning("volume %d: its status record could not be written (%s); removed it", paths.volume_index, unwritten)
+        log.warning("volume %d: its status record could not be written (%s); removed it", paths.volume_index,
+                    unwritten.strerror)
     return e
 
 
@@ -235,7 +229,7 @@ class ExtractedVolume:
             unwritten = write_status_or_remove(paths, "complete", finished=now_iso(), timing=metadata.timing)
             if unwritten is not None:
                 log.warning("volume %d is complete, but its status record could not be written (%s); removed it "
-                            "(a rerun of the volume writes it)", self.config.volume_index, unwritten)
+                            "(a rerun of the volume writes it)", self.config.volume_index, unwritten.strerror)
         return VolumeOutcome("complete", f"volume {self.config.volume_index} complete: {paths.metadata}", metadata)
 
     def abandon(self, error: BaseException) -> None:
