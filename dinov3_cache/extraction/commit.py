@@ -152,8 +152,10 @@ def _hold(signum: int, frame: object) -> None:
 def keep_running_on_sigterm() -> None:
     """From the commit on, SIGTERM and Ctrl-C (SIGINT) must not fail the run: the volume is
     (about to be) complete, and a job whose volume is complete exits 0. The signal is held, not
-    lost: a process with more volumes to go stops before the next one (release_held_signals)."""
-    if threading.current_thread() is not threading.main_thread():
+    lost: a process with more volumes to go stops before the next one (release_held_signals).
+    Only in a run that turned SIGTERM into an exception (pipeline.raise_on_sigterm, as the
+    script does): a library caller's signals stay its own."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGTERM)):
         return
     for signum in HELD_SIGNALS:
         handler = signal.getsignal(signum)
