@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
     with ctrl_c_exits_at_once(__name__):
-        from dinov3_cache.extraction.commit import keep_running_on_sigterm
+        from dinov3_cache.extraction.commit import ignore_late_signals
         from dinov3_cache.extraction.model import ExecutionOptions
         from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
         from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: {which}: interrupted; rerun to finish", file=sys.stderr)
         return EXIT_INTERRUPTED
-    keep_running_on_sigterm()  # every volume is done: a late SIGTERM must not turn that into 143
+    ignore_late_signals(as_script=__name__ == "__main__")  # every volume is done: a late signal must not change that
     if len(results) > 1:
         print(summary_line(results))
     return exit_status(results)

@@ -39,7 +39,7 @@ from dinov3_cache.paths import (
     temp_pid,
     volume_names,
 )
-from dinov3_cache.records import fsync_directory, write_json_atomic
+from dinov3_cache.records import fsync_directory, now_iso, read_status, write_json_atomic, write_status_or_remove
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
 
 log = logging.getLogger("dinov3_preprocessing")
@@ -88,15 +88,47 @@ def committed_arrays(paths: VolumePaths) -> Committed | str | None:
     return Committed(metadata.commit_id, tuple(metadata.dtypes))
 
 
+def repair_status(paths: VolumePaths) -> str | None:
+    """Under the lock, for a committed volume: a run killed between its commit point and its
+    last status write left a record saying `running` (a dead process) or `failed`, or none
+    (a full disk); the volume is complete, and so is its record now. Returns the state it
+    said ('missing' for none), None when it was right."""
+    status = read_status(paths)
+    if status is not None and status.get("state") == "complete":
+        return None
+    write_status_or_remove(paths, "complete", repaired=now_iso())
+    return str(status.get("state")) if status is not None else "missing"
+
+
 # ----------------------------------------------------------------------------- commit
 
 
-def commit_volume(paths: VolumePaths, commit_id: str, metadata: VolumeMetadata) -> None:
-    """Make the staged arrays and `metadata` the volume (steps 2-4 above)."""
+def commit_volume(paths: VolumePaths, commit_id: str, metadata: VolumeMetadata) -> str | None:
+    """Make the staged arrays and `metadata` the volume (steps 2-4 above). Raises when the
+    volume was not committed, having removed this commit's arrays (a full disk leaves no
+    debris). Once committed it never raises: a failure of step 4 (an old array that cannot be
+    removed) is returned as a warning; readers use the commit directory, a later run finishes it."""
     os.rename(paths.staging, paths.commit_dir(commit_id))
-    fsync_directory(paths.output_dir)
-    write_json_atomic(paths.metadata, metadata.to_dict())  # the commit point
-    tidy_volume(paths)  # step 4, and the replaced volume's arrays the new one lacks
+    try:
+        fsync_directory(paths.output_dir)
+        write_json_atomic(paths.metadata, metadata.to_dict())  # the commit point
+    except BaseException:
+        if not names_commit(paths, commit_id):
+            remove_tree(paths.commit_dir(commit_id))
+            raise
+        # committed: only a sync after the rename failed
+    try:
+        tidy_volume(paths)  # step 4, and the replaced volume's arrays the new one lacks
+    except OSError as e:
+        return (f"volume {paths.volume_index} is committed, but finishing its commit failed ({e.strerror}: {e.filename}); it is read "
+                f"from {paths.commit_dir(commit_id).name} until the next run of the volume finishes it")
+    return None
+
+
+def names_commit(paths: VolumePaths, commit_id: str) -> bool:
+    """Whether the committed metadata is that of commit `commit_id`."""
+    committed = committed_arrays(paths)
+    return isinstance(committed, Committed) and committed.commit_id == commit_id
 
 
 def finish_commit(paths: VolumePaths, committed: Committed) -> None:

@@ -36,8 +36,12 @@ class VolumeLock:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise VolumeLocked(holder or "unknown holder") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: not held, and no descriptor left open
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 

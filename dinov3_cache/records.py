@@ -3,6 +3,7 @@ part of one), the canonical spelling that digests hash, and each volume's status
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -19,15 +20,21 @@ def canonical_json(value: Any) -> str:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one. A
+    write that fails (a full disk) leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, os.getpid())
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_directory(path.parent)
 
 
@@ -70,6 +77,19 @@ def write_status(paths: VolumePaths, state: str, **fields: Any) -> dict:
     }
     write_json_atomic(paths.status, record)
     return record
+
+
+def write_status_or_remove(paths: VolumePaths, state: str, **fields: Any) -> OSError | None:
+    """write_status where the record may not be writable (a full disk): then the record is
+    removed, so that it never goes on saying `running` for a run that ended. Returns the
+    error that prevented the write, None when it was written."""
+    try:
+        write_status(paths, state, **fields)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            paths.status.unlink(missing_ok=True)
+        return e
+    return None
 
 
 def read_status(paths: VolumePaths) -> dict | None:

@@ -75,10 +75,12 @@ def feature_chunks(shape: Sequence[int], requested: Sequence[int]) -> tuple[int,
 
 
 def shard_shape(shape: Sequence[int], chunks: Sequence[int], spatial_axes: int = 3) -> tuple[int, ...]:
-    """Zarr v3 shard: the channel chunk, SHARD_CHUNKS_PER_AXIS chunks along each spatial axis."""
+    """Zarr v3 shard: the channel chunk, SHARD_CHUNKS_PER_AXIS chunks along each spatial axis
+    (fewer when the array is smaller). Always a whole number of chunks, as zarr v3 requires:
+    48 voxels in chunks of 32 make a shard of 64 (the array's edge cuts it)."""
     lead = len(shape) - spatial_axes
     return tuple(
-        c if i < lead else min(s, c * SHARD_CHUNKS_PER_AXIS) for i, (s, c) in enumerate(zip(shape, chunks))
+        c if i < lead else c * min(-(-s // c), SHARD_CHUNKS_PER_AXIS) for i, (s, c) in enumerate(zip(shape, chunks))
     )
 
 

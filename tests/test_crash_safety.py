@@ -151,3 +151,50 @@ def test_a_sigterm_held_during_a_commit_stops_the_next_volume():
     finally:
         DEFERRED_SIGNALS.clear()
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_after_the_volume_is_complete_keeps_exit_0(tmp_path, tiny_model_dir, sig):
+    """A walltime SIGTERM or a Ctrl-C that comes once 'volume 0 complete' is printed, at once or
+    while the interpreter tears torch and TensorStore down (most of a second), leaves exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    for delay in (0.0, 0.05, 0.2):
+        out = tmp_path / f"after{delay}"
+        process = subprocess.Popen([sys.executable, str(REPO / "preprocess_volume.py"), *preprocess_args(out, 0, tiny_model_dir)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        for line in process.stdout:
+            if "volume 0 complete" in line:
+                time.sleep(delay)
+                process.send_signal(getattr(signal, sig))
+                break
+        stderr = process.communicate(timeout=300)[1]
+        assert process.returncode == 0, f"{sig} {delay} s after the commit: exit {process.returncode}\n{stderr[-2000:]}"
+        assert "Traceback" not in stderr and VolumePaths(out, 0).metadata.exists()
+
+
+def test_a_ctrl_c_held_during_a_commit_stops_the_next_volume_and_the_handler_comes_back():
+    import signal
+
+    from dinov3_cache.extraction.commit import DEFERRED_SIGNALS, keep_running_on_sigterm
+    from dinov3_cache.extraction.pipeline import raise_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        raise_on_sigterm()
+        keep_running_on_sigterm()
+        signal.raise_signal(signal.SIGINT)  # held, not raised
+        assert DEFERRED_SIGNALS == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            raise_on_sigterm()
+        assert signal.getsignal(signal.SIGINT) is previous[1] and DEFERRED_SIGNALS == []
+    finally:
+        DEFERRED_SIGNALS.clear()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

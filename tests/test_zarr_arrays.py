@@ -133,7 +133,9 @@ def test_write_unit_is_the_chunk_in_v2_and_the_shard_in_v3():
     shape, chunks = (1024, 128, 128, 128), (256, 16, 16, 16)
     assert write_unit(shape, chunks, 2) == chunks
     assert write_unit(shape, chunks, 3) == shard_shape(shape, chunks) == (256, 64, 64, 64)
-    assert write_unit((32, 40, 40, 40), (16, 16, 16, 16), 3) == (16, 40, 40, 40)  # shard clamped to the array
+    # fewer chunks per shard in a smaller array, but always whole chunks (zarr v3): the array's edge cuts the shard
+    assert write_unit((32, 40, 40, 40), (16, 16, 16, 16), 3) == (16, 48, 48, 48)
+    assert write_unit((32, 32, 32, 32), (16, 16, 16, 16), 3) == (16, 32, 32, 32)
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -148,3 +150,22 @@ def test_one_parse_of_the_metadata_gives_the_attributes_and_the_chunk_files(tmp_
     files = {layout.chunk_file(grid_index) for grid_index, _ in chunk_slices(SHAPE, CHUNKS)}
     assert files == set(present_files(path))  # every chunk's file, and no other
     assert len(files) == (128 if zarr_format == 2 else 2)  # v3: one shard per channel chunk
+
+
+@pytest.mark.parametrize("dim", [48, 80])
+def test_zarr_v3_volumes_whose_size_is_not_a_multiple_of_the_chunk(tmp_path, tiny_model_dir, dim):
+    """48 or 80 voxels in chunks of 32 (the labels' and the features' spatial chunk): the shard
+    is a whole number of chunks, the volume is written, verified and read as in zarr v2."""
+    from conftest import call_main, preprocess_args
+
+    from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
+
+    features = {}
+    for zarr_format in ("2", "3"):
+        out = tmp_path / f"v{zarr_format}"
+        args = preprocess_args(out, 0, tiny_model_dir, "--output-image-dim", str(dim), "--zarr-format", zarr_format)
+        call_main("preprocess_volume", *args, check=True)
+        call_main("check_preprocessing", "--output-dir", out, "--verify-all", check=True)
+        features[zarr_format] = PreprocessedDINOv3Dataset(out, [0])[0][0].numpy()
+    assert features["3"].shape == (32, dim, dim, dim)
+    np.testing.assert_array_equal(features["2"], features["3"])

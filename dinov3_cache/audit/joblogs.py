@@ -190,7 +190,7 @@ def classify_pending(
         entry.state = "running"  # a job that has not written its status record yet
     if entry.state == "failed":
         entry.log_tail = logs.tail
-    if entry.state != "running" and scan.entries.get(index):
+    if entry.state != "running" and any(scan.listing(index)):  # commit directories and temporary files too
         entry.debris = [str(p) for p in dead_debris(paths, scan.listing(paths.volume_index))]
         if entry.debris and entry.state == "not_started":
             entry.state = "partial"

@@ -106,7 +106,7 @@ def gather_report(
     mark_vanished_jobs(pending)
     debris_elsewhere = [
         classify_pending(VolumePaths(output_dir, i), scan, scheduler, log_lines)
-        for i in sorted(scan.entries)
+        for i in sorted(set(scan.entries) | set(scan.names) | set(scan.log_names))
         if i not in complete_set and i not in expected_set
     ]
     debris_of_complete = [

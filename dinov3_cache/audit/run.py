@@ -204,9 +204,11 @@ def run_remove_debris(output_dir: Path) -> int:
 
     if not output_dir.is_dir():
         raise AuditError(f"--output-dir {output_dir} is not a directory; pass the cache directory given to the jobs")
-    removed, live = remove_debris(output_dir)
+    removed, live, repaired = remove_debris(output_dir)
     for r in removed:
         print(f"removed {r.path} ({human_bytes(r.bytes)})")
+    for r in repaired:
+        print(f"volume {r.volume_index} is committed: its status record said {r.said}, now complete")
     if live:
         print(f"left alone: volume(s) {', '.join(map(str, live))} (a live run holds them)")
     print(f"removed {len(removed)} debris entries, {human_bytes(sum(r.bytes for r in removed))}")

@@ -8,7 +8,8 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,19 +77,35 @@ def ensure_free_space(config: ExtractionConfig, crop: SourceCrop, hidden_size: i
                      config.paths.output_dir, config.volume_index)
 
 
-def as_storage_error(error: BaseException, paths: VolumePaths) -> BaseException:
-    """A full file system while writing (ENOSPC, or TensorStore's RESOURCE_EXHAUSTED / 'No
-    space left') as one line; any other error unchanged."""
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, or TensorStore's RESOURCE_EXHAUSTED / 'No space left'."""
     text = str(error)
-    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
         isinstance(error, (ValueError, RuntimeError)) and ("RESOURCE_EXHAUSTED" in text or "No space left" in text)
     )
-    if not full:
+
+
+def as_storage_error(error: BaseException, paths: VolumePaths) -> BaseException:
+    """A full file system while writing as one line; any other error unchanged."""
+    if not is_disk_full(error):
         return error
     return OutOfSpace(
         f"volume {paths.volume_index}: the file system of {paths.output_dir} is full (or over quota) while writing; "
-        "the partial volume was removed: free space or choose another --output-dir"
+        "nothing partial was left: free space or choose another --output-dir"
     )
+
+
+@contextmanager
+def disk_full_as_one_line(paths: VolumePaths) -> Iterator[None]:
+    """A full disk anywhere inside (the lock, a status record, the metadata, the arrays) is
+    the one-line OutOfSpace, never a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as caught:
+        converted = as_storage_error(caught, paths)
+        if converted is caught:
+            raise
+        raise converted from None
 
 
 def existing_volume_check(
@@ -123,12 +140,51 @@ def existing_volume_check(
     )
 
 
-DEFERRED_SIGNALS: list[int] = []  # SIGTERMs held since a commit started
+DEFERRED_SIGNALS: list[int] = []  # SIGTERMs and SIGINTs held since a commit started
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLERS_BEFORE_HOLD: dict[int, object] = {}
+
+
+def _hold(signum: int, frame: object) -> None:
+    DEFERRED_SIGNALS.append(signum)
 
 
 def keep_running_on_sigterm() -> None:
-    """From the commit on, SIGTERM must not fail the run: the volume is (about to be) complete,
-    and a job whose volume is complete exits 0. The signal is held, not lost: a process with
-    more volumes to go stops before the next one (pipeline.raise_on_sigterm raises it then)."""
-    if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGTERM)):
-        signal.signal(signal.SIGTERM, lambda signum, frame: DEFERRED_SIGNALS.append(signum))
+    """From the commit on, SIGTERM and Ctrl-C (SIGINT) must not fail the run: the volume is
+    (about to be) complete, and a job whose volume is complete exits 0. The signal is held, not
+    lost: a process with more volumes to go stops before the next one (release_held_signals).
+    Only in a run that turned SIGTERM into an exception (pipeline.raise_on_sigterm, as the
+    script does): a library caller's signals stay its own."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGTERM)):
+        return
+    for signum in HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler) and handler is not _hold:
+            _HANDLERS_BEFORE_HOLD[signum] = handler
+            signal.signal(signum, _hold)
+
+
+def release_held_signals() -> int | None:
+    """On the main thread: the handlers from before the hold come back; returns the first
+    signal held meanwhile (None when none came)."""
+    for signum, handler in _HANDLERS_BEFORE_HOLD.items():
+        signal.signal(signum, handler)
+    _HANDLERS_BEFORE_HOLD.clear()
+    held = DEFERRED_SIGNALS[0] if DEFERRED_SIGNALS else None
+    DEFERRED_SIGNALS.clear()
+    return held
+
+
+def ignore_late_signals(as_script: bool) -> None:
+    """The run's outcome is decided: a SIGTERM or Ctrl-C from now on must not change its exit
+    status. In a script both are ignored up to the exit, through the interpreter's teardown
+    (Python puts the default handlers back there, and tearing down torch and TensorStore takes
+    up to a second: a signal then killed a finished job with 143 or 130). Called as a library,
+    the caller's handlers come back instead."""
+    if as_script:
+        for signum in HELD_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        _HANDLERS_BEFORE_HOLD.clear()
+        DEFERRED_SIGNALS.clear()
+    else:
+        release_held_signals()

@@ -29,17 +29,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from dinov3_cache.commit_protocol import commit_volume, remove_tree, tidy_volume
+from dinov3_cache.commit_protocol import commit_volume, remove_tree, repair_status, tidy_volume
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
-    DEFERRED_SIGNALS,
     VolumeOutcome,
     as_storage_error,
+    disk_full_as_one_line,
     ensure_free_space,
     ensure_writable,
     existing_volume_check,
     keep_running_on_sigterm,
+    release_held_signals,
 )
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
@@ -47,7 +48,7 @@ from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_mo
 from dinov3_cache.extraction.writer import AsyncBlockWriter, StagedArrays, stage_arrays, write_features, write_label_arrays
 from dinov3_cache.locks import VolumeLock
 from dinov3_cache.paths import VolumePaths
-from dinov3_cache.records import now_iso, write_status
+from dinov3_cache.records import now_iso, write_status, write_status_or_remove
 from dinov3_cache.schema import VolumeMetadata
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 from dinov3_cache.zarr_arrays import ts_context
@@ -66,12 +67,16 @@ class Terminated(Exception):
 
 
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so a killed job says so in its status record; one held
-    during an earlier volume's commit is raised now, before the next volume starts."""
+    """Turn SIGTERM into an exception, so a killed job says so in its status record; a
+    SIGTERM or Ctrl-C held during an earlier volume's commit is raised now, before the next
+    volume starts."""
     import signal
 
-    if DEFERRED_SIGNALS:
-        raise Terminated(DEFERRED_SIGNALS.pop())
+    held = release_held_signals()
+    if held == signal.SIGINT:
+        raise KeyboardInterrupt
+    if held is not None:
+        raise Terminated(held)
 
     def handler(signum, frame):
         raise Terminated(signum)
@@ -151,11 +156,15 @@ def start_volume(
     finished (or abandoned): the last writes and the commit can then overlap the next volume."""
     paths = config.paths
     ensure_writable(paths.output_dir)
-    with ExitStack() as lock:
+    with disk_full_as_one_line(paths), ExitStack() as lock:
         lock.enter_context(VolumeLock(paths))
         tidy_volume(paths)
         skip = existing_volume_check(config, source, load_model=model.get)
         if skip is not None:
+            keep_running_on_sigterm()  # the volume is complete: this job exits 0
+            said = repair_status(paths)
+            if said is not None:
+                log.info("volume %d is committed; its status record said %s: now complete", config.volume_index, said)
             return skip
         write_status(paths, "running", started=now_iso())
         with failure_recorded(paths):
@@ -181,7 +190,10 @@ def record_failure(paths: VolumePaths, caught: BaseException) -> BaseException:
     (a full file system as one line)."""
     e = as_storage_error(caught, paths)
     remove_tree(paths.staging)  # first: it frees the space the status record needs
-    write_status(paths, "failed", finished=now_iso(), error=named_first_line(e))
+    unwritten = write_status_or_remove(paths, "failed", finished=now_iso(), error=named_first_line(e))
+    if unwritten is not None:
+        log.warning("volume %d: its status record could not be written (%s); removed it", paths.volume_index,
+                    unwritten.strerror)
     return e
 
 
@@ -206,14 +218,18 @@ class ExtractedVolume:
         """Wait for the writes, seal the metadata and commit; safe on any thread."""
         paths = self.config.paths
         with self.lock:
-            with failure_recorded(paths):
+            with disk_full_as_one_line(paths), failure_recorded(paths):
                 try:
                     self.writer.flush()
                 except BaseException:
                     self.writer.abandon()
                     raise
                 metadata = self.commit()
-            write_status(paths, "complete", finished=now_iso(), timing=metadata.timing)
+            # committed: from here on nothing fails the volume, a problem is a warning
+            unwritten = write_status_or_remove(paths, "complete", finished=now_iso(), timing=metadata.timing)
+            if unwritten is not None:
+                log.warning("volume %d is complete, but its status record could not be written (%s); removed it "
+                            "(a rerun of the volume writes it)", self.config.volume_index, unwritten.strerror)
         return VolumeOutcome("complete", f"volume {self.config.volume_index} complete: {paths.metadata}", metadata)
 
     def abandon(self, error: BaseException) -> None:
@@ -234,7 +250,9 @@ class ExtractedVolume:
         timing["total_seconds"] = time.perf_counter() - self.started
         metadata = replace(metadata, timing=rounded(timing)).sealed()
         keep_running_on_sigterm()
-        commit_volume(config.paths, self.commit_id, metadata)
+        unfinished = commit_volume(config.paths, self.commit_id, metadata)
+        if unfinished is not None:
+            log.warning(unfinished)
         return metadata
 
 
