@@ -101,7 +101,9 @@ class FullDiskServer:
 
     def __init__(self, work: Path, library: Path):
         self.work, self.serial = work, 0
-        env = {**os.environ, "LD_PRELOAD": str(library), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        # PYTHONPATH: the checkout's scripts, whether or not the project is installed
+        env = {**os.environ, "LD_PRELOAD": str(library), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline().strip() != "ready":
@@ -162,5 +164,4 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     serve()
