@@ -243,6 +243,20 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_abandoned_tree(path: Path, quiet_seconds: float = 0.5, limit_seconds: float = 30.0) -> None:
+    """Remove the staged arrays of a failed write. TensorStore reports a multi-chunk write's
+    first failure while its other chunk writes still run, and a late one recreates its
+    directories: the tree is removed again until nothing has reappeared for `quiet_seconds`."""
+    remove_tree(path)
+    deadline = time.monotonic() + limit_seconds
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_seconds and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if path.exists():
+            remove_tree(path)
+            quiet_since = time.monotonic()
+
+
 def ignore_settling_files(function, name: str, exc_info) -> None:
     error = exc_info[1]
     if isinstance(error, FileNotFoundError) or (isinstance(error, OSError) and error.errno == errno.ENOTEMPTY):

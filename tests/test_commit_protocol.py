@@ -4,6 +4,8 @@ finish it, and debris is exactly what no reader of the committed volume uses."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from dinov3_cache.commit_protocol import (
     finish_commit,
     is_volume_complete,
     partial_debris,
+    remove_abandoned_tree,
     remove_dead_debris,
     remove_tree,
     tidy_volume,
@@ -176,3 +179,20 @@ def test_committed_arrays_are_read_through_the_schema(tmp_path, arrays):
     paths = VolumePaths(tmp_path, 0)
     write_json_atomic(paths.metadata, metadata("abc", ()).to_dict() | {"dtypes": {a: "uint8" for a in arrays}})
     assert committed_arrays(paths) == Committed("abc", arrays)
+
+
+def test_a_staged_tree_recreated_by_a_late_chunk_write_is_removed_again(tmp_path):
+    # a chunk write still running after its write reported the first failure recreates its directory
+    staged = tmp_path / "volume_000000.partial"
+    (staged / "features" / "c").mkdir(parents=True)
+
+    def late_chunk_write():
+        time.sleep(0.2)
+        (staged / "features" / "c").mkdir(parents=True, exist_ok=True)
+        (staged / "features" / "c" / "0").write_bytes(b"late")
+
+    writer = threading.Thread(target=late_chunk_write)
+    writer.start()
+    remove_abandoned_tree(staged, quiet_seconds=0.5)
+    writer.join()
+    assert not staged.exists()

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from dinov3_cache.commit_protocol import commit_volume, remove_tree, repair_status, tidy_volume
+from dinov3_cache.commit_protocol import commit_volume, remove_abandoned_tree, repair_status, tidy_volume
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
@@ -189,7 +189,7 @@ def record_failure(paths: VolumePaths, caught: BaseException) -> BaseException:
     """Remove the staged arrays and record the failure; returns the error as the user sees it
     (a full file system as one line)."""
     e = as_storage_error(caught, paths)
-    remove_tree(paths.staging)  # first: it frees the space the status record needs
+    remove_abandoned_tree(paths.staging)  # first: it frees the space the status record needs
     unwritten = write_status_or_remove(paths, "failed", finished=now_iso(), error=named_first_line(e))
     if unwritten is not None:
         log.warning("volume %d: its status record could not be written (%s); removed it", paths.volume_index,
