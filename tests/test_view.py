@@ -23,10 +23,11 @@ import pytest
 from conftest import TINY_GEOMETRY_ARGS, call_main, run_script, s3_server_holding
 
 from dinov3_cache.audit.view import SOURCE_BASE_URL, STATE_BASE_URL, state_layer
-from dinov3_cache.audit.view_source import SourceLayer, SourceOrigin, StoredDimensions, state_url, stored_dimensions
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.records import read_json
 from dinov3_cache.sources.cellmap import Level, LevelArray, Multiscale, Storage
+from dinov3_cache.sources.cellmap.viewer_layers import LevelLayer, stored_dimensions
+from dinov3_cache.sources.viewer import SourceOrigin, StoredDimensions
 from dinov3_cache.zarr_arrays import open_array, read_attributes
 
 INDEX = 1
@@ -345,20 +346,20 @@ def test_source_labels_land_on_cached_gt_in_a_real_browser(cellmap_cache, cellma
     assert on_gt > 0.8 and on_gt > shifted + 0.2, (on_gt, shifted)
 
 
-def level_layer(url: str, driver: str = "zarr") -> SourceLayer:
+def level_layer(url: str, driver: str = "zarr") -> LevelLayer:
     """A source layer on level s0 of the multiscale at url (nothing opened)."""
     level = Level("s0", (8.0, 8.0, 8.0), (4.0, 4.0, 4.0))
-    return SourceLayer("source raw", "image", LevelArray(Multiscale(url, driver, (level,), (0, 1, 2)), level, False, None), (0, 0, 0), (1, 1, 1))
+    return LevelLayer("source raw", "image", LevelArray(Multiscale(url, driver, (level,), (0, 1, 2)), level, False, None), (0, 0, 0), (1, 1, 1))
 
 
 def test_state_urls_of_s3_levels_name_the_endpoint_when_given():
     layer = level_layer("s3://bucket/data/raw")
-    assert state_url(layer, SourceOrigin("s3://bucket/data"), "http://h:8001") == "zarr://s3://bucket/data/raw/s0"
+    assert layer.state_url(SourceOrigin("s3://bucket/data"), "http://h:8001") == "zarr://s3://bucket/data/raw/s0"
     # path-style on the server the levels were read through, in any format neuroglancer reads
-    assert state_url(layer, SourceOrigin("s3://bucket/data", "https://minio.lab:9000/"), "") == "zarr://https://minio.lab:9000/bucket/data/raw/s0"
-    assert state_url(level_layer("s3://bucket/a.n5/raw", "n5"), SourceOrigin(None, "http://127.0.0.1:9000"), "") == "n5://http://127.0.0.1:9000/bucket/a.n5/raw/s0"
-    assert state_url(level_layer("/data/raw", "zarr3"), SourceOrigin("/data"), "http://h:8001") == "zarr3://http://h:8001/raw/s0"
-    assert state_url(level_layer("/elsewhere/raw"), SourceOrigin("/data"), "http://h:8001") is None
+    assert layer.state_url(SourceOrigin("s3://bucket/data", "https://minio.lab:9000/"), "") == "zarr://https://minio.lab:9000/bucket/data/raw/s0"
+    assert level_layer("s3://bucket/a.n5/raw", "n5").state_url(SourceOrigin(None, "http://127.0.0.1:9000"), "") == "n5://http://127.0.0.1:9000/bucket/a.n5/raw/s0"
+    assert level_layer("/data/raw", "zarr3").state_url(SourceOrigin("/data"), "http://h:8001") == "zarr3://http://h:8001/raw/s0"
+    assert level_layer("/elsewhere/raw").state_url(SourceOrigin("/data"), "http://h:8001") is None
 
 
 def test_zarr_levels_stored_in_another_axis_order_keep_neuroglancer_names(tmp_path):

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from dinov3_cache.audit.previews import feature_slice, pca_rgb
-from dinov3_cache.audit.view_source import CACHED_DIMENSIONS, SourceLayer, SourceOrigin, StoredDimensions, state_url
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import SPATIAL_AXES, UNIT, VoxelGrid
 from dinov3_cache.paths import VolumePaths, preview_path
 from dinov3_cache.schema import load_volume_metadata
+from dinov3_cache.sources.viewer import CACHED_DIMENSIONS, SourceLayer, SourceOrigin, StoredDimensions
 from dinov3_cache.zarr_arrays import StorageOptions, create_array, open_array, read_array_metadata, read_attributes, ts_context
 
 DEFAULT_BIND_ADDRESS = "127.0.0.1"
@@ -244,11 +244,11 @@ def source_state_layers(layers: list[SourceLayer], origin: SourceOrigin | None, 
     arrays do); local levels read from ROOT served at SOURCE_BASE_URL (state_url)."""
     out = []
     for layer in layers:
-        url = state_url(layer, origin, SOURCE_BASE_URL.format(host=bind_address))
+        url = layer.state_url(origin, SOURCE_BASE_URL.format(host=bind_address))
         if url is None:
-            print(f"note: {layer.name} ({layer.level.url}) left out of the state: only levels under the data root or on S3 are written")
+            print(f"note: {layer.name} ({layer.location}) left out of the state: only levels under the data root or on S3 are written")
             continue
-        out.append(state_layer(layer.kind, layer.name, url, layer.voxel_size, [float(v) for v in layer.level.lo], layer.dimensions))
+        out.append(state_layer(layer.kind, layer.name, url, layer.voxel_size, layer.corner, layer.dimensions))
     return out
 
 

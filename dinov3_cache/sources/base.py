@@ -171,6 +171,12 @@ class VolumeSource(ABC):
         """What identifies the data (it decides the feature values)."""
         return {"source": self.name}
 
+    @classmethod
+    def viewer_layers(cls, record: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[list, Any]:
+        """(layers, origin) the viewer shows under a volume whose `source_dataset` is `record`,
+        found through these option values (`sources.viewer`); SourceError when unreachable."""
+        raise SourceError(f"a {cls.name} volume has no source data to show")
+
 
 def combine_organelle_labels(
     per_organelle: dict[str, np.ndarray], organelles: tuple[str, ...]

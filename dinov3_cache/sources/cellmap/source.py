@@ -90,6 +90,12 @@ class CellMapSource(VolumeSource):
         )
         return cls(catalog, storage, augment=settings.get("augment", False))
 
+    @classmethod
+    def viewer_layers(cls, record: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[list, Any]:
+        from dinov3_cache.sources.cellmap.viewer_layers import cellmap_viewer_layers
+
+        return cellmap_viewer_layers(record, settings)
+
     def preflight(self, options: SamplingOptions, geometry: CropGeometry) -> None:
         """The organelles and filters select at least one crop of the catalog."""
         eligible_units(self.catalog, options)
