@@ -19,7 +19,7 @@ from dinov3_cache.zarr_arrays import ArrayMetadata, chunk_key, chunk_slices
 
 
 @dataclass
-class StoredLayout:
+class ChunkFileMap:
     """How an array's chunks map to files: zarr v2 one file per chunk, v3 one per shard."""
 
     chunks: tuple[int, ...]  # the read/write chunk
@@ -36,17 +36,17 @@ class StoredLayout:
         return self.file_key(tuple(g * c // u for g, c, u in zip(grid_index, self.chunks, self.unit, strict=True)))
 
 
-def stored_layout(array: ArrayMetadata) -> StoredLayout:
+def chunk_file_map(array: ArrayMetadata) -> ChunkFileMap:
     meta = array.document
     if array.zarr_format == 2:
         plain = meta.get("compressor") is None and not meta.get("filters")
         size = math.prod(array.chunks) * array.itemsize if plain else None
-        return StoredLayout(array.chunks, array.chunks, "", meta.get("dimension_separator") or ".", size)
+        return ChunkFileMap(array.chunks, array.chunks, "", meta.get("dimension_separator") or ".", size)
     encoding = meta.get("chunk_key_encoding") or {"name": "default"}
     default = encoding.get("name") == "default"
     separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
     prefix = "c" + separator if default else ""
-    return StoredLayout(array.chunks, tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
+    return ChunkFileMap(array.chunks, tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), prefix, separator, None)
 
 
 def present_files(path: Path) -> dict[str, int]:
@@ -82,14 +82,14 @@ def may_be_missing(recorded: int | None, nbytes: int, fill_value) -> bool:
 
 
 def missing_written_chunks(
-    array: ArrayMetadata, layout: StoredLayout, files: dict[str, int], recorded: dict[str, int]
+    array: ArrayMetadata, file_map: ChunkFileMap, files: dict[str, int], recorded: dict[str, int]
 ) -> list[tuple[int, ...]]:
     """Grid indices of the chunks whose file is not in `files` (present_files of the array)
     although the recorded checksum says the writer wrote data there (zarr v3: per shard file)."""
     fill_value = array.document.get("fill_value")
     missing = []
     for grid_index, _ in chunk_slices(array.shape, array.chunks):
-        if layout.chunk_file(grid_index) in files:
+        if file_map.chunk_file(grid_index) in files:
             continue
         nbytes = chunk_nbytes(grid_index, array.chunks, array.shape, array.itemsize)
         if not may_be_missing(recorded.get(chunk_key(grid_index)), nbytes, fill_value):

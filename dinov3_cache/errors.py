@@ -41,6 +41,10 @@ class UsageError(CacheToolError):
     exit_status = EXIT_USAGE
 
 
+class CacheError(CacheToolError):
+    """A cache that cannot be loaded as asked; the message says what to do."""
+
+
 def first_line(error: BaseException, limit: int = 500) -> str:
     """The first non-empty line of an error's message (its type name when it has none)."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinov3_cache.chunk_files import present_files, stored_layout
+from dinov3_cache.chunk_files import chunk_file_map, present_files
 from dinov3_cache.zarr_arrays import (
     StorageOptions,
     chunk_slices,
@@ -146,8 +146,8 @@ def test_one_parse_of_the_metadata_gives_the_attributes_and_the_chunk_files(tmp_
     store.write(np.ones(SHAPE, "float16")).result()
     array = read_array_metadata(path)
     assert read_attributes(path, array) == read_attributes(path) == attributes
-    layout = stored_layout(array)
-    files = {layout.chunk_file(grid_index) for grid_index, _ in chunk_slices(SHAPE, CHUNKS)}
+    file_map = chunk_file_map(array)
+    files = {file_map.chunk_file(grid_index) for grid_index, _ in chunk_slices(SHAPE, CHUNKS)}
     assert files == set(present_files(path))  # every chunk's file, and no other
     assert len(files) == (128 if zarr_format == 2 else 2)  # v3: one shard per channel chunk
 

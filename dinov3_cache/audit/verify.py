@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dinov3_cache.array_form import array_owner_problem, expected_form, form_problem, volume_index_problem
-from dinov3_cache.chunk_files import StoredLayout, missing_written_chunks, present_files, stored_layout
+from dinov3_cache.chunk_files import ChunkFileMap, chunk_file_map, missing_written_chunks, present_files
 from dinov3_cache.errors import first_line
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, load_volume_metadata
@@ -125,41 +125,41 @@ def verify_array(paths: VolumePaths, name: str, metadata: VolumeMetadata, contex
     shape, dtype = list(store.shape), str(store.dtype.numpy_dtype)
     info.update(shape=shape, dtype=dtype)
     chunks = array.chunks
-    layout_problems = []
+    form_problems = []
     recorded_shape = metadata.shapes.get(name)
     if shape != list(recorded_shape or ()):
-        layout_problems.append(f"{where}: shape {shape} differs from the metadata's {recorded_shape and list(recorded_shape)}")
+        form_problems.append(f"{where}: shape {shape} differs from the metadata's {recorded_shape and list(recorded_shape)}")
     if dtype != metadata.dtypes.get(name):
-        layout_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata.dtypes.get(name)}")
+        form_problems.append(f"{where}: dtype {dtype} differs from the metadata's {metadata.dtypes.get(name)}")
     recorded_chunks = integrity.chunks.get(name) if integrity else None
     if recorded_chunks is not None and list(chunks) != list(recorded_chunks):
-        layout_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {list(recorded_chunks)}")
+        form_problems.append(f"{where}: chunk shape {list(chunks)} differs from the metadata's {list(recorded_chunks)}")
     form = form_problem(array, expected_form(metadata, name))
     if form is not None:  # the chunks would decode to other values than the ones checksummed
-        layout_problems.append(f"{where}: array metadata of {path}: {form}")
-    if layout_problems:  # the recorded checksums describe another layout: comparing them says nothing more
-        return problems + layout_problems, info
+        form_problems.append(f"{where}: array metadata of {path}: {form}")
+    if form_problems:  # the recorded checksums describe another array: comparing them says nothing more
+        return problems + form_problems, info
 
-    layout = stored_layout(array)
+    file_map = chunk_file_map(array)
     files = present_files(path)  # the one listing of the array's files
     recorded = (integrity.crc32.get(name) if integrity else None) or {}
     written_but_missing = (  # files missing although a chunk of theirs held data; None: nothing recorded
-        {layout.chunk_file(g) for g in missing_written_chunks(array, layout, files, recorded)} if recorded else None
+        {file_map.chunk_file(g) for g in missing_written_chunks(array, file_map, files, recorded)} if recorded else None
     )
     missing_files, file_problems = set(), []
-    for unit_index, _ in chunk_slices(shape, layout.unit):
-        key = layout.file_key(unit_index)
+    for unit_index, _ in chunk_slices(shape, file_map.unit):
+        key = file_map.file_key(unit_index)
         if key not in files:
             missing_files.add(key)
             if written_but_missing is None or key in written_but_missing:
                 file_problems.append(f"{where}: chunk file {path / key} is missing (zarr would silently read zeros)")
-        elif layout.uncompressed_nbytes is not None and files[key] != layout.uncompressed_nbytes:
+        elif file_map.uncompressed_nbytes is not None and files[key] != file_map.uncompressed_nbytes:
             file_problems.append(
-                f"{where}: chunk file {path / key} has {files[key]} bytes, expected {layout.uncompressed_nbytes} (truncated?)"
+                f"{where}: chunk file {path / key} has {files[key]} bytes, expected {file_map.uncompressed_nbytes} (truncated?)"
             )
     problems += _chunk_problems_limit(file_problems, where)
 
-    data_problems, stats = check_chunk_data(store, shape, layout, missing_files, recorded, where, path)
+    data_problems, stats = check_chunk_data(store, shape, file_map, missing_files, recorded, where, path)
     problems += _chunk_problems_limit(data_problems, where)
     info.update(stats, chunk_files=len(files), chunks=list(chunks))
     return problems, info
@@ -183,12 +183,12 @@ def attribute_problems(where: str, name: str, attributes: dict, metadata: Volume
     return problems
 
 
-def check_chunk_data(store, shape, layout: StoredLayout, missing_files, recorded, where, path):
+def check_chunk_data(store, shape, file_map: ChunkFileMap, missing_files, recorded, where, path):
     """Read slabs (chunk-sized along leading axes, whole along the last two), compare each
     chunk's crc32 with the recorded one and count NaN/Inf. Where a slab cannot be read,
     read its chunks one by one to name the damaged ones."""
     problems: list[str] = []
-    chunks = layout.chunks
+    chunks = file_map.chunks
     floating = store.dtype.numpy_dtype.kind == "f" or str(store.dtype.numpy_dtype) == "bfloat16"
     stats = {"chunks_checked": 0, "chunks_without_checksum": 0, "non_finite": 0}
     lead = len(shape) - 2
@@ -201,7 +201,7 @@ def check_chunk_data(store, shape, layout: StoredLayout, missing_files, recorded
             if bad:
                 stats["non_finite"] += bad
                 problems.append(f"{where}: chunk {key} holds {bad} NaN/Inf values")
-        if layout.chunk_file(grid_index) in missing_files:
+        if file_map.chunk_file(grid_index) in missing_files:
             return
         if key not in recorded:
             stats["chunks_without_checksum"] += 1
@@ -212,7 +212,7 @@ def check_chunk_data(store, shape, layout: StoredLayout, missing_files, recorded
         if found != int(recorded[key]):
             problems.append(
                 f"{where}: chunk {key} crc32 {found} differs from the recorded {recorded[key]} "
-                f"(file {path / layout.chunk_file(grid_index)})"
+                f"(file {path / file_map.chunk_file(grid_index)})"
             )
 
     for slab_index, slab_region in chunk_slices(shape, slab_chunks):
@@ -231,7 +231,7 @@ def check_chunk_data(store, shape, layout: StoredLayout, missing_files, recorded
             except Exception as e:
                 problems.append(
                     f"{where}: chunk {chunk_key(grid_index)} cannot be read ({first_line(e)}) "
-                    f"(file {path / layout.chunk_file(grid_index)})"
+                    f"(file {path / file_map.chunk_file(grid_index)})"
                 )
     return problems, stats
 

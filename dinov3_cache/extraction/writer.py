@@ -25,6 +25,7 @@ from dinov3_cache.extraction.features import (
 from dinov3_cache.extraction.metadata import FeatureStatistics
 from dinov3_cache.extraction.model import LoadedModel
 from dinov3_cache.sources.base import SourceCrop
+from dinov3_cache.storage.dtypes import numpy_view
 from dinov3_cache.zarr_arrays import (
     DEFAULT_LABEL_CHUNKS,
     DEFAULT_RAW_CHUNKS,
@@ -71,15 +72,6 @@ def assemble_block(
     if buffers.pinned:
         torch.cuda.current_stream().synchronize()
     return block
-
-
-def to_numpy(block: torch.Tensor, dtype: str) -> np.ndarray:
-    """A view of a host tensor already in the stored dtype (numpy has no bfloat16: ml_dtypes)."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return block.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return block.numpy()
 
 
 class AsyncBlockWriter:
@@ -199,7 +191,7 @@ class FeatureOutput:
 
     def put(self, origin: tuple[int, ...], shape: tuple[int, ...], compute_channels: Callable[[int, int], torch.Tensor]) -> None:
         block = assemble_block(shape, compute_channels, self.buffers, self.stats)
-        self.writer.write(self.name, self.staged.stores[self.name], origin, to_numpy(block, self.dtype),
+        self.writer.write(self.name, self.staged.stores[self.name], origin, numpy_view(block),
                           self.staged.chunks[self.name], release=lambda: self.buffers.give_back(block))
 
 

@@ -17,8 +17,8 @@ import torch
 
 from dinov3_cache.directories import directory_problem
 from dinov3_cache.errors import EXIT_USAGE
-from dinov3_cache.loader.array_readers import TORCH_DTYPES
 from dinov3_cache.loader.volumes import CacheError
+from dinov3_cache.storage.dtypes import TORCH_DTYPES
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 THREADS_PER_CORE = 8  # read threads wait on I/O more than they compute: a few per core pay off

@@ -18,12 +18,13 @@ import tensorstore as ts
 import torch
 
 from dinov3_cache.array_form import array_owner_problem
-from dinov3_cache.chunk_files import chunk_nbytes, may_be_missing, missing_written_chunks, present_files, stored_layout
+from dinov3_cache.chunk_files import chunk_file_map, chunk_nbytes, may_be_missing, missing_written_chunks, present_files
 from dinov3_cache.loader.identity import (
     VERIFIED_CHUNKS,
     chunk_file_identity,
 )
-from dinov3_cache.loader.volumes import CachedVolume, CacheError
+from dinov3_cache.loader.volumes import CachedVolume
+from dinov3_cache.storage.dtypes import TORCH_DTYPES, numpy_view, stored_torch_dtype
 from dinov3_cache.zarr_arrays import (
     ArrayMetadata,
     chunk_key,
@@ -31,13 +32,6 @@ from dinov3_cache.zarr_arrays import (
     open_array,
     read_attributes,
 )
-
-TORCH_DTYPES = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-    "uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
-    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
-}
-
 
 
 class RawChunkReader:
@@ -50,7 +44,7 @@ class RawChunkReader:
         self.recorded, self.verify = recorded, verify
         self.shape, self.chunks = array.shape, array.chunks
         self.dtype = stored_torch_dtype(array.dtype)
-        self.layout = stored_layout(array)
+        self.file_map = chunk_file_map(array)
         self.fill_value = array.document.get("fill_value") or 0
         self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self.executor = executor
@@ -64,7 +58,7 @@ class RawChunkReader:
         ]
 
     def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
-        key = self.layout.chunk_file(grid_index)
+        key = self.file_map.chunk_file(grid_index)
         try:
             fd = os.open(self.path / key, os.O_RDONLY)
         except FileNotFoundError:
@@ -148,10 +142,10 @@ class TensorStoreReader:
         self.shape = tuple(self.store.shape)
         self.recorded, self.verify, self.executor = recorded, verify, executor
         self.chunks = array.chunks
-        self.path, self.layout = path, stored_layout(array)
+        self.path, self.file_map = path, chunk_file_map(array)
         self.fill_value = array.document.get("fill_value")
         if recorded:  # once per open: a chunk written with data whose file is gone is damage, not zeros
-            missing = missing_written_chunks(array, self.layout, present_files(path), recorded)
+            missing = missing_written_chunks(array, self.file_map, present_files(path), recorded)
             if missing:
                 raise OSError(f"chunk {chunk_key(missing[0])} is missing ({len(missing)} chunk(s) in all), but the writer wrote data there")
 
@@ -168,7 +162,7 @@ class TensorStoreReader:
         """Identity of each chunk (or shard) file the chunks are in; None where there is none."""
         identities = {}
         for grid_index, _, _ in overlaps:
-            key = self.layout.chunk_file(grid_index)
+            key = self.file_map.chunk_file(grid_index)
             if key not in identities:
                 try:
                     identities[key] = chunk_file_identity(os.stat(self.path / key))
@@ -179,7 +173,7 @@ class TensorStoreReader:
     def _verified(self, grid_index, identities: dict) -> bool:
         """Whether the chunk's file was checked already, or is absent where the writer skipped
         a fill-valued chunk (TensorStore reads the fill value, which is what was recorded)."""
-        identity = identities[self.layout.chunk_file(grid_index)]
+        identity = identities[self.file_map.chunk_file(grid_index)]
         recorded = self.recorded.get(chunk_key(grid_index))
         if recorded is None:
             return False
@@ -197,7 +191,7 @@ class TensorStoreReader:
 
     def _copy_checked_chunk(self, grid_index, src, dst, out: torch.Tensor) -> None:
         extent = tuple(slice(g * c, min(s, (g + 1) * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
-        key, file_key = chunk_key(grid_index), self.layout.chunk_file(grid_index)
+        key, file_key = chunk_key(grid_index), self.file_map.chunk_file(grid_index)
         before = self._identities([(grid_index, None, None)])[file_key]
         chunk = self.store[extent].read().result()
         recorded = self.recorded.get(key)
@@ -216,27 +210,6 @@ class TensorStoreReader:
         return ts.array(array, copy=False, write=True)
 
 
-def numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy array sharing the tensor's memory (bfloat16 through ml_dtypes, as TensorStore uses)."""
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def stored_torch_dtype(zarr_dtype: str) -> torch.dtype:
-    name = "bfloat16" if zarr_dtype == "bfloat16" else np.dtype(zarr_dtype).name
-    return torch_dtype(name)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise CacheError(f"stored dtype {name!r} cannot be loaded into torch") from None
-
-
 def open_reader(
     path: Path, array: ArrayMetadata, mode: str, context: ts.Context, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool
 ):
@@ -246,7 +219,7 @@ def open_reader(
     return TensorStoreReader(path, array, context, executor, recorded, verify)
 
 
-def layout_problem(volume: CachedVolume, array: str, path: Path, stored: ArrayMetadata, reader) -> str | None:
+def array_form_problem(volume: CachedVolume, array: str, path: Path, stored: ArrayMetadata, reader) -> str | None:
     """What makes an array not the one the metadata describes (checked at every open; the
     numbers come from files the open reads anyway, plus the array's attributes)."""
     metadata = volume.metadata

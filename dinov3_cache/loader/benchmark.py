@@ -16,11 +16,11 @@ import torch
 from dinov3_cache.errors import EXIT_OK, OneLineParser, UsageError, report_error
 from dinov3_cache.interrupt import EXIT_INTERRUPTED, interrupted_line
 from dinov3_cache.loader.arguments import THREADS_PER_CORE, LoaderArgumentError, cache_directory, cpu_count, max_threads
-from dinov3_cache.loader.array_readers import TORCH_DTYPES
 from dinov3_cache.loader.dataloader import PreprocessedDataLoader, create_preprocessed_dataloader
 from dinov3_cache.loader.dataset import PreprocessedDINOv3Dataset
 from dinov3_cache.loader.reader import READER_CHOICES
 from dinov3_cache.loader.volumes import CacheError
+from dinov3_cache.storage.dtypes import TORCH_DTYPES
 
 LABEL_ARRAYS = ("gt", "mask", "raw")  # every other stored array holds the features
 

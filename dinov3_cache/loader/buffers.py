@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dinov3_cache.loader.array_readers import torch_dtype
 from dinov3_cache.loader.reader import ReadResources
 from dinov3_cache.loader.volumes import CacheError, VolumeReadError
+from dinov3_cache.storage.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from dinov3_cache.loader.dataset import Sample

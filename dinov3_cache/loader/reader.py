@@ -35,7 +35,7 @@ import torch
 
 from dinov3_cache.array_form import expected_form, form_problem
 from dinov3_cache.errors import first_line
-from dinov3_cache.loader.array_readers import layout_problem, open_reader
+from dinov3_cache.loader.array_readers import array_form_problem, open_reader
 from dinov3_cache.loader.identity import (
     FileIdentity,
     OpenedArray,
@@ -108,7 +108,7 @@ class VolumeReader:
             problem = form_problem(stored, expected_form(volume.metadata, array))  # before decoding anything by it
             if problem is None:
                 reader = open_reader(path, stored, self.mode, self.context, self.executor, volume.recorded_checksums(array), self.verify)
-                problem = layout_problem(volume, array, path, stored, reader)
+                problem = array_form_problem(volume, array, path, stored, reader)
         except Exception as e:  # noqa: BLE001 - any open failure is reported the same way
             raise volume_read_error(volume.index, array, path, first_line(e)) from None
         if problem is not None:

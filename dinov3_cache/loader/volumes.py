@@ -11,15 +11,11 @@ from pathlib import Path
 
 from dinov3_cache.array_form import volume_index_problem
 from dinov3_cache.commit_protocol import committed_volume_indices
-from dinov3_cache.errors import CacheToolError
+from dinov3_cache.errors import CacheError
 from dinov3_cache.indices import check_index, format_some
 from dinov3_cache.loader.identity import FileIdentity, file_identity, identity_of
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.schema import MetadataError, VolumeMetadata, read_metadata_document
-
-
-class CacheError(CacheToolError):
-    """A cache that cannot be loaded as asked; the message says what to do."""
 
 
 class VolumeReadError(CacheError):

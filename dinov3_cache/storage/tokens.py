@@ -77,7 +77,7 @@ class TokenStorage(FeatureStorage):
         interpolation reads along the image axes."""
         import torch
 
-        from dinov3_cache.loader.array_readers import torch_dtype
+        from dinov3_cache.storage.dtypes import torch_dtype
         from dinov3_cache.storage.upsampling import token_window
 
         volume = reader.volume
