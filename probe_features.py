@@ -11,9 +11,12 @@ chunk); 2 bad arguments or caches that cannot be probed (nothing was trained). S
 
 import sys
 
-from dinov3_cache.probe import build_parser, main, run_probe
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
+
+with ctrl_c_exits_at_once(__name__):  # torch loads here (seconds): Ctrl-C meanwhile is one line, exit 130
+    from dinov3_cache.probe import build_parser, main, run_probe
 
 __all__ = ["run_probe", "build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -19,31 +19,34 @@ import json
 import sys
 from pathlib import Path
 
-from dinov3_cache.cluster.base import SchedulerError
-from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
-from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
-from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
-from dinov3_cache.cluster.submissions import settings_file_path, submission_stamp, write_submission_record
-from dinov3_cache.commit_protocol import committed_volume_indices
-from dinov3_cache.directories import directory_problem
-from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
-from dinov3_cache.extraction.preflight import (
-    add_preflight_arguments,
-    check_existing_configuration,
-    check_model,
-    check_organelles,
-)
-from dinov3_cache.extraction.settings import (
-    ExtractionSettings,
-    add_extraction_arguments,
-    settings_document,
-    settings_from_args,
-    write_settings_file,
-)
-from dinov3_cache.extraction.weights import is_random_model_id
-from dinov3_cache.indices import check_index, format_ranges, parse_index_list
-from dinov3_cache.records import now_iso
-from dinov3_cache.sources.registry import source_from_settings, source_type
+from dinov3_cache.interrupt import ctrl_c_exits_at_once, run_script
+
+with ctrl_c_exits_at_once(__name__):  # imports take seconds: Ctrl-C meanwhile is one line, exit 130
+    from dinov3_cache.cluster.base import SchedulerError
+    from dinov3_cache.cluster.jobs import JobSpec, array_ranges, split_arrays
+    from dinov3_cache.cluster.resources import add_scheduler_arguments, resources_from_args
+    from dinov3_cache.cluster.schedulers import SCHEDULERS, choose_scheduler
+    from dinov3_cache.cluster.submissions import settings_file_path, submission_stamp, write_submission_record
+    from dinov3_cache.commit_protocol import committed_volume_indices
+    from dinov3_cache.directories import directory_problem
+    from dinov3_cache.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CacheToolError, OneLineParser, UsageError, report_error
+    from dinov3_cache.extraction.preflight import (
+        add_preflight_arguments,
+        check_existing_configuration,
+        check_model,
+        check_organelles,
+    )
+    from dinov3_cache.extraction.settings import (
+        ExtractionSettings,
+        add_extraction_arguments,
+        settings_document,
+        settings_from_args,
+        write_settings_file,
+    )
+    from dinov3_cache.extraction.weights import is_random_model_id
+    from dinov3_cache.indices import check_index, format_ranges, parse_index_list
+    from dinov3_cache.records import now_iso
+    from dinov3_cache.sources.registry import source_from_settings, source_type
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,4 +204,4 @@ def submit(args, scheduler, rendered, resources, settings: ExtractionSettings, s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

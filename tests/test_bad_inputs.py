@@ -176,13 +176,18 @@ def interrupt_after(script: str, args: list[str], seconds: float) -> subprocess.
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("script", ["preprocessed_dataloader.py", "preprocess_volume.py"])
+@pytest.mark.parametrize("script", ["preprocessed_dataloader.py", "preprocess_volume.py", "submit_preprocessing_jobs.py",
+                                    "check_preprocessing.py", "probe_features.py"])
 def test_ctrl_c_while_a_script_imports_torch_is_one_line_and_130(script, tmp_path):
     """SIGINT 0.3 s after start: the interpreter is up and torch is still loading (a KeyboardInterrupt
     inside a native module's initialisation would surface as an ImportError traceback)."""
     args = {"preprocessed_dataloader.py": ["--preprocessed-dir", tmp_path],
             "preprocess_volume.py": ["--volume-index", "0", "--output-dir", tmp_path / "out", "--source", "synthetic",
-                                     "--model-id", "random:tiny", *TINY_GEOMETRY_ARGS]}[script]
+                                     "--model-id", "random:tiny", *TINY_GEOMETRY_ARGS],
+            "submit_preprocessing_jobs.py": ["--output-dir", tmp_path / "out", "--num-volumes", "1", "--source", "synthetic",
+                                             "--model-id", "random:tiny", "--scheduler", "local", "--dry-run"],
+            "check_preprocessing.py": ["--output-dir", tmp_path],
+            "probe_features.py": ["--cache", tmp_path]}[script]
     result = interrupt_after(script, args, 0.3)
     one_error_line(result, EXIT_INTERRUPTED, "interrupted")
 

@@ -472,13 +472,23 @@ def test_benchmark_cli_prints_every_field(built_cache):
 @pytest.mark.parametrize("extra, message", [
     (["--preprocessed-dir", "nowhere"], "error: --preprocessed-dir nowhere is not a directory"),
     (["--device", "bogus"], "error: --device 'bogus' is not a device"),
-    (["--batch-size", "0"], "error: --batch-size and --num-batches must be at least 1"),
+    (["--batch-size", "0"], "error: --batch-size, --num-batches and --samples-per-volume must be at least 1"),
+    (["--samples-per-volume", "0"], "error: --batch-size, --num-batches and --samples-per-volume must be at least 1"),
 ])
 def test_benchmark_cli_bad_argument_is_one_line(tmp_path, extra, message):
     result = run_script("preprocessed_dataloader.py", "--preprocessed-dir", tmp_path, *extra)
     assert result.returncode == 2  # bad arguments (docs/exit-status.md)
     assert result.stderr.startswith(message) and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_cli_names_options_not_python_keywords(built_cache):
+    # the loader's error names its keyword (volume_indices); the command names the option
+    result = run_script("preprocessed_dataloader.py", "--preprocessed-dir", built_cache, "--volume-indices", "77")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: volumes 77 are not committed") and "--volume-indices" in line, line
+    assert "volume_indices" not in line
 
 
 def test_batch_memory_is_reused_only_when_nothing_holds_it(built_cache):

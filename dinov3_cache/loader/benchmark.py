@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +28,10 @@ LABEL_ARRAYS = ("gt", "mask", "raw")  # every other stored array holds the featu
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         description="Benchmark loading a preprocessed cache: cold first batch (page cache evicted), then warm batches."
     )
@@ -47,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="check every chunk read against its recorded crc32, once per file (default; "
                         "--no-verify-checksums reads unchecked)")
     parser.add_argument("--no-evict", action="store_true", help="do not evict the cache files before the first batch")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (" (eviction skipped)" if args.no_evict else " (after posix_fadvise DONTNEED)"))
         report = time_batches(loader, args.num_batches, args.device)
     except CacheError as e:
-        return report_error(e)
+        return report_error(in_flag_terms(e))
     except KeyboardInterrupt:
         print(interrupted_line("measuring"), file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -87,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad values are bad input (status 2), named by their command-line option."""
-    if args.batch_size < 1 or args.num_batches < 1:
-        raise UsageError("--batch-size and --num-batches must be at least 1")
+    if args.batch_size < 1 or args.num_batches < 1 or args.samples_per_volume < 1:
+        raise UsageError("--batch-size, --num-batches and --samples-per-volume must be at least 1")
     if not 1 <= args.num_threads <= max_threads():
         raise UsageError(f"--num-threads must be between 1 and {max_threads()} ({THREADS_PER_CORE} per CPU core of this machine), got {args.num_threads}")
     if not 0 <= args.num_workers <= cpu_count():
@@ -107,6 +113,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is visible; leave --device out or use --device cpu")
+
+
+def in_flag_terms(error: CacheError) -> CacheError:
+    """The loader's error as this command's user reads it: its keyword names as the options
+    that set them (volume_indices -> --volume-indices)."""
+    message = str(error)
+    for action in build_parser()._actions:
+        if action.option_strings:
+            message = re.sub(rf"\b{action.dest}\b", action.option_strings[0], message)
+    named = copy.copy(error)
+    named.args = (message,)
+    return named
 
 
 @dataclass
