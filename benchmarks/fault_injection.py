@@ -78,14 +78,22 @@ class RunResult:
         return self.returncode < 0
 
 
-def build_shim(directory: Path) -> Path:
+def compile_library(source_text: str, directory: Path, name: str) -> Path | None:
+    """A C source compiled as a shared library to preload (LD_PRELOAD), or None without a compiler."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise FaultInjectionUnavailable("no C compiler (cc): install gcc to run the kill trials")
-    source, library = directory / "fault_shim.c", directory / "fault_shim.so"
-    source.write_text(SHIM_SOURCE)
+        return None
+    source, library = directory / f"{name}.c", directory / f"{name}.so"
+    source.write_text(source_text)
     subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source), "-ldl"], check=True,
                    capture_output=True)
+    return library
+
+
+def build_shim(directory: Path) -> Path:
+    library = compile_library(SHIM_SOURCE, directory, "fault_shim")
+    if library is None:
+        raise FaultInjectionUnavailable("no C compiler (cc): install gcc to run the kill trials")
     return library
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.fault_injection import compile_library
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,14 +87,7 @@ class Run:
 
 def build_shim(directory: Path) -> Path | None:
     """The library, or None without a C compiler."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    source, library = directory / "full_disk.c", directory / "full_disk.so"
-    source.write_text(SHIM_SOURCE)
-    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source), "-ldl"], check=True,
-                   capture_output=True)
-    return library
+    return compile_library(SHIM_SOURCE, directory, "full_disk")
 
 
 class FullDiskServer:
