@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
     # torch loads here, once the options are known to be good (--help and bad options stay fast)
     with ctrl_c_exits_at_once(__name__):
-        from dinov3_cache.extraction.commit import ignore_late_signals
         from dinov3_cache.extraction.model import ExecutionOptions
         from dinov3_cache.extraction.multi import exit_status, preprocess_volumes, summary_line
-        from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
+        from dinov3_cache.extraction.signals import Terminated, ignore_late_signals, raise_on_sigterm
         from dinov3_cache.sources.base import source_from_args
 
     raise_on_sigterm()

@@ -92,11 +92,13 @@ def repair_status(paths: VolumePaths) -> str | None:
     """Under the lock, for a committed volume: a run killed between its commit point and its
     last status write left a record saying `running` (a dead process) or `failed`, or none
     (a full disk); the volume is complete, and so is its record now. Returns the state it
-    said ('missing' for none), None when it was right."""
+    said ('missing' for none), None when it was right or could not be rewritten (a full
+    disk: then no record is left, never a wrong one)."""
     status = read_status(paths)
     if status is not None and status.get("state") == "complete":
         return None
-    write_status_or_remove(paths, "complete", repaired=now_iso())
+    if write_status_or_remove(paths, "complete", repaired=now_iso()) is not None:
+        return None
     return str(status.get("state")) if status is not None else "missing"
 
 
@@ -106,22 +108,28 @@ def repair_status(paths: VolumePaths) -> str | None:
 def commit_volume(paths: VolumePaths, commit_id: str, metadata: VolumeMetadata) -> str | None:
     """Make the staged arrays and `metadata` the volume (steps 2-4 above). Raises when the
     volume was not committed, having removed this commit's arrays (a full disk leaves no
-    debris). Once committed it never raises: a failure of step 4 (an old array that cannot be
-    removed) is returned as a warning; readers use the commit directory, a later run finishes it."""
+    debris). Once committed it raises only a signal that came meanwhile (re-raised after step 4;
+    the volume stays complete): a failure of step 4 (an old array that cannot be removed) is
+    returned as a warning; readers use the commit directory, a later run finishes it."""
     os.rename(paths.staging, paths.commit_dir(commit_id))
+    stopped: BaseException | None = None  # a signal that came once the volume was committed
     try:
         fsync_directory(paths.output_dir)
         write_json_atomic(paths.metadata, metadata.to_dict())  # the commit point
-    except BaseException:
+    except BaseException as e:
         if not names_commit(paths, commit_id):
             remove_tree(paths.commit_dir(commit_id))
             raise
-        # committed: only a sync after the rename failed
+        if not isinstance(e, Exception):
+            stopped = e  # re-raised once the commit is finished
+        # else committed: only a sync after the rename failed
     try:
         tidy_volume(paths)  # step 4, and the replaced volume's arrays the new one lacks
     except OSError as e:
         return (f"volume {paths.volume_index} is committed, but finishing its commit failed ({e.strerror}: {e.filename}); it is read "
                 f"from {paths.commit_dir(commit_id).name} until the next run of the volume finishes it")
+    if stopped is not None:
+        raise stopped
     return None
 
 

@@ -72,6 +72,20 @@ def test_free_space_check_is_a_function_of_free_and_needed_bytes(tmp_path):
         check_free_space(SPACE_MARGIN_BYTES - 1, 0, tmp_path, 7)
 
 
+def test_only_a_full_output_file_system_is_reported_as_the_outputs(tmp_path):
+    import errno
+
+    from dinov3_cache.extraction.commit import OutOfSpace, as_storage_error
+
+    paths = VolumePaths(tmp_path / "out", 3)
+    inside = OSError(errno.ENOSPC, "No space left on device", str(paths.staging / "features" / "0.0.0.0"))
+    assert isinstance(as_storage_error(inside, paths), OutOfSpace)
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf-cache" / "model.safetensors"))
+    assert as_storage_error(elsewhere, paths) is elsewhere  # names its own file, not --output-dir
+    tensorstore = ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+    assert isinstance(as_storage_error(tensorstore, paths), OutOfSpace)
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 2 MiB file system (mounting needs root)."""
@@ -136,13 +150,12 @@ def test_a_sigterm_held_during_a_commit_stops_the_next_volume():
     with more volumes, re-arming before the next one raises it then."""
     import signal
 
-    from dinov3_cache.extraction.commit import DEFERRED_SIGNALS, keep_running_on_sigterm
-    from dinov3_cache.extraction.pipeline import Terminated, raise_on_sigterm
+    from dinov3_cache.extraction.signals import DEFERRED_SIGNALS, Terminated, hold_signals, raise_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
         raise_on_sigterm()
-        keep_running_on_sigterm()
+        hold_signals()
         signal.raise_signal(signal.SIGTERM)  # held, not raised
         assert DEFERRED_SIGNALS == [signal.SIGTERM]
         with pytest.raises(Terminated):
@@ -182,13 +195,12 @@ def test_a_signal_after_the_volume_is_complete_keeps_exit_0(tmp_path, tiny_model
 def test_a_ctrl_c_held_during_a_commit_stops_the_next_volume_and_the_handler_comes_back():
     import signal
 
-    from dinov3_cache.extraction.commit import DEFERRED_SIGNALS, keep_running_on_sigterm
-    from dinov3_cache.extraction.pipeline import raise_on_sigterm
+    from dinov3_cache.extraction.signals import DEFERRED_SIGNALS, hold_signals, raise_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         raise_on_sigterm()
-        keep_running_on_sigterm()
+        hold_signals()
         signal.raise_signal(signal.SIGINT)  # held, not raised
         assert DEFERRED_SIGNALS == [signal.SIGINT]
         with pytest.raises(KeyboardInterrupt):
@@ -196,5 +208,27 @@ def test_a_ctrl_c_held_during_a_commit_stops_the_next_volume_and_the_handler_com
         assert signal.getsignal(signal.SIGINT) is previous[1] and DEFERRED_SIGNALS == []
     finally:
         DEFERRED_SIGNALS.clear()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def test_a_library_callers_signal_handlers_are_never_taken_over():
+    """hold_signals acts only where raise_on_sigterm installed its handler (the script): a
+    caller's own SIGTERM and Ctrl-C handlers stay in place through a commit."""
+    import signal
+
+    from dinov3_cache.extraction.signals import DEFERRED_SIGNALS, hold_signals
+
+    def callers_handler(signum, frame):
+        pass
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGTERM, callers_handler)
+        signal.signal(signal.SIGINT, callers_handler)
+        hold_signals()
+        assert signal.getsignal(signal.SIGTERM) is callers_handler and signal.getsignal(signal.SIGINT) is callers_handler
+        assert DEFERRED_SIGNALS == []
+    finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])

@@ -232,7 +232,7 @@ def test_termination_during_a_background_commit(tmp_path, tiny_model_dir, monkey
     """SIGTERM (as the handler raises it) while volume 0 commits on the commit thread and 1 is
     computed: 0 completes, 1 is recorded as terminated and removed, 2 never starts."""
     from dinov3_cache.extraction import pipeline
-    from dinov3_cache.extraction.pipeline import Terminated
+    from dinov3_cache.extraction.signals import Terminated
 
     committing = threading.Event()
     real_write, real_commit = pipeline.write_features, pipeline.commit_volume

@@ -392,3 +392,24 @@ def test_bad_input_leaves_existing_volume_intact(tmp_path, tiny_model_dir, built
     result = call_main("preprocess_volume", *preprocess_args(out, 0, tiny_model_dir, "--chunks", "0,1,1,1", "--overwrite"))
     assert result.returncode == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts} == before
+
+
+def test_a_ctrl_c_after_the_commit_point_of_a_library_call_leaves_the_volume_complete(tmp_path, tiny_model_dir, monkeypatch):
+    """Called as a library (no signal is held), a Ctrl-C while the commit tidies up reaches the
+    caller, but the volume is committed: complete, and its status record says so."""
+    import preprocess_volume as script
+    from dinov3_cache import commit_protocol
+    from dinov3_cache.extraction import pipeline
+    from dinov3_cache.extraction.settings import config_from_args
+    from dinov3_cache.sources.base import source_from_args
+
+    def interrupted_tidy(paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commit_protocol, "tidy_volume", interrupted_tidy)
+    options = script.build_parser().parse_args(list(map(str, preprocess_args(tmp_path, 0, tiny_model_dir))))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.preprocess_volume(config_from_args(options), source_from_args(options))
+    paths = VolumePaths(tmp_path, 0)
+    assert metadata_is_intact(read_json(paths.metadata))
+    assert read_json(paths.status)["state"] == "complete"

@@ -28,7 +28,10 @@ def source_layers(output_dir: Path, index: int, args) -> tuple[list[SourceLayer]
     name = name or implied_source_name(vars(args))
     if name not in SOURCE_TYPES:
         raise SourceError(f"volume {index} was read from an unknown source ({name})")
-    return SOURCE_TYPES[name].viewer_layers(metadata.source_dataset.to_dict(), vars(args))
+    try:
+        return SOURCE_TYPES[name].viewer_layers(metadata.source_dataset.to_dict(), vars(args))
+    except SourceError as e:
+        raise SourceError(f"volume {index}: {e}") from None
 
 
 def reachable_source_layers(output_dir: Path, index: int, args) -> tuple[list[SourceLayer], SourceOrigin | None]:

@@ -1,13 +1,12 @@
 """Extraction's side of committing a volume: the output directory check, the free-space
-check, the skip-or-refuse check against an existing volume, and holding SIGTERM from the
-commit on. The commit itself and what counts as debris: dinov3_cache/commit_protocol.py."""
+check, a full disk as one line, and the skip-or-refuse check against an existing volume.
+The commit itself and what counts as debris: dinov3_cache/commit_protocol.py; signals from
+the commit on: signals.py."""
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,6 +76,14 @@ def ensure_free_space(config: ExtractionConfig, crop: SourceCrop, hidden_size: i
                      config.paths.output_dir, config.volume_index)
 
 
+def names_output_file(error: BaseException, paths: VolumePaths) -> bool:
+    """Whether the error is about a file under the output directory (or names no file)."""
+    filename = getattr(error, "filename", None)
+    if not filename:
+        return True
+    return Path(os.path.abspath(filename)).is_relative_to(os.path.abspath(paths.output_dir))
+
+
 def is_disk_full(error: BaseException) -> bool:
     """ENOSPC or EDQUOT, or TensorStore's RESOURCE_EXHAUSTED / 'No space left'."""
     text = str(error)
@@ -86,8 +93,9 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def as_storage_error(error: BaseException, paths: VolumePaths) -> BaseException:
-    """A full file system while writing as one line; any other error unchanged."""
-    if not is_disk_full(error):
+    """A full output file system while writing as one line; any other error unchanged (a full
+    disk elsewhere, say the model cache's, names its own file)."""
+    if not is_disk_full(error) or not names_output_file(error, paths):
         return error
     return OutOfSpace(
         f"volume {paths.volume_index}: the file system of {paths.output_dir} is full (or over quota) while writing; "
@@ -138,53 +146,3 @@ def existing_volume_check(
     return VolumeOutcome(
         "skipped", f"volume {config.volume_index} is already complete; skipping (use --overwrite to recompute)", metadata
     )
-
-
-DEFERRED_SIGNALS: list[int] = []  # SIGTERMs and SIGINTs held since a commit started
-HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_HANDLERS_BEFORE_HOLD: dict[int, object] = {}
-
-
-def _hold(signum: int, frame: object) -> None:
-    DEFERRED_SIGNALS.append(signum)
-
-
-def keep_running_on_sigterm() -> None:
-    """From the commit on, SIGTERM and Ctrl-C (SIGINT) must not fail the run: the volume is
-    (about to be) complete, and a job whose volume is complete exits 0. The signal is held, not
-    lost: a process with more volumes to go stops before the next one (release_held_signals).
-    Only in a run that turned SIGTERM into an exception (pipeline.raise_on_sigterm, as the
-    script does): a library caller's signals stay its own."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGTERM)):
-        return
-    for signum in HELD_SIGNALS:
-        handler = signal.getsignal(signum)
-        if callable(handler) and handler is not _hold:
-            _HANDLERS_BEFORE_HOLD[signum] = handler
-            signal.signal(signum, _hold)
-
-
-def release_held_signals() -> int | None:
-    """On the main thread: the handlers from before the hold come back; returns the first
-    signal held meanwhile (None when none came)."""
-    for signum, handler in _HANDLERS_BEFORE_HOLD.items():
-        signal.signal(signum, handler)
-    _HANDLERS_BEFORE_HOLD.clear()
-    held = DEFERRED_SIGNALS[0] if DEFERRED_SIGNALS else None
-    DEFERRED_SIGNALS.clear()
-    return held
-
-
-def ignore_late_signals(as_script: bool) -> None:
-    """The run's outcome is decided: a SIGTERM or Ctrl-C from now on must not change its exit
-    status. In a script both are ignored up to the exit, through the interpreter's teardown
-    (Python puts the default handlers back there, and tearing down torch and TensorStore takes
-    up to a second: a signal then killed a finished job with 143 or 130). Called as a library,
-    the caller's handlers come back instead."""
-    if as_script:
-        for signum in HELD_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        _HANDLERS_BEFORE_HOLD.clear()
-        DEFERRED_SIGNALS.clear()
-    else:
-        release_held_signals()

@@ -23,11 +23,10 @@ from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel
 from dinov3_cache.extraction.pipeline import (
     ExtractedVolume,
     ModelOnDemand,
-    Terminated,
-    raise_on_sigterm,
     read_now,
     start_volume,
 )
+from dinov3_cache.extraction.signals import Terminated, raise_on_sigterm
 from dinov3_cache.locks import VolumeLocked
 from dinov3_cache.sources.base import SourceCrop, VolumeSource
 

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from dinov3_cache.commit_protocol import commit_volume, remove_abandoned_tree, repair_status, tidy_volume
+from dinov3_cache.commit_protocol import commit_volume, names_commit, remove_abandoned_tree, repair_status, tidy_volume
 from dinov3_cache.disk import bytes_on_disk
 from dinov3_cache.errors import named_first_line
 from dinov3_cache.extraction.commit import (
@@ -39,12 +39,11 @@ from dinov3_cache.extraction.commit import (
     ensure_free_space,
     ensure_writable,
     existing_volume_check,
-    keep_running_on_sigterm,
-    release_held_signals,
 )
 from dinov3_cache.extraction.config import ExtractionConfig, check_slice_size
 from dinov3_cache.extraction.metadata import FeatureStatistics, volume_metadata
 from dinov3_cache.extraction.model import ExecutionOptions, LoadedModel, load_model
+from dinov3_cache.extraction.signals import hold_signals
 from dinov3_cache.extraction.writer import AsyncBlockWriter, StagedArrays, stage_arrays, write_features, write_label_arrays
 from dinov3_cache.locks import VolumeLock
 from dinov3_cache.paths import VolumePaths
@@ -56,32 +55,6 @@ from dinov3_cache.zarr_arrays import ts_context
 log = logging.getLogger("dinov3_preprocessing")
 
 LOG_EVERY_SECONDS = 30.0
-
-
-class Terminated(Exception):
-    """SIGTERM arrived (a scheduler's walltime or kill): the run records it and cleans up."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"terminated by signal {signum} (a walltime or scheduler kill); rerun to finish the volume")
-        self.signum = signum
-
-
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so a killed job says so in its status record; a
-    SIGTERM or Ctrl-C held during an earlier volume's commit is raised now, before the next
-    volume starts."""
-    import signal
-
-    held = release_held_signals()
-    if held == signal.SIGINT:
-        raise KeyboardInterrupt
-    if held is not None:
-        raise Terminated(held)
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 class Progress:
@@ -161,7 +134,7 @@ def start_volume(
         tidy_volume(paths)
         skip = existing_volume_check(config, source, load_model=model.get)
         if skip is not None:
-            keep_running_on_sigterm()  # the volume is complete: this job exits 0
+            hold_signals()  # the volume is complete: this job exits 0
             said = repair_status(paths)
             if said is not None:
                 log.info("volume %d is committed; its status record said %s: now complete", config.volume_index, said)
@@ -174,11 +147,16 @@ def start_volume(
 
 
 @contextmanager
-def failure_recorded(paths: VolumePaths) -> Iterator[None]:
-    """A failure inside removes the staged arrays and is written to the status record."""
+def failure_recorded(paths: VolumePaths, commit_id: str | None = None) -> Iterator[None]:
+    """A failure inside removes the staged arrays and is written to the status record; but
+    once commit `commit_id` is the volume, whatever stops the run (a library caller's Ctrl-C
+    during the tidy-up) leaves it complete, and its record says so."""
     try:
         yield
     except BaseException as caught:
+        if commit_id is not None and names_commit(paths, commit_id):
+            write_complete_status(paths)
+            raise
         e = record_failure(paths, caught)
         if e is not caught:
             raise e from None
@@ -195,6 +173,14 @@ def record_failure(paths: VolumePaths, caught: BaseException) -> BaseException:
         log.warning("volume %d: its status record could not be written (%s); removed it", paths.volume_index,
                     unwritten.strerror)
     return e
+
+
+def write_complete_status(paths: VolumePaths, **fields) -> None:
+    """The status record of a committed volume; one that cannot be written is a warning."""
+    unwritten = write_status_or_remove(paths, "complete", finished=now_iso(), **fields)
+    if unwritten is not None:
+        log.warning("volume %d is complete, but its status record could not be written (%s); removed it "
+                    "(a rerun of the volume writes it)", paths.volume_index, unwritten.strerror)
 
 
 @dataclass
@@ -218,7 +204,7 @@ class ExtractedVolume:
         """Wait for the writes, seal the metadata and commit; safe on any thread."""
         paths = self.config.paths
         with self.lock:
-            with disk_full_as_one_line(paths), failure_recorded(paths):
+            with disk_full_as_one_line(paths), failure_recorded(paths, self.commit_id):
                 try:
                     self.writer.flush()
                 except BaseException:
@@ -226,10 +212,7 @@ class ExtractedVolume:
                     raise
                 metadata = self.commit()
             # committed: from here on nothing fails the volume, a problem is a warning
-            unwritten = write_status_or_remove(paths, "complete", finished=now_iso(), timing=metadata.timing)
-            if unwritten is not None:
-                log.warning("volume %d is complete, but its status record could not be written (%s); removed it "
-                            "(a rerun of the volume writes it)", self.config.volume_index, unwritten.strerror)
+            write_complete_status(paths, timing=metadata.timing)
         return VolumeOutcome("complete", f"volume {self.config.volume_index} complete: {paths.metadata}", metadata)
 
     def abandon(self, error: BaseException) -> None:
@@ -249,7 +232,7 @@ class ExtractedVolume:
                                    self.commit_id, fingerprint_values, rounded(timing))
         timing["total_seconds"] = time.perf_counter() - self.started
         metadata = replace(metadata, timing=rounded(timing)).sealed()
-        keep_running_on_sigterm()
+        hold_signals()
         unfinished = commit_volume(config.paths, self.commit_id, metadata)
         if unfinished is not None:
             log.warning(unfinished)

@@ -120,8 +120,8 @@ def in_flag_terms(error: CacheError) -> CacheError:
     that set them (volume_indices -> --volume-indices)."""
     message = str(error)
     for action in build_parser()._actions:
-        if action.option_strings:
-            message = re.sub(rf"\b{action.dest}\b", action.option_strings[0], message)
+        if action.option_strings and "_" in action.dest:  # 'volume_indices', never a word such as 'device'
+            message = re.sub(rf"(?<![\w/.-]){action.dest}\b", action.option_strings[0], message)
     named = copy.copy(error)
     named.args = (message,)
     return named

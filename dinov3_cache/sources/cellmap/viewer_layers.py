@@ -108,7 +108,7 @@ def cellmap_viewer_layers(record: Mapping[str, Any], settings: Mapping[str, Any]
     from dinov3_cache.sources.cellmap.source import CellMapSource
 
     if "catalog_root" not in record or "crop" not in record:
-        raise SourceError(f"the volume was not read from CellMap data (source {record.get('name', '?')})")
+        raise SourceError(f"it was not read from CellMap data (source {record.get('name', '?')})")
     # the catalog is listed afresh and never saved into the cache the viewer only reads
     source = CellMapSource.from_settings({**settings, "output_dir": None, "refresh_catalog": False, "augment": False})
     dataset = next((d for d in source.catalog.datasets if d.name == record["dataset"]), None)
