@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-sources", action="store_true",
         help="compare each complete volume's recorded source signature with its source now: current, stale, unreachable or no_signature",
     )
-    add_data_location_arguments(sources, "with --check-sources or --view: ")  # as the source declares them
+    add_data_location_arguments(sources, "with --view (also shows the source crop) or --check-sources: ")  # as the source declares them
     view = parser.add_argument_group("viewer (neuroglancer, an optional dependency)")
     view.add_argument("--view", type=int, metavar="INDEX", default=None, help="open volume INDEX in neuroglancer, print the URL and serve until stopped")
     view.add_argument(

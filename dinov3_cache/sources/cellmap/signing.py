@@ -3,12 +3,14 @@
 storage chunk the read touched, the chunk's identity and a digest of the values the crop took
 from it; and the re-check of such a signature against the data now.
 
-Chunk identity: a local file's size, mtime (ns) and sha256 (hashed on threads while the crop is
-in memory anyway); an S3 object's size and ETag (one HEAD request per chunk); an absent chunk
-(the fill value) as size null. The re-check compares size and mtime (S3: the ETag) first and
-hashes a local file only where they differ; where a chunk's bytes differ it reads the crop's
-values from that chunk and compares their digest, so a change elsewhere in the chunk is no
-change of the volume.
+Chunk identity: a local file's size, mtime (ns) and sha256 (hashed on threads; the file was
+just read, so it is in the page cache); an S3 object's size and ETag (from listings of the
+chunk keys' common prefixes, one request per plane or row of chunks, not one per chunk); an
+absent chunk (the fill value) as size null. The re-check compares size and mtime (S3: the ETag)
+first and hashes a local file only where they differ; where a chunk's bytes differ it reads the
+crop's values from that chunk and compares their digest, so a change elsewhere in the chunk is
+no change of the volume. One `Snapshot` serves a whole check: every volume reading the same
+array shares its metadata documents and listings.
 """
 
 from __future__ import annotations
@@ -56,26 +58,44 @@ def read_documents(array_url: str, group_url: str, driver: str, storage: Storage
     return documents
 
 
+LIST_PAGE = 1000  # keys per S3 listing page
+
+
 @dataclass(frozen=True)
 class ChunkGrid:
-    """Storage chunks (zarr v3: shards, the files) in metadata (C) order, and each one's key."""
+    """Storage chunks (zarr v3: shards, the files) in metadata (C) order, and how keys name them."""
 
-    shape: tuple[int, ...]
-    key: Callable[[list[int]], str]
+    shape: tuple[int, ...]  # chunk shape, C order
+    counts: tuple[int, ...]  # chunks along each axis, C order
+    separator: str
+    prefix: str  # 'c' + separator for zarr v3 default keys
+    key_axes: tuple[int, ...]  # the C axis of each key component, in key order
+
+    def key(self, grid_index: list[int]) -> str:
+        return self.prefix + self.separator.join(str(grid_index[a]) for a in self.key_axes)
+
+    def listing_prefix(self, key: str) -> str:
+        """The prefix listing this chunk with its neighbours: its plane of chunks where that
+        fits one listing page, else its row."""
+        plane = self.counts[self.key_axes[-1]] * self.counts[self.key_axes[-2]]
+        drop = 2 if plane <= LIST_PAGE else 1
+        return self.separator.join(key.split(self.separator)[:-drop]) + self.separator
 
 
 def chunk_grid(driver: str, document: dict, where: str) -> ChunkGrid:
     try:
         if driver == "n5":  # N5 lists dimensions fastest-first; keys name them in that order
-            return ChunkGrid(tuple(document["blockSize"][::-1]), lambda g: "/".join(map(str, g[::-1])))
-        if driver == "zarr":
-            separator = document.get("dimension_separator") or "."
-            return ChunkGrid(tuple(document["chunks"]), lambda g: separator.join(map(str, g)))
-        encoding = document.get("chunk_key_encoding") or {"name": "default"}
-        separator = (encoding.get("configuration") or {}).get("separator") or ("." if encoding["name"] == "v2" else "/")
-        prefix = "c" + separator if encoding["name"] == "default" else ""
-        return ChunkGrid(tuple(document["chunk_grid"]["configuration"]["chunk_shape"]), lambda g: prefix + separator.join(map(str, g)))
-    except (KeyError, TypeError, AttributeError):
+            shape, chunks, separator, prefix, key_axes = document["dimensions"][::-1], document["blockSize"][::-1], "/", "", (2, 1, 0)
+        elif driver == "zarr":
+            shape, chunks, separator, prefix, key_axes = document["shape"], document["chunks"], document.get("dimension_separator") or ".", "", (0, 1, 2)
+        else:
+            encoding = document.get("chunk_key_encoding") or {"name": "default"}
+            separator = (encoding.get("configuration") or {}).get("separator") or ("." if encoding["name"] == "v2" else "/")
+            prefix = "c" + separator if encoding["name"] == "default" else ""
+            shape, chunks, key_axes = document["shape"], document["chunk_grid"]["configuration"]["chunk_shape"], (0, 1, 2)
+        counts = tuple(-(-int(n) // int(c)) for n, c in zip(shape, chunks))
+        return ChunkGrid(tuple(int(c) for c in chunks), counts, separator, prefix, key_axes)
+    except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
         raise SourceError(f"cannot tell the chunk grid of {where} from its metadata") from None
 
 
@@ -113,10 +133,6 @@ def decode_axis(encoded: object, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- chunk identities
 
 
-def chunk_location(array_url: str, key: str) -> str:
-    return join_url(array_url, key) if is_s3(array_url) else os.path.join(array_url, *key.split("/"))
-
-
 def local_identity(path: str, with_hash: bool = True) -> dict:
     try:
         stat = os.stat(path)
@@ -126,41 +142,86 @@ def local_identity(path: str, with_hash: bool = True) -> dict:
     return identity | {"sha256": file_sha256(path)} if with_hash else identity
 
 
-def s3_identity(client, url: str) -> dict:
-    import botocore.exceptions as bex
+class Snapshot:
+    """The source as one signing or one check sees it: metadata documents and S3 listings are
+    read once and shared by every volume reading the same array."""
 
-    bucket, key = split_s3(url)
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except bex.ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return {"size": None}
-        raise SourceError(f"cannot read {url} ({e.response.get('Error', {}).get('Code', 'error')})") from None
-    except bex.BotoCoreError as e:
-        raise SourceError(f"cannot reach the S3 endpoint for {url} ({e})") from None
-    return {"size": head["ContentLength"], "etag": head["ETag"].strip('"')}
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._documents: dict[tuple[str, str, str], dict | SourceError] = {}
+        self._listings: dict[str, dict[str, dict]] = {}
+        self._client = None
 
+    def documents(self, array_url: str, group_url: str, driver: str) -> dict[str, dict | None]:
+        key = (array_url, group_url, driver)
+        if key not in self._documents:
+            try:
+                self._documents[key] = read_documents(array_url, group_url, driver, self.storage)
+            except SourceError as e:  # unreachable once is unreachable for every volume: no retries per volume
+                self._documents[key] = e
+        found = self._documents[key]
+        if isinstance(found, SourceError):
+            raise found
+        return found
 
-def identities(urls: list[str], storage: Storage, with_hash: bool = True) -> list[dict]:
-    """The identity of each chunk, on threads (hashing and HEAD requests release the GIL)."""
-    if not urls:
-        return []
-    if is_s3(urls[0]):
-        client = storage._s3_client()
-        one = lambda url: s3_identity(client, url)  # noqa: E731
-    else:
-        one = lambda path: local_identity(path, with_hash)  # noqa: E731
-    with ThreadPoolExecutor(min(IO_THREADS, len(urls))) as pool:
-        return list(pool.map(one, urls))
+    def identities(self, array_url: str, grid: ChunkGrid, keys: list[str], with_hash: bool) -> list[dict]:
+        """Each chunk's identity: a local file's size and mtime (and sha256 with_hash), an S3 object's size and ETag."""
+        if is_s3(array_url):
+            prefixes = sorted({grid.listing_prefix(k) for k in keys})
+            self._client = self._client or self.storage._s3_client()  # made once, shared by the threads
+            if len(prefixes) > 1:  # the listings at once: one round trip's latency, not one per prefix
+                with ThreadPoolExecutor(min(IO_THREADS, len(prefixes))) as pool:
+                    list(pool.map(lambda prefix: self._listing(array_url, prefix), prefixes))
+            return [self._listing(array_url, grid.listing_prefix(k)).get(k, {"size": None}) for k in keys]
+        paths = [os.path.join(array_url, *k.split("/")) for k in keys]
+        if not with_hash:
+            return [local_identity(path, False) for path in paths]
+        if not paths:
+            return []
+        with ThreadPoolExecutor(min(IO_THREADS, len(paths))) as pool:  # hashlib releases the GIL
+            return list(pool.map(local_identity, paths))
+
+    def _listing(self, array_url: str, prefix: str) -> dict[str, dict]:
+        """Size and ETag of every object under array_url/prefix, by chunk key."""
+        url = join_url(array_url, prefix) + ("/" if prefix.endswith("/") else "")
+        if url not in self._listings:
+            import botocore.exceptions as bex
+
+            bucket, array_key = split_s3(array_url)
+            full = f"{array_key}/{prefix}"
+            self._client = self._client or self.storage._s3_client()
+            found = {}
+            try:
+                for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=full):
+                    for entry in page.get("Contents", []):
+                        found[entry["Key"][len(array_key) + 1:]] = {"size": entry["Size"], "etag": entry["ETag"].strip('"')}
+            except bex.ClientError as e:
+                raise SourceError(f"cannot list {url} ({e.response.get('Error', {}).get('Code', 'error')})") from None
+            except bex.BotoCoreError as e:
+                raise SourceError(f"cannot reach the S3 endpoint {self.storage.s3.where()} for {url} ({e})") from None
+            self._listings[url] = found
+        return self._listings[url]
 
 
 # ----------------------------------------------------------------------------- signing
 
 
-def sign_array(piece: ReadPiece | None, array: LevelArray, storage: Storage) -> dict:
+def as_slices(positions: tuple[np.ndarray, ...]) -> tuple:
+    """Positions per axis as slices where they are runs (always for raw): a view, not a copy."""
+    return tuple(slice(int(p[0]), int(p[-1]) + 1) if p[-1] - p[0] + 1 == len(p) else p for p in positions)
+
+
+def region_values(values: np.ndarray, positions: tuple[np.ndarray, ...]) -> np.ndarray:
+    chosen = as_slices(positions)
+    if all(isinstance(c, slice) for c in chosen):
+        return values[chosen]
+    return values[np.ix_(*positions)]
+
+
+def sign_array(piece: ReadPiece | None, array: LevelArray, snapshot: Snapshot) -> dict:
     """The signature of one array read (piece None: the crop took no voxel from it)."""
     multiscale = array.multiscale
-    documents = read_documents(array.url, multiscale.url, multiscale.driver, storage)
+    documents = snapshot.documents(array.url, multiscale.url, multiscale.driver)
     record = {
         "url": array.url, "group": multiscale.url, "level": array.level.path, "driver": multiscale.driver,
         "axis_order": list(multiscale.axis_order),
@@ -171,18 +232,18 @@ def sign_array(piece: ReadPiece | None, array: LevelArray, storage: Storage) -> 
         return record
     grid = chunk_grid(multiscale.driver, documents[f"array/{ARRAY_DOCUMENTS[multiscale.driver][0]}"] or {}, array.url)
     touched = list(touched_chunks(list(piece.axes), multiscale.axis_order, grid))
-    found = identities([chunk_location(array.url, key) for key, _ in touched], storage)
+    with ThreadPoolExecutor(1) as background:  # the values' digests while the files are hashed
+        digests = background.submit(lambda: [values_digest(region_values(piece.values, positions)) for _, positions in touched])
+        found = snapshot.identities(array.url, grid, [key for key, _ in touched], with_hash=True)
+        record["chunks"] = {key: identity | {"values_sha256": digest} for (key, _), identity, digest in zip(touched, found, digests.result())}
     record["selection"] = [encode_axis(axis) for axis in piece.axes]
-    record["chunks"] = {
-        key: identity | {"values_sha256": values_digest(piece.values[np.ix_(*positions)])}
-        for (key, positions), identity in zip(touched, found)
-    }
     return record
 
 
 def sign_reads(arrays: dict[str, LevelArray], pieces: dict[str, ReadPiece | None], storage: Storage) -> dict:
     """The 'arrays' of a CellMap signature: one record per array read ('raw', organelles)."""
-    return {role: sign_array(pieces.get(role), array, storage) for role, array in arrays.items()}
+    snapshot = Snapshot(storage)
+    return {role: sign_array(pieces.get(role), array, snapshot) for role, array in arrays.items()}
 
 
 # ----------------------------------------------------------------------------- checking
@@ -206,7 +267,7 @@ def same_chunk(recorded: dict, now: dict) -> bool | None:
     return True if recorded.get("mtime_ns") == now.get("mtime_ns") else None
 
 
-def check_array(role: str, record: dict, storage: Storage, move: Callable[[str], str], where: str) -> SourceStatus:
+def check_array(role: str, record: dict, snapshot: Snapshot, move: Callable[[str], str], where: str) -> SourceStatus:
     """Compare one array's record with the array now: metadata documents, then chunk identities,
     then (for chunks whose bytes differ) the values the crop read."""
     url, group = move(field_of(record, "url", str, where)), move(field_of(record, "group", str, where))
@@ -214,7 +275,7 @@ def check_array(role: str, record: dict, storage: Storage, move: Callable[[str],
     recorded_docs = field_of(record, "metadata", dict, where)
     chunks = field_of(record, "chunks", dict, where)
     try:
-        documents = read_documents(url, group, driver, storage)
+        documents = snapshot.documents(url, group, driver)
     except SourceError as e:
         return SourceStatus(UNREACHABLE, f"{role}: {e}")
     main = f"array/{ARRAY_DOCUMENTS[driver][0]}"
@@ -226,16 +287,17 @@ def check_array(role: str, record: dict, storage: Storage, move: Callable[[str],
     if not chunks:
         return SourceStatus(CURRENT)
     try:
-        return compare_chunks(role, record, chunks, url, group, documents[main], storage, where)
+        return compare_chunks(role, record, chunks, url, group, documents[main], snapshot, where)
     except SourceError as e:
         return SourceStatus(UNREACHABLE, f"{role}: {e}")
 
 
-def compare_chunks(role: str, record: dict, chunks: dict, url: str, group: str, document: dict, storage: Storage, where: str) -> SourceStatus:
+def compare_chunks(role: str, record: dict, chunks: dict, url: str, group: str, document: dict, snapshot: Snapshot, where: str) -> SourceStatus:
     keys = sorted(chunks)
-    now = identities([chunk_location(url, k) for k in keys], storage, with_hash=False)
+    grid = chunk_grid(field_of(record, "driver", str, where), document, url)
+    now = snapshot.identities(url, grid, keys, with_hash=False)
     undecided = [k for k, identity in zip(keys, now) if same_chunk(chunks[k], identity) is None]
-    hashed = dict(zip(undecided, identities([chunk_location(url, k) for k in undecided], storage))) if undecided else {}
+    hashed = dict(zip(undecided, snapshot.identities(url, grid, undecided, with_hash=True)))
     differing = [
         k for k, identity in zip(keys, now)
         if (same_chunk(chunks[k], identity) is False) or (k in hashed and hashed[k].get("sha256") != chunks[k].get("sha256"))
@@ -243,7 +305,7 @@ def compare_chunks(role: str, record: dict, chunks: dict, url: str, group: str, 
     status = SourceStatus(CURRENT, chunks_compared=len(keys), chunks_hashed=len(hashed))
     if not differing:
         return status
-    inside = values_differ(record, chunks, differing, url, group, document, storage, where)
+    inside = values_differ(record, chunks, differing, url, group, grid, snapshot.storage, where)
     outside = [k for k in differing if k not in inside]
     status.changed_outside = len(outside)
     if inside:
@@ -254,11 +316,10 @@ def compare_chunks(role: str, record: dict, chunks: dict, url: str, group: str, 
     return status
 
 
-def values_differ(record: dict, chunks: dict, keys: list[str], url: str, group: str, document: dict, storage: Storage, where: str) -> list[str]:
+def values_differ(record: dict, chunks: dict, keys: list[str], url: str, group: str, grid: ChunkGrid, storage: Storage, where: str) -> list[str]:
     """The chunks among keys whose values, where the crop read them, differ from the recorded ones."""
     axes = [decode_axis(a, where) for a in field_of(record, "selection", list, where)]
     axis_order = tuple(field_of(record, "axis_order", list, where))
-    grid = chunk_grid(field_of(record, "driver", str, where), document, url)
     multiscale = read_multiscale(group, storage)
     level = next((lv for lv in multiscale.levels if lv.path == record.get("level")), None)
     if level is None:
@@ -269,7 +330,7 @@ def values_differ(record: dict, chunks: dict, keys: list[str], url: str, group: 
     for key, positions in touched_chunks(axes, axis_order, grid):
         if key in wanted:
             try:
-                values = array.store.oindex[tuple(axes[a][positions[a]] for a in range(3))].read().result()
+                values = array.store.oindex[tuple(axes[a][positions[a]] for a in range(3))].read().result()  # only this chunk
             except (ValueError, RuntimeError) as e:
                 raise storage_error(join_url(url, key), e, storage.s3) from None
             if values_digest(values) != chunks[key].get("values_sha256"):

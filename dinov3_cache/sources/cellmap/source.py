@@ -26,7 +26,7 @@ from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_
 from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
 from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
-from dinov3_cache.sources.cellmap.signing import check_array, rebased, sign_reads
+from dinov3_cache.sources.cellmap.signing import Snapshot, check_array, rebased, sign_reads
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
 from dinov3_cache.sources.signatures import SIGNATURE_FORMAT, UNREACHABLE, SourceStatus, combine, field_of
 from dinov3_cache.switch import Switch
@@ -72,6 +72,7 @@ class CellMapSource(VolumeSource):
         self.storage = storage or Storage()
         self.augment = augment
         self._multiscales: dict[str, Multiscale] = {}
+        self.snapshot = Snapshot(self.storage)  # what --check-sources has read of the data, shared by every volume
 
     @classmethod
     def implied_by(cls, settings: Mapping[str, Any]) -> bool:
@@ -214,7 +215,7 @@ class CellMapSource(VolumeSource):
             if group not in listed:
                 statuses.append(SourceStatus(UNREACHABLE, f"{role}: {group} is not in the catalog of {self.catalog.root or 'the --catalog file'}", not_located=True))
                 continue
-            statuses.append(check_array(role, record, self.storage, move, where))
+            statuses.append(check_array(role, record, self.snapshot, move, where))
         return combine(statuses)
 
     @classmethod
