@@ -88,7 +88,7 @@ def stale_indices(args: argparse.Namespace, indices: list[int]) -> list[int]:
     from dinov3_cache.audit.source_check import check_sources, summary_line
 
     complete = set(committed_volume_indices(args.output_dir))
-    check, problems = check_sources(Path(args.output_dir), [i for i in indices if i in complete], vars(args))
+    check, problems = check_sources(Path(args.output_dir), [i for i in indices if i in complete], vars(args), "--stale-only")
     print(f"stale-only: {summary_line(check)}")
     for problem in problems:
         print(f"note: volume {problem['index']} is not resubmitted: {problem['problem']}")

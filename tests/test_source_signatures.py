@@ -263,6 +263,47 @@ def test_a_synthetic_cache_is_current_without_any_source_option(built_cache):
     assert code == EXIT_OK and found == {0: "current", 1: "current", 2: "current"}
 
 
+def test_a_changed_synthetic_generator_makes_the_volume_stale(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    path = VolumePaths(cache, 1).metadata
+    document = read_json(path)
+    document["source_dataset"]["signature"]["generator"]["version"] = 0  # made by an older generator
+    write_json_atomic(path, seal_metadata({k: v for k, v in document.items() if k != "metadata_digest"}))
+    code, found, _ = statuses(cache)
+    assert code == EXIT_STALE and found == {0: "current", 1: "stale", 2: "current"}
+
+
+@pytest.mark.parametrize("spec", [
+    {"driver": "zarr", "metadata": {"dimension_separator": "/"}},
+    {"driver": "zarr", "metadata": {}},
+    {"driver": "zarr3", "metadata": {}},
+    {"driver": "zarr3", "metadata": {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}}}},
+    {"driver": "zarr3", "metadata": {"codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": [2, 2, 2]}}]}},
+    {"driver": "n5", "metadata": {"compression": {"type": "raw"}}},
+], ids=["zarr2-slash", "zarr2-dot", "zarr3", "zarr3-v2-keys", "zarr3-shards", "n5"])
+def test_chunk_keys_name_the_files_each_store_writes(tmp_path, spec):
+    """Every chunk (zarr v3 sharded: every shard) written by TensorStore is where chunk_grid's key says."""
+    path = tmp_path / "array"
+    chunks = [4, 4, 8]
+    metadata = {**spec["metadata"], "dtype": "|u1", "shape": [8, 12, 16]}
+    if spec["driver"] == "n5":
+        metadata = {**spec["metadata"], "dataType": "uint8", "dimensions": [16, 12, 8], "blockSize": chunks[::-1]}
+    elif spec["driver"] == "zarr3":
+        metadata = {**metadata, "data_type": "uint8", "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}}
+        del metadata["dtype"]
+    else:
+        metadata["chunks"] = chunks
+    store = ts.open({"driver": spec["driver"], "kvstore": {"driver": "file", "path": str(path)}, "metadata": metadata, "create": True}).result()
+    store[...] = np.ones(store.shape, np.uint8)  # N5: written x, y, z
+    name = {"zarr": ".zarray", "zarr3": "zarr.json", "n5": "attributes.json"}[spec["driver"]]
+    grid = chunk_grid(spec["driver"], json.loads((path / name).read_text()), str(path))
+    axes = [np.arange(n) for n in (8, 12, 16)]  # z, y, x
+    keys = {key for key, _ in touched_chunks(axes, (0, 1, 2), grid)}
+    written = {str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != name}
+    assert keys == written and len(keys) == 2 * 3 * 2
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -277,6 +318,14 @@ def one_error_line(result, status: int, *words: str) -> None:
 def test_a_cellmap_cache_without_a_data_root_is_one_line(pristine, monkeypatch):
     monkeypatch.delenv("DINOV3_DATA_ROOT", raising=False)
     one_error_line(check(pristine[1]), EXIT_USAGE, "--check-sources", "--data-root")
+
+
+def test_stale_only_without_a_data_root_is_one_line_and_submits_nothing(pristine, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("DINOV3_DATA_ROOT", raising=False)
+    result = call_main("submit_preprocessing_jobs", "--num-volumes", VOLUMES, "--stale-only", "--scheduler", "local",
+                       "--output-dir", pristine[1], "--model-id", tiny_model_dir, "--source", "synthetic", *TINY_GEOMETRY_ARGS)
+    one_error_line(result, EXIT_USAGE, "--stale-only", "--data-root")
+    assert not (pristine[1] / "logs" / "submissions").exists()
 
 
 def test_a_missing_or_wrong_catalog_is_one_line(pristine, tmp_path):

@@ -35,14 +35,14 @@ def signed_volumes(output_dir: Path, indices: list[int]) -> tuple[dict[int, Volu
     return found, problems
 
 
-def sources_for(names: set[str], settings: Mapping[str, Any]) -> dict[str, VolumeSource]:
+def sources_for(names: set[str], settings: Mapping[str, Any], option: str) -> dict[str, VolumeSource]:
     """One source per name the signatures give, built from the options; AuditError (bad input) when they do not locate it."""
     from dinov3_cache.sources.registry import source_for_checking
 
     try:
         return {name: source_for_checking(name, settings) for name in sorted(names)}
     except SourceError as e:
-        raise AuditError(f"--check-sources: {e}") from None
+        raise AuditError(f"{option}: {e}") from None
 
 
 def check_volume(source: VolumeSource | None, metadata: VolumeMetadata) -> SourceStatus:
@@ -52,8 +52,11 @@ def check_volume(source: VolumeSource | None, metadata: VolumeMetadata) -> Sourc
     return source.check_signature(signature.to_dict(), metadata.source_dataset.to_dict())
 
 
-def check_sources(output_dir: Path, indices: list[int], settings: Mapping[str, Any]) -> tuple[dict, list[dict]]:
-    """The source check of these volumes (a report section) and the damage it found."""
+def check_sources(
+    output_dir: Path, indices: list[int], settings: Mapping[str, Any], option: str = "--check-sources"
+) -> tuple[dict, list[dict]]:
+    """The source check of these volumes (a report section) and the damage it found; `option`
+    names the command-line option that asked for it in error lines."""
     started = time.perf_counter()
     volumes, problems = signed_volumes(output_dir, indices)
     names = {m.source_dataset.signature.source for m in volumes.values() if m.source_dataset.signature is not None}
@@ -64,7 +67,7 @@ def check_sources(output_dir: Path, indices: list[int], settings: Mapping[str, A
         if signature is not None and signature.source not in SOURCE_TYPES:
             problems.append({"index": index, "problem": f"volume {index}: its source signature names an unknown source {signature.source!r}; the metadata is damaged"})
             del volumes[index]
-    sources = sources_for(names & set(SOURCE_TYPES), settings)
+    sources = sources_for(names & set(SOURCE_TYPES), settings, option)
     statuses: dict[int, SourceStatus] = {}
     for index, metadata in volumes.items():
         signature = metadata.source_dataset.signature
@@ -75,7 +78,7 @@ def check_sources(output_dir: Path, indices: list[int], settings: Mapping[str, A
     located = [s for s in statuses.values() if s.status != NO_SIGNATURE]
     if located and all(s.not_located for s in located):
         raise AuditError(
-            "--check-sources: the given --data-root / --catalog holds none of the arrays these volumes were read from; "
+            f"{option}: the given --data-root / --catalog holds none of the arrays these volumes were read from; "
             "pass the data root or catalog the extraction used"
         )
     return section(statuses, time.perf_counter() - started), problems
