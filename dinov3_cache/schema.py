@@ -92,7 +92,8 @@ class SourceSignature(Part):
     arrays: dict | None = json_key(
         "CellMap: per array read ('raw', each organelle): url, group, level, driver, axis_order, metadata (sha256 of "
         "each metadata document), selection (level voxels read per axis) and chunks (per storage chunk touched: size, "
-        "mtime_ns and sha256 of a local file or etag of an S3 object, values_sha256 of the values the crop read)",
+        "mtime_ns and sha256 of a local file or etag of an S3 object, values_sha256 of the values the crop read; "
+        "digests: sha256's first 128 bits in hex)",
         map_of(OBJECT), since=None)
     generator: dict | None = json_key("synthetic: the generator's name and version", OBJECT, since=None)
     parameters: dict | None = json_key("synthetic: the generator's parameters (geometry, organelles, filters)", OBJECT, since=None)

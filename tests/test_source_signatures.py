@@ -117,7 +117,7 @@ def test_every_volume_records_a_signature_of_what_it_read(pristine):
         assert recorded["source"] == "cellmap" and set(recorded["arrays"]) == {"raw", ORGANELLE}
         for record in recorded["arrays"].values():
             stored = [c for c in record["chunks"].values() if c["size"] is not None]  # absent: the fill value
-            assert stored and all(len(c["sha256"]) == 64 and c["size"] > 0 and len(c["values_sha256"]) == 64 for c in stored)
+            assert stored and all(len(c["sha256"]) == 32 and c["size"] > 0 and len(c["values_sha256"]) == 32 for c in stored)
             own = {"zarr": "array/.zarray", "n5": "array/attributes.json"}[record["driver"]]
             assert record["metadata"][own] and any(d for n, d in record["metadata"].items() if n.startswith("group/"))
 
