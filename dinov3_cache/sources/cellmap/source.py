@@ -122,7 +122,7 @@ class CellMapSource(VolumeSource):
             )
 
         crop = draw_passing_crop(volume_index, options, draw)
-        crop.description["signature"] = crop.signing()
+        crop.description["signature"], crop.signing = crop.signing(), None  # the reads it holds are freed
         if self.augment:
             return augment_crop(crop, volume_index)
         crop.description["augmentation"] = None
