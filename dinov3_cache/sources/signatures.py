@@ -117,6 +117,7 @@ def file_sha256(path: str) -> str:
 
 def field_of(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     """record[key] of the given type; SignatureError (damage) naming the key otherwise."""
-    if not isinstance(record, dict) or key not in record or not isinstance(record[key], kind) or isinstance(record[key], bool) is not (kind is bool):
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # a bool is no int here
         raise SignatureError(f"{where}: source signature key '{key}' is missing or malformed; the metadata is damaged")
-    return record[key]
+    return value
