@@ -335,17 +335,31 @@ def test_a_missing_or_wrong_catalog_is_one_line(pristine, tmp_path):
     one_error_line(check(pristine[1], "--catalog", other), EXIT_USAGE, "holds none of the arrays")
 
 
-def test_a_corrupt_signature_is_reported_as_damage(copies):
+def corrupt_chunks(record: dict) -> None:
+    record["chunks"] = "corrupt"
+
+
+def corrupt_chunk_entry(record: dict) -> None:
+    record["chunks"][sorted(record["chunks"])[0]] = 5
+
+
+@pytest.mark.parametrize("corrupt,named", [(corrupt_chunks, "source signature key 'chunks'"),
+                                           (corrupt_chunk_entry, "chunk entry is not an object"),
+                                           ("arrays", "'source_dataset.signature.arrays' must be")])
+def test_a_corrupt_signature_is_reported_as_damage(copies, corrupt, named):
     root, cache = copies
     path = VolumePaths(cache, 2).metadata
     document = read_json(path)
-    document["source_dataset"]["signature"]["arrays"]["raw"]["chunks"] = "corrupt"
+    if corrupt == "arrays":  # the schema's own check
+        document["source_dataset"]["signature"]["arrays"] = "corrupt"
+    else:
+        corrupt(document["source_dataset"]["signature"]["arrays"]["raw"])
     write_json_atomic(path, seal_metadata({k: v for k, v in document.items() if k != "metadata_digest"}))
     result = check(cache, "--data-root", root)
     assert result.returncode == EXIT_DAMAGED, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    problems = [line for line in result.stdout.splitlines() if "source signature key 'chunks'" in line]
-    assert len(problems) == 1 and "damaged" in problems[0]
+    problems = [line for line in result.stdout.splitlines() if named in line]
+    assert len(problems) == 1, result.stdout
 
 
 # ----------------------------------------------------------------------------- S3

@@ -133,7 +133,8 @@ def check_report_sources(report: Report, output_dir: Path, args: argparse.Namesp
     """--check-sources: each complete volume against its source; a malformed signature is damage."""
     from dinov3_cache.audit.source_check import check_sources
 
-    report.source_check, problems = check_sources(output_dir, report.complete, vars(args))
+    damaged = {p["index"] for p in report.metadata_problems}  # reported already: not read again
+    report.source_check, problems = check_sources(output_dir, [i for i in report.complete if i not in damaged], vars(args))
     report.metadata_problems += problems
 
 

@@ -274,6 +274,8 @@ def check_array(role: str, record: dict, snapshot: Snapshot, move: Callable[[str
     driver = field_of(record, "driver", str, where)
     recorded_docs = field_of(record, "metadata", dict, where)
     chunks = field_of(record, "chunks", dict, where)
+    if not all(isinstance(entry, dict) for entry in chunks.values()):
+        raise SignatureError(f"{where}: a source signature chunk entry is not an object; the metadata is damaged")
     try:
         documents = snapshot.documents(url, group, driver)
     except SourceError as e:
@@ -320,6 +322,8 @@ def values_differ(record: dict, chunks: dict, keys: list[str], url: str, group: 
     """The chunks among keys whose values, where the crop read them, differ from the recorded ones."""
     axes = [decode_axis(a, where) for a in field_of(record, "selection", list, where)]
     axis_order = tuple(field_of(record, "axis_order", list, where))
+    if len(axes) != 3 or sorted(axis_order) != [0, 1, 2]:
+        raise SignatureError(f"{where}: a source signature selection or axis order is not three axes; the metadata is damaged")
     multiscale = read_multiscale(group, storage)
     level = next((lv for lv in multiscale.levels if lv.path == record.get("level")), None)
     if level is None:
