@@ -117,7 +117,7 @@ def measure_extraction(root: Path, work: Path, volumes: int, repeats: int) -> No
     def extract(sign: bool) -> float:
         out = work / "extraction"
         shutil.rmtree(out, ignore_errors=True)
-        cellmap_source.sign_reads = signing if sign else (lambda arrays, pieces, storage: {})
+        cellmap_source.sign_reads = signing if sign else (lambda arrays, pieces, snapshot: {})
         args = ["--volume-index", *map(str, range(volumes)), "--output-dir", str(out), "--data-root", str(root),
                 "--organelles", "mito", "--model-id", "random:tiny", "--device", "cpu", "--output-image-dim", "32",
                 "--base-resolution", "128", "--min-resolution-for-raw", "32"]

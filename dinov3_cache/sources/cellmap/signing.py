@@ -15,6 +15,7 @@ array shares its metadata documents and listings.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -44,6 +45,12 @@ from dinov3_cache.sources.signatures import (
 ARRAY_DOCUMENTS = {"zarr": (".zarray", ".zattrs"), "zarr3": ("zarr.json",), "n5": ("attributes.json",)}
 GROUP_DOCUMENTS = {"zarr": (".zattrs",), "zarr3": ("zarr.json",), "n5": ("attributes.json",)}
 IO_THREADS = 8
+
+
+@functools.cache
+def io_pool() -> ThreadPoolExecutor:
+    """Threads for hashing and S3 listings, started once per process (a pool per call costs more than the hashing)."""
+    return ThreadPoolExecutor(IO_THREADS, thread_name_prefix="source-signature")
 
 
 # ----------------------------------------------------------------------------- metadata and chunk grid
@@ -170,16 +177,12 @@ class Snapshot:
             prefixes = sorted({grid.listing_prefix(k) for k in keys})
             self._client = self._client or self.storage._s3_client()  # made once, shared by the threads
             if len(prefixes) > 1:  # the listings at once: one round trip's latency, not one per prefix
-                with ThreadPoolExecutor(min(IO_THREADS, len(prefixes))) as pool:
-                    list(pool.map(lambda prefix: self._listing(array_url, prefix), prefixes))
+                list(io_pool().map(lambda prefix: self._listing(array_url, prefix), prefixes))
             return [self._listing(array_url, grid.listing_prefix(k)).get(k, {"size": None}) for k in keys]
         paths = [os.path.join(array_url, *k.split("/")) for k in keys]
         if not with_hash:
             return [local_identity(path, False) for path in paths]
-        if not paths:
-            return []
-        with ThreadPoolExecutor(min(IO_THREADS, len(paths))) as pool:  # hashlib releases the GIL
-            return list(pool.map(local_identity, paths))
+        return list(io_pool().map(local_identity, paths))  # hashlib releases the GIL
 
     def _listing(self, array_url: str, prefix: str) -> dict[str, dict]:
         """Size and ETag of every object under array_url/prefix, by chunk key."""
@@ -232,17 +235,16 @@ def sign_array(piece: ReadPiece | None, array: LevelArray, snapshot: Snapshot) -
         return record
     grid = chunk_grid(multiscale.driver, documents[f"array/{ARRAY_DOCUMENTS[multiscale.driver][0]}"] or {}, array.url)
     touched = list(touched_chunks(list(piece.axes), multiscale.axis_order, grid))
-    with ThreadPoolExecutor(1) as background:  # the values' digests while the files are hashed
-        digests = background.submit(lambda: [values_digest(region_values(piece.values, positions)) for _, positions in touched])
-        found = snapshot.identities(array.url, grid, [key for key, _ in touched], with_hash=True)
-        record["chunks"] = {key: identity | {"values_sha256": digest} for (key, _), identity, digest in zip(touched, found, digests.result())}
+    # the values' digests on the pool too, while the files are hashed
+    digests = [io_pool().submit(values_digest, region_values(piece.values, positions)) for _, positions in touched]
+    found = snapshot.identities(array.url, grid, [key for key, _ in touched], with_hash=True)
+    record["chunks"] = {key: identity | {"values_sha256": digest.result()} for (key, _), identity, digest in zip(touched, found, digests)}
     record["selection"] = [encode_axis(axis) for axis in piece.axes]
     return record
 
 
-def sign_reads(arrays: dict[str, LevelArray], pieces: dict[str, ReadPiece | None], storage: Storage) -> dict:
+def sign_reads(arrays: dict[str, LevelArray], pieces: dict[str, ReadPiece | None], snapshot: Snapshot) -> dict:
     """The 'arrays' of a CellMap signature: one record per array read ('raw', organelles)."""
-    snapshot = Snapshot(storage)
     return {role: sign_array(pieces.get(role), array, snapshot) for role, array in arrays.items()}
 
 

@@ -72,7 +72,8 @@ class CellMapSource(VolumeSource):
         self.storage = storage or Storage()
         self.augment = augment
         self._multiscales: dict[str, Multiscale] = {}
-        self.snapshot = Snapshot(self.storage)  # what --check-sources has read of the data, shared by every volume
+        # the metadata documents (and S3 listings) read for signing or checking, shared by every volume of this process
+        self.snapshot = Snapshot(self.storage)
 
     @classmethod
     def implied_by(cls, settings: Mapping[str, Any]) -> bool:
@@ -194,7 +195,7 @@ class CellMapSource(VolumeSource):
             geometry=geometry,
             signing=lambda: {
                 "format": SIGNATURE_FORMAT, "source": self.name,
-                "arrays": sign_reads({"raw": resolved.raw, **resolved.labels}, {r: p[0] if p else None for r, p in reads.items()}, self.storage),
+                "arrays": sign_reads({"raw": resolved.raw, **resolved.labels}, {r: p[0] if p else None for r, p in reads.items()}, self.snapshot),
             },
         )
 
