@@ -405,3 +405,18 @@ def test_on_s3_etags_decide_and_a_changed_chunk_object_makes_its_volume_stale(co
     code, found, report = statuses(cache, *s3_args)
     assert code == EXIT_STALE, report["verdict"]
     assert found[0] == "stale"
+
+
+def test_a_store_that_cannot_be_reached_makes_its_volumes_unreachable(copies, tiny_model_dir, tmp_path, monkeypatch):
+    """Extracted from the S3 server, checked once it is gone (the saved catalog, so no scan is needed)."""
+    root, _ = copies
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "DINOV3_DATA_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "s3cache"
+    with s3_server_holding(root, "jrc_alpha") as endpoint:
+        call_main("preprocess_volume", "--volume-index", 0, *extraction_args(cache, tiny_model_dir, "s3://cellmap-test/data"),
+                  "--s3-endpoint", endpoint, check=True)
+    result = check(cache, "--catalog", cache / "cellmap_catalog.json", "--s3-endpoint", endpoint)
+    assert result.returncode == EXIT_UNREACHABLE, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("  volume 0: unreachable: ")]
+    assert endpoint in line and "Traceback" not in result.stdout + result.stderr
