@@ -8,13 +8,15 @@ optionally verify volumes byte for byte and write preview images.
     python check_preprocessing.py --output-dir OUT --verify-all --json
     python check_preprocessing.py --output-dir OUT --preview PREVIEW_DIR --verify-indices 0 3
     python check_preprocessing.py --output-dir OUT --remove-debris
+    python check_preprocessing.py --output-dir OUT --check-sources --data-root ROOT   (has the source changed?)
     python check_preprocessing.py --output-dir OUT --view 3            (neuroglancer; pip install neuroglancer)
     python check_preprocessing.py --output-dir OUT --view 3 --data-root ROOT   (and the source crop)
     python check_preprocessing.py --output-dir OUT --view 3 --view-state state.json --view-features
 
 Exit status (docs/exit-status.md): 0 every expected volume is complete (and verified,
 when asked); 1 an expected volume is not complete; 2 bad arguments; 4 verification
-failed or a metadata file is unreadable.
+failed or a metadata file is unreadable; 5 --check-sources found a volume whose source
+changed; 6 --check-sources found a volume whose source cannot be read.
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview", metavar="DIR", default=None,
         help="write DIR/volume_XXXXXX_preview.png for each verified volume (implies --verify when no volumes are chosen)",
     )
+    sources = parser.add_argument_group("source check (reads source metadata and the chunks the crops touched)")
+    sources.add_argument(
+        "--check-sources", action="store_true",
+        help="compare each complete volume's recorded source signature with its source now: current, stale, unreachable or no_signature",
+    )
+    add_data_location_arguments(sources, "with --view (also shows the source crop) or --check-sources: ")  # as the source declares them
     view = parser.add_argument_group("viewer (neuroglancer, an optional dependency)")
     view.add_argument("--view", type=int, metavar="INDEX", default=None, help="open volume INDEX in neuroglancer, print the URL and serve until stopped")
     view.add_argument(
         "--view-state", metavar="FILE", default=None,
         help="with --view: write the viewer state JSON to FILE instead (arrays read from OUTPUT_DIR served at http://BIND:8000)",
     )
-    add_data_location_arguments(view, "with --view (also shows the source crop): ")  # as the source declares them
     view.add_argument("--bind-address", default="127.0.0.1", help="address the viewer serves on (default 127.0.0.1)")
     view.add_argument(
         "--view-features", action="store_true",

@@ -4,6 +4,7 @@
     python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 [--start-index 0] [options]
     python submit_preprocessing_jobs.py --output-dir OUT --indices 10 15 23-40 [options]
     python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 --missing-only [options]
+    python submit_preprocessing_jobs.py --output-dir OUT --num-volumes 100 --stale-only --data-root ROOT [options]
 
 Every option of preprocess_volume.py is accepted. The submission writes them once, as
 OUT/logs/submissions/settings_STAMP.json, and every job runs
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--indices", nargs="+", help="volume indices and inclusive ranges, e.g. 10 15 23-40")
     which.add_argument("--start-index", type=int, default=0, help="first index with --num-volumes (default 0)")
     which.add_argument("--missing-only", action="store_true", help="only the indices that have no complete volume")
+    which.add_argument(
+        "--stale-only", action="store_true",
+        help="only the complete volumes whose source changed where their crop was read (as check_preprocessing.py "
+             "--check-sources finds), replaced as --overwrite does; with --missing-only, the missing ones too")
     which.add_argument("--volumes-per-job", type=int, default=1, metavar="K",
                        help="volumes run by one process per array element (one model load; the array shrinks K-fold)")
     which.add_argument("--dry-run", action="store_true", help="print the commands and job scripts; submit and create nothing")
@@ -79,6 +84,37 @@ def requested_indices(args: argparse.Namespace) -> list[int]:
 def missing_indices(output_dir: str, indices: list[int]) -> list[int]:
     complete = set(committed_volume_indices(output_dir))  # one listing, whatever the count
     return [i for i in indices if i not in complete]
+
+
+def stale_indices(args: argparse.Namespace, indices: list[int]) -> list[int]:
+    """The complete volumes among indices whose recorded source signature no longer holds."""
+    from dinov3_cache.audit.source_check import check_sources, summary_line
+
+    complete = set(committed_volume_indices(args.output_dir))
+    check, problems = check_sources(Path(args.output_dir), [i for i in indices if i in complete], vars(args), "--stale-only")
+    print(f"stale-only: {summary_line(check)}")
+    for problem in problems:
+        print(f"note: volume {problem['index']} is not resubmitted: {problem['problem']}")
+    return [v["index"] for v in check["volumes"] if v["source_status"] == "stale"]
+
+
+def selected_indices(args: argparse.Namespace, requested: list[int]) -> list[int]:
+    """--missing-only and --stale-only (together: either); else every requested index."""
+    if not (args.missing_only or args.stale_only):
+        return requested
+    chosen: set[int] = set()
+    if args.missing_only:
+        missing = missing_indices(args.output_dir, requested)
+        print(f"missing-only: {len(missing)} of {len(requested)} volumes have no complete volume"
+              + (f": {format_ranges(missing)}" if missing else ""))
+        chosen.update(missing)
+    if args.stale_only:
+        stale = stale_indices(args, requested)
+        print(f"stale-only: {len(stale)} of {len(requested)} volumes have a changed source"
+              + (f": {format_ranges(stale)}; they are replaced (the old volume stays readable until the new one commits)" if stale else ""))
+        chosen.update(stale)
+        args.overwrite = args.overwrite or bool(stale)  # a stale volume is complete: only an overwrite replaces it
+    return sorted(chosen)
 
 
 def checked_settings(args: argparse.Namespace, indices: list[int], prepare_source: bool) -> ExtractionSettings:
@@ -121,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         report_error(e)
         return EXIT_USAGE  # every error so far is bad input: nothing was submitted
 
-    indices = missing_indices(args.output_dir, requested) if args.missing_only else requested
-    if args.missing_only:
-        print(f"missing-only: {len(indices)} of {len(requested)} volumes have no complete volume"
-              + (f": {format_ranges(indices)}" if indices else ""))
+    try:
+        indices = selected_indices(args, requested)
+    except CacheToolError as e:
+        report_error(e)
+        return EXIT_USAGE  # nothing was submitted
     if not indices:
         print("nothing to submit")
         return EXIT_OK

@@ -18,6 +18,8 @@ EXIT_FAILED = 1  # a run failed, or expected volumes are not complete
 EXIT_USAGE = 2  # bad input on the command line (argparse uses 2 as well); nothing was done
 EXIT_LOCKED = 3  # another live run holds the volume; nothing was touched
 EXIT_DAMAGED = 4  # verification found damage, or a metadata file is unreadable
+EXIT_STALE = 5  # --check-sources: a volume's source changed where its crop was read
+EXIT_UNREACHABLE = 6  # --check-sources: a volume's source cannot be read (gone, or the store unreachable)
 
 
 def exit_status_for_signal(signum: int) -> int:

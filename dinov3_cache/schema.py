@@ -39,7 +39,7 @@ from dinov3_cache.json_schema import (
 from dinov3_cache.records import canonical_json
 from dinov3_cache.storage import FeatureStorage, UnknownStorageForm, storage_for, storage_form_names
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: source_dataset.signature
 METADATA_DIGEST_KEY = "metadata_digest"
 
 
@@ -83,6 +83,24 @@ class WorldTransform(Part):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceSignature(Part):
+    """What the source held when the crop was read (sources/signatures.py); the source that
+    wrote it re-checks it (check_preprocessing.py --check-sources) and reads its other keys."""
+
+    format: int = json_key("format of the signature (1)", INT)
+    source: str = json_key("the source that wrote it and re-checks it ('cellmap', 'synthetic')", STRING)
+    arrays: dict | None = json_key(
+        "CellMap: per array read ('raw', each organelle): url, group, level, driver, axis_order, metadata (sha256 of "
+        "each metadata document), selection (level voxels read per axis) and chunks (per storage chunk touched: size, "
+        "mtime_ns and sha256 of a local file or etag of an S3 object, values_sha256 of the values the crop read; "
+        "digests: sha256's first 128 bits in hex)",
+        map_of(OBJECT), since=None)
+    generator: dict | None = json_key("synthetic: the generator's name and version", OBJECT, since=None)
+    parameters: dict | None = json_key("synthetic: the generator's parameters (geometry, organelles, filters)", OBJECT, since=None)
+    seed: tuple[int, ...] | None = json_key("synthetic: the seed of the generator (volume index, stream)", list_of(INT), since=None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SourceDataset(Part):
     """Where the crop came from; sources add their own keys (kept in `extra`)."""
 
@@ -93,6 +111,9 @@ class SourceDataset(Part):
     offset_nm: tuple[float, ...] | None = json_key("world corner (nm, z y x) of the crop", list_of(NUMBER), since=None)
     world_transform: WorldTransform | None = json_key(
         "where the stored voxels sit in the world (absent: the identity)", WorldTransform, since=None)
+    signature: SourceSignature | None = json_key(
+        "what the source held when read (absent: written before version 3, or by a source that cannot sign)",
+        SourceSignature, since=None)
 
     @classmethod
     def from_description(cls, description: dict) -> SourceDataset:

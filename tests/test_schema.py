@@ -103,7 +103,7 @@ def test_version_1_keys_beyond_the_seed_are_optional(v1):
 
 def test_a_version_2_document_is_written_in_the_seed_order_and_reads_back_equal(v2):
     keys = list(v2)
-    assert keys[0] == "schema_version" and v2["schema_version"] == SCHEMA_VERSION == 2
+    assert keys[0] == "schema_version" and v2["schema_version"] == SCHEMA_VERSION == 3
     assert keys[-1] == "metadata_digest"
     assert [k for k in keys if k in SEED_ORDER] == SEED_ORDER
     metadata = VolumeMetadata.from_dict(v2)
@@ -116,9 +116,9 @@ def test_unknown_keys_survive_a_round_trip(v2):
     v2["written_by_a_newer_version"] = {"a": [1, 2]}
     v2["configuration"]["new_setting"] = 3
     v2["integrity"]["sha256"] = {"features": {}}
-    v2["schema_version"] = 3
+    v2["schema_version"] = SCHEMA_VERSION + 1
     metadata = VolumeMetadata.from_dict(v2)
-    assert metadata.schema_version == 3
+    assert metadata.schema_version == SCHEMA_VERSION + 1
     assert metadata.configuration.extra == {"new_setting": 3}
     out = metadata.to_dict()
     assert out == v2 and list(out)[-1] == "metadata_digest"
@@ -207,7 +207,8 @@ def test_the_reference_lists_every_key(v1):
     rows = [line for line in reference.splitlines() if line.startswith("| `")]
     listed = {row.split("`")[1] for row in rows}
     transform = AxisTransform().to_record({"labels": VoxelGrid.cube(128, (0, 0, 0), 16)})  # every optional part
-    every_part = {**v1, "source_dataset": {**v1["source_dataset"], "world_transform": transform}}
+    signature = {"format": 1, "source": "synthetic"}
+    every_part = {**v1, "source_dataset": {**v1["source_dataset"], "world_transform": transform, "signature": signature}}
     expected = {f"{prefix}{(f.metadata['shown_as'] or (f.name,))[0]}"
                 for prefix, part in parts_of(VolumeMetadata.from_dict(every_part)) for f in part.schema_fields()}
     assert listed == expected

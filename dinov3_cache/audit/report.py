@@ -31,7 +31,7 @@ from dinov3_cache.audit.summaries import (
 from dinov3_cache.cluster.submissions import read_submission_records, submissions_dir
 from dinov3_cache.commit_protocol import dead_debris
 from dinov3_cache.disk import bytes_on_disk
-from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK
+from dinov3_cache.errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, EXIT_STALE, EXIT_UNREACHABLE
 from dinov3_cache.indices import format_ranges
 from dinov3_cache.paths import ARRAY_NAMES, VolumePaths
 
@@ -64,6 +64,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     verification: dict | None = None
     previews: list[dict] = field(default_factory=list)
+    source_check: dict | None = None  # --check-sources (source_check.py)
     exit_status: int = EXIT_OK
     verdict: str = ""
 
@@ -178,8 +179,14 @@ def verdict(report: Report, checks: list[VolumeCheck] | None) -> tuple[int, str]
         return EXIT_DAMAGED, "DAMAGED: verification or metadata problems found"
     if report.counts["missing"]:
         return EXIT_INCOMPLETE, f"INCOMPLETE: {report.counts['missing']} expected volume(s) not complete"
+    sources = (report.source_check or {}).get("counts", {})
+    if sources.get("stale"):
+        return EXIT_STALE, f"STALE: the source of {sources['stale']} volume(s) changed; recompute them with --stale-only"
+    if sources.get("unreachable"):
+        return EXIT_UNREACHABLE, f"UNREACHABLE: the source of {sources['unreachable']} volume(s) cannot be read"
     if report.counts["expected"] == 0 and report.outside_expected:
         return EXIT_OK, f"OK: no volumes expected; {len(report.outside_expected)} complete volume(s) found{verified}"
     if report.counts["expected"] == 0:
         return EXIT_INCOMPLETE, "EMPTY: no volumes expected or found"
-    return EXIT_OK, "OK: every expected volume is complete" + verified
+    checked = " and its source current" if report.source_check else ""
+    return EXIT_OK, "OK: every expected volume is complete" + verified + checked

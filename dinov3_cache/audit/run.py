@@ -129,6 +129,15 @@ def verify_and_preview(options: AuditOptions, report: Report) -> list:
     return checks
 
 
+def check_report_sources(report: Report, output_dir: Path, args: argparse.Namespace) -> None:
+    """--check-sources: each complete volume against its source; a malformed signature is damage."""
+    from dinov3_cache.audit.source_check import check_sources
+
+    damaged = {p["index"] for p in report.metadata_problems}  # reported already: not read again
+    report.source_check, problems = check_sources(output_dir, [i for i in report.complete if i not in damaged], vars(args))
+    report.metadata_problems += problems
+
+
 def report_not_complete(report: Report, verify_indices: list[int]) -> set[int]:
     """--verify-indices naming volumes that are not complete: they have nothing to verify, so
     they count as missing (exit 1), not as damaged (exit 4)."""
@@ -157,6 +166,8 @@ def run_audit(args: argparse.Namespace) -> int:
             return run_remove_debris(Path(args.output_dir))
         options = options_from_args(args)
         report = gather_report(options.output_dir, options.expected, options.log_lines, options.storage)
+        if getattr(args, "check_sources", False):
+            check_report_sources(report, options.output_dir, args)
         checks = verify_and_preview(options, report) if options.verifies else None
     except CacheToolError as e:
         return report_error(e)

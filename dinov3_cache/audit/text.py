@@ -62,6 +62,7 @@ def format_report(report: Report) -> str:
     format_sources_and_configuration(report, add)
     format_submissions(report, add)
     format_verification(report, add)
+    format_source_check(report, add)
     add("")
     add(f"Result: {report.verdict} (exit status {report.exit_status})")
     return "\n".join(out)
@@ -189,3 +190,19 @@ def format_verification(report: Report, add) -> None:
                 add(f"    {problem}")
     for preview in report.previews:
         add(f"  preview {preview['index']}: {preview.get('path') or preview.get('skipped')}")
+
+
+def format_source_check(report: Report, add) -> None:
+    from dinov3_cache.audit.source_check import summary_line
+
+    check = report.source_check
+    if check is None:
+        return
+    add("")
+    add(f"Sources ({summary_line(check)})")
+    for v in check["volumes"]:
+        if v["source_status"] in ("stale", "unreachable"):
+            add(f"  volume {v['index']}: {v['source_status']}: {v['detail']}")
+    unsigned = [v["index"] for v in check["volumes"] if v["source_status"] == "no_signature"]
+    if unsigned:
+        add(f"  no signature (written before signatures were recorded): {_index_list(unsigned)}")

@@ -24,6 +24,7 @@ import numpy as np
 
 from dinov3_cache.errors import CacheToolError
 from dinov3_cache.geometry import AxisTransform, CropGeometry, VoxelGrid
+from dinov3_cache.sources.signatures import UNREACHABLE, SourceStatus
 
 MAX_CANDIDATES = 100
 
@@ -93,6 +94,8 @@ class SourceCrop:
     offset_nm: tuple[float, float, float]  # world corner (z, y, x) of the crop's bounding box
     description: dict  # metadata["source_dataset"]; its "world_transform" says where stored voxels sit
     geometry: CropGeometry  # the resolutions and size the crop was sampled at
+    # the source's signature of what this candidate read, made only for the candidate kept
+    signing: Callable[[], dict] | None = field(default=None, repr=False)
 
     @property
     def label_grid(self) -> VoxelGrid:
@@ -176,6 +179,18 @@ class VolumeSource(ABC):
         """(layers, origin) the viewer shows under a volume whose `source_dataset` is `record`,
         found through these option values (`sources.viewer`); SourceError when unreachable."""
         raise SourceError(f"a {cls.name} volume has no source data to show")
+
+    @classmethod
+    def for_checking(cls, settings: Mapping[str, Any]) -> VolumeSource:
+        """The source that re-checks the signatures it recorded (--check-sources); SourceError
+        with one line when the option values do not say where its data is. Writes nothing."""
+        return cls.from_settings(settings)
+
+    def check_signature(self, signature: dict, description: dict) -> SourceStatus:
+        """Compare a signature this source recorded (metadata source_dataset.signature) with
+        the source now, reading metadata, listings or ETags and the touched chunks only, never
+        more than the crop. SignatureError when the record is malformed (damage)."""
+        return SourceStatus(UNREACHABLE, f"the {self.name} source cannot re-check its signatures")
 
 
 def combine_organelle_labels(

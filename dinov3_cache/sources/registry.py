@@ -83,3 +83,8 @@ def source_type(settings: Mapping[str, Any]) -> type[VolumeSource]:
 def source_from_settings(settings: Mapping[str, Any]) -> VolumeSource:
     """The source these option values (by argparse dest) ask for: the one way to build one."""
     return source_type(settings).from_settings(settings)
+
+
+def source_for_checking(name: str, settings: Mapping[str, Any]) -> VolumeSource:
+    """The source named by a recorded signature, built to re-check it from these option values."""
+    return SOURCE_TYPES[name].for_checking(settings)

@@ -16,6 +16,10 @@ from dinov3_cache.sources.base import (
     combine_organelle_labels,
     draw_passing_crop,
 )
+from dinov3_cache.sources.signatures import CURRENT, SIGNATURE_FORMAT, STALE, Change, SourceStatus, field_of
+
+# what makes the synthetic crops: a new version whenever a change of SyntheticWorld changes them
+GENERATOR = {"name": "SyntheticWorld", "version": 1}
 
 
 class SyntheticSource(VolumeSource):
@@ -50,7 +54,25 @@ class SyntheticSource(VolumeSource):
             raise SourceError("--crop-filter and --inference-filter name real datasets; --source synthetic has none")
         crop = draw_passing_crop(volume_index, options, lambda rng: self._draw(volume_index, rng, geometry, options))
         crop.record_world_transform(AxisTransform())
+        crop.description["signature"] = self.signature(volume_index, geometry, options)
         return crop
+
+    def signature(self, volume_index: int, geometry: CropGeometry, options: SamplingOptions) -> dict:
+        """The generator (name and version), its parameters and its seed: they decide the crop."""
+        return {
+            "format": SIGNATURE_FORMAT, "source": self.name, "generator": dict(GENERATOR),
+            "parameters": {"extent_nm": geometry.extent_nm, "slice_size": geometry.slice_size,
+                           "output_image_dim": geometry.output_image_dim, **options.fingerprint_values()},
+            "seed": [volume_index, 0],
+        }
+
+    def check_signature(self, signature: dict, description: dict) -> SourceStatus:
+        """Current while the generator is the one that made the crop (its parameters and seed
+        are the volume's own settings)."""
+        recorded = field_of(signature, "generator", dict, "source_dataset.signature")
+        if recorded == GENERATOR:
+            return SourceStatus(CURRENT)
+        return SourceStatus(STALE, changes=[Change("generator", "metadata", [f"{recorded} -> {GENERATOR}"], True)])
 
     def _draw(
         self, volume_index: int, rng: np.random.Generator, geometry: CropGeometry, options: SamplingOptions

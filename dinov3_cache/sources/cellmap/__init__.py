@@ -23,8 +23,9 @@ array, and overlaps the annotated box (GT extension) or lies inside it
 
 Modules: ``store`` (local and S3 access), ``ome_ngff`` (levels and their world placement),
 ``catalog`` (what each dataset holds), ``crops`` (crop units and window placement),
-``reading`` (resampled reads), ``augment``, ``source`` (CellMapSource: its options, how option
-values build it, its preflight check);
+``reading`` (resampled reads), ``augment``, ``signing`` (what a crop read, and re-checking it
+against the data now), ``source`` (CellMapSource: its options, how option values build it, its
+preflight check);
 ``python -m dinov3_cache.sources.cellmap`` builds a data root's catalog.
 """
 

@@ -195,6 +195,11 @@ class LevelArray:
 
 def open_level(multiscale: Multiscale, target_nm: float, what: str, option: str, storage: Storage) -> LevelArray:
     level, resampled = choose_level(multiscale, target_nm, what, option)
+    return open_level_array(multiscale, level, resampled, storage)
+
+
+def open_level_array(multiscale: Multiscale, level: Level, resampled: bool, storage: Storage) -> LevelArray:
+    """One level of the group opened for reading, indexed z, y, x."""
     url = join_url(multiscale.url, level.path)
     try:
         store = ts.open(

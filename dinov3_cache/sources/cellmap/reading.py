@@ -4,6 +4,7 @@ holding each centre with a mask of where labels exist, instance ids and intensit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,6 +12,16 @@ from dinov3_cache.sources.base import SourceError
 from dinov3_cache.sources.cellmap.ome_ngff import TOLERANCE, LevelArray, format_voxel
 
 MAX_RAW_READ_BYTES = 8 * 2**30  # a finer level read for resampling must fit in memory
+
+
+@dataclass(frozen=True)
+class ReadPiece:
+    """What one read took from a level: the level voxels of each axis (z, y, x) and their
+    values as stored, for the source signature (signing.py)."""
+
+    array: LevelArray
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    values: np.ndarray
 
 
 def regular_step(edges: np.ndarray) -> int | None:
@@ -46,9 +57,10 @@ def area_mean_axis(block: np.ndarray, axis: int, edges: np.ndarray) -> np.ndarra
     return np.moveaxis(out, 0, axis)
 
 
-def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) -> np.ndarray:
+def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int, reads: list | None = None) -> np.ndarray:
     """n^3 raw voxels of target_nm from start_nm: a direct read where the level matches,
-    an area mean of the finer level otherwise (rounded back to integer dtypes)."""
+    an area mean of the finer level otherwise (rounded back to integer dtypes). `reads`
+    receives a ReadPiece of what was read."""
     scale = np.asarray(array.level.scale)
     edges = [(start_nm[a] + np.arange(n + 1) * target_nm - array.lo[a]) / scale[a] for a in range(3)]
     first = [max(0, int(math.floor(e[0] + TOLERANCE))) for e in edges]
@@ -60,6 +72,8 @@ def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) 
             f"{nbytes / 2**30:.1f} GiB; add coarser levels to the pyramid or raise --min-resolution-for-raw"
         )
     block = array.store[tuple(slice(f, entry) for f, entry in zip(first, last))].read().result()
+    if reads is not None:
+        reads.append(ReadPiece(array, tuple(np.arange(f, entry) for f, entry in zip(first, last)), block))
     # whole-voxel axes first: they shrink the block before any fractional axis needs float copies
     for axis in sorted(range(3), key=lambda a: regular_step(edges[a] - first[a]) is None):
         block = area_mean_axis(block, axis, edges[axis] - first[axis])
@@ -72,7 +86,9 @@ def read_raw(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) 
     return np.ascontiguousarray(block)
 
 
-def read_labels(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def read_labels(
+    array: LevelArray, start_nm: np.ndarray, target_nm: float, n: int, reads: list | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """n^3 labels of target_nm from start_nm, each the level voxel holding its centre,
     and a mask of the voxels whose centre lies inside the array (0 labels elsewhere)."""
     scale = np.asarray(array.level.scale)
@@ -90,6 +106,8 @@ def read_labels(array: LevelArray, start_nm: np.ndarray, target_nm: float, n: in
         values = array.store[tuple(slice(int(i[0]), int(i[-1]) + 1) for i in inside)].read().result()
     else:
         values = array.store.oindex[tuple(inside)].read().result()
+    if reads is not None:
+        reads.append(ReadPiece(array, tuple(inside), values))
     if all(v.all() for v in valid):
         return values, mask
     labels = np.zeros((n, n, n), values.dtype)

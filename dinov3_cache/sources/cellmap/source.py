@@ -26,7 +26,9 @@ from dinov3_cache.sources.cellmap.crops import CropUnit, ResolvedUnit, eligible_
 from dinov3_cache.sources.cellmap.encoding import read_encoding
 from dinov3_cache.sources.cellmap.ome_ngff import Multiscale, open_level, read_multiscale
 from dinov3_cache.sources.cellmap.reading import as_instance_ids, raw_intensity_range, read_labels, read_raw
+from dinov3_cache.sources.cellmap.signing import Snapshot, check_array, rebased, sign_reads
 from dinov3_cache.sources.cellmap.store import S3Options, Storage
+from dinov3_cache.sources.signatures import SIGNATURE_FORMAT, UNREACHABLE, SourceStatus, combine, field_of
 from dinov3_cache.switch import Switch
 
 # the CellMap source's options; all but --refresh-catalog travel to every job
@@ -70,6 +72,8 @@ class CellMapSource(VolumeSource):
         self.storage = storage or Storage()
         self.augment = augment
         self._multiscales: dict[str, Multiscale] = {}
+        # the metadata documents (and S3 listings) read for signing or checking, shared by every volume of this process
+        self.snapshot = Snapshot(self.storage)
 
     @classmethod
     def implied_by(cls, settings: Mapping[str, Any]) -> bool:
@@ -125,6 +129,7 @@ class CellMapSource(VolumeSource):
             )
 
         crop = draw_passing_crop(volume_index, options, draw)
+        crop.description["signature"], crop.signing = crop.signing(), None  # the reads it holds are freed
         if self.augment:
             return augment_crop(crop, volume_index)
         crop.description["augmentation"] = None
@@ -151,10 +156,11 @@ class CellMapSource(VolumeSource):
     def read_crop(self, resolved: ResolvedUnit, index: int, start: np.ndarray, geometry: CropGeometry, options: SamplingOptions) -> SourceCrop:
         unit = resolved.unit
         n = geometry.output_image_dim
-        raw = read_raw(resolved.raw, start, geometry.min_resolution_for_raw, geometry.slice_size)
+        reads = {role: [] for role in ("raw", *resolved.labels)}
+        raw = read_raw(resolved.raw, start, geometry.min_resolution_for_raw, geometry.slice_size, reads["raw"])
         per_organelle, mask, known = {}, np.ones((n, n, n), bool), np.ones((n, n, n), bool)
         for organelle, array in resolved.labels.items():
-            labels, valid = read_labels(array, start, geometry.base_resolution, n)
+            labels, valid = read_labels(array, start, geometry.base_resolution, n, reads[organelle])
             encoding = resolved.encodings[organelle]
             if encoding is not None:
                 labels, known_here = encoding.decode(labels)
@@ -193,7 +199,41 @@ class CellMapSource(VolumeSource):
                 "catalog_sha256": self.catalog.sha256(),
             },
             geometry=geometry,
+            signing=lambda: {
+                "format": SIGNATURE_FORMAT, "source": self.name,
+                "arrays": sign_reads({"raw": resolved.raw, **resolved.labels}, {r: p[0] if p else None for r, p in reads.items()}, self.snapshot),
+            },
         )
+
+    def check_signature(self, signature: dict, description: dict) -> SourceStatus:
+        """Each array the volume read, under the data root given now (its URLs moved there from
+        the recorded catalog root), against the catalog and then the data (signing.check_array)."""
+        arrays = field_of(signature, "arrays", dict, "source_dataset.signature")
+        recorded_root = description.get("catalog_root")
+        listed = {url for d in self.catalog.datasets for url in (d.raw, *(entry.url for entry in d.labels))}
+
+        def move(url: str) -> str:
+            return rebased(url, recorded_root, self.catalog.root)
+
+        statuses = []
+        for role, record in arrays.items():
+            where = f"source_dataset.signature.arrays.{role}"
+            group = move(field_of(record, "group", str, where))
+            if group not in listed:
+                statuses.append(SourceStatus(UNREACHABLE, f"{role}: {group} is not in the catalog of {self.catalog.root or 'the --catalog file'}", not_located=True))
+                continue
+            statuses.append(check_array(role, record, self.snapshot, move, where))
+        return combine(statuses)
+
+    @classmethod
+    def for_checking(cls, settings: Mapping[str, Any]) -> CellMapSource:
+        """The data root or catalog given now (scanned afresh: the cache's saved catalog is not rewritten)."""
+        if not cls.implied_by(settings):
+            raise SourceError(
+                f"volumes read from CellMap data are checked against it: pass --data-root ROOT (or set {DATA_ROOT_ENV}) "
+                "or --catalog FILE, and --s3-endpoint for an S3-compatible store, as given to the extraction"
+            )
+        return cls.from_settings({**settings, "output_dir": None, "refresh_catalog": False})
 
 
 def source_from_args(args: Any) -> CellMapSource:
