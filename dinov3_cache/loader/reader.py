@@ -36,6 +36,7 @@ import torch
 from dinov3_cache.array_form import expected_form, form_problem
 from dinov3_cache.errors import first_line
 from dinov3_cache.loader.array_readers import array_form_problem, open_reader
+from dinov3_cache.loader.chunk_copy import single_threaded_torch
 from dinov3_cache.loader.identity import (
     FileIdentity,
     OpenedArray,
@@ -175,7 +176,7 @@ class ReadResources:
             raise CacheError(f"num_threads must be positive, got {num_threads}")
         self.num_threads, self.mode, self.verify_checksums = num_threads, mode, verify_checksums
         self.context = ts_context(num_threads)
-        self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read")
+        self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read", initializer=single_threaded_torch)
         self.readers: dict[int, VolumeReader] = {}
         self.lock = threading.Lock()
 
