@@ -15,6 +15,7 @@ leave the cache. Where the chunks tile the slab (whole volumes) that copy is one
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 STAGE_BYTES = 1 << 20  # staging buffer per thread: fits a core's L2 beside the destination lines
-MAX_FILES = 32  # chunk files one copy task holds open
+MAX_FILES = 8  # chunk files one copy task holds open (small tasks: all read threads busy)
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
@@ -77,12 +78,44 @@ class SlabCopier:
     def __init__(self, chunks: Sequence[int], dtype: torch.dtype):
         self.chunks, self.dtype = tuple(chunks), dtype
         self.row_bytes = int(np.prod(self.chunks[1:])) * dtype.itemsize  # one index of axis 0, contiguous in the file
+        self.chunk_nbytes = self.chunks[0] * self.row_bytes
         self.local = threading.local()
 
     def copy(self, files: Sequence[tuple], out: torch.Tensor) -> None:
-        staged = [f for f in files if not self._read_direct(f, out)]
-        if staged:
-            self._copy_staged(staged, out)
+        files = [f for f in files if not self._read_direct(f, out)]
+        if not files:
+            return
+        tiled = self._tiling(files)
+        if tiled is not None:
+            self._copy_staged(files, out, tiled)
+        else:
+            self._copy_mapped(files, out)
+
+    def _block(self, files: Sequence[tuple]) -> int:
+        """Indices of axis 0 copied at a time: the slab's rows of that many fit STAGE_BYTES."""
+        extent = files[0][2][0].stop - files[0][2][0].start
+        return max(1, min(extent, STAGE_BYTES // (len(files) * self.row_bytes)))
+
+    def _copy_mapped(self, files: Sequence[tuple], out: torch.Tensor) -> None:
+        """Copy from the files' pages in the page cache (mapped from the fds checked, private and
+        never written): a crop reads only the parts of its edge chunks it needs, and no byte
+        passes through a buffer first."""
+        maps = [mmap.mmap(f[0], self.chunk_nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) for f in files]
+        pairs = chunk = target = None
+        try:
+            pairs = [
+                (torch.frombuffer(m, dtype=torch.uint8).view(self.dtype).view(self.chunks)[src], out[dst])
+                for m, (_, _, src, dst) in zip(maps, files)
+            ]
+            extent, block = pairs[0][0].shape[0], self._block(files)
+            for first in range(0, extent, block):
+                count = min(block, extent - first)
+                for chunk, target in pairs:
+                    target.narrow(0, first, count).copy_(chunk.narrow(0, first, count))
+        finally:
+            pairs = chunk = target = None  # the tensors hold the mappings' buffers  # noqa: F841
+            for m in maps:
+                m.close()
 
     def _read_direct(self, file: tuple, out: torch.Tensor) -> bool:
         """Read the chunk straight into `out` when each of its axis-0 rows lands there as one run
@@ -97,21 +130,17 @@ class SlabCopier:
             raise OSError(f"chunk {'.'.join(map(str, grid_index))}: the file ended early")
         return True
 
-    def _copy_staged(self, files: Sequence[tuple], out: torch.Tensor) -> None:
+    def _copy_staged(self, files: Sequence[tuple], out: torch.Tensor, tiled: tuple[int, int]) -> None:
+        """Read every file's rows of a block of axis 0 into the staging buffer, then copy them
+        into `out` in one strided copy; block after block."""
         src0, dst0 = files[0][2][0], files[0][3][0]
-        extent = src0.stop - src0.start
-        block = max(1, min(extent, STAGE_BYTES // (len(files) * self.row_bytes)))
+        extent, block = src0.stop - src0.start, self._block(files)
         stage = self._stage(len(files) * block * self.row_bytes).view(self.dtype).view(len(files), block, *self.chunks[1:])
-        tiled = self._tiling(files)
         for first in range(0, extent, block):
             count = min(block, extent - first)
             self._read_rows(files, stage, src0.start + first, count)
             rows = slice(dst0.start + first, dst0.start + first + count)
-            if tiled is not None:
-                self._copy_tiled(files, stage[:, :count], out, rows, tiled)
-            else:
-                for j, (_, _, src, dst) in enumerate(files):
-                    out[(rows, *dst[1:])].copy_(stage[j, :count][(slice(None), *src[1:])])
+            self._copy_tiled(files, stage[:, :count], out, rows, tiled)
 
     def _read_rows(self, files, stage: torch.Tensor, first: int, count: int) -> None:
         nbytes = count * self.row_bytes
