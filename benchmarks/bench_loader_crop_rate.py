@@ -44,9 +44,11 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=None, help="a cache like the 'c256x128' one (default: build it in /tmp)")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--kind", choices=("c256x128", "c256x128-yx"), default="c256x128",
+                        help="which cache to build: default chunks, or chunks spanning y and x (256,16,128,128)")
     parser.add_argument("--num-threads", type=int, default=8)
     args = parser.parse_args()
-    cache = ensure_cache("c256x128", 1, args.cache)
+    cache = ensure_cache(args.kind, 1, args.cache)
     dataset = PreprocessedDINOv3Dataset(cache, volume_indices=[0], crop_size=(args.crop,) * 3, samples_per_volume=args.rounds + 1,
                                         num_threads=args.num_threads, seed=0)
     volume = dataset.volumes[0]

@@ -7,6 +7,7 @@
 - "c256x128": C=256 (a 1-layer random DINOv3 of width 256 saved like a checkpoint), 128^3,
   default chunks: 1.07 GB per volume. Random 64^3 crops need room to move; with C a multiple
   of 256 every crop reads whole channel chunks, so the bytes ratio is that of any such C.
+- "c256x128-yx": "c256x128" with chunks (256,16,128,128), spanning y and x (crops read more bytes).
 - "tiny": C=192 (random:tiny), 16^3: the --smoke runs, which check a benchmark's code paths on
   a CPU in seconds and measure nothing.
 """
@@ -45,6 +46,8 @@ def extraction_args(kind: str, root: Path) -> list[str]:
         return [*extraction_args("c1024", root), "--chunks", "256,16,64,64"]
     if kind == "c256x128":
         return ["--model-id", str(model_256(root)), "--output-image-dim", "128", "--min-resolution-for-raw", "64"]
+    if kind == "c256x128-yx":
+        return [*extraction_args("c256x128", root), "--chunks", "256,16,128,128"]
     if kind == "tiny":
         return ["--model-id", "random:tiny", "--output-image-dim", "16"]
     raise ValueError(kind)
