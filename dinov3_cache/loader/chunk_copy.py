@@ -71,6 +71,17 @@ def preadv_fully(fd: int, views: list[memoryview], offset: int) -> int:
     return done
 
 
+def row_views(out: torch.Tensor, dst: tuple[slice, ...]) -> list[memoryview]:
+    """Byte views of out[dst]'s rows along axis 0, each one contiguous run of `out`'s memory."""
+    if not out.is_contiguous():
+        return [memoryview(row.numpy()).cast("B") for row in out[dst].view(torch.uint8).flatten(1)]
+    memory = memoryview(out.view(torch.uint8).numpy()).cast("B")  # one view of the whole tensor, sliced per row
+    first = out[(dst[0].start, *(s.start for s in dst[1:]))].storage_offset() - out.storage_offset()
+    step, size = out.stride(0) * out.element_size(), out[(0, *dst[1:])].numel() * out.element_size()
+    start = first * out.element_size()
+    return [memory[start + i * step:start + i * step + size] for i in range(dst[0].stop - dst[0].start)]
+
+
 class SlabCopier:
     """Copies the part of every chunk file in one slab group into `out` (see the module's
     docstring); each chunk file given as (open fd, grid index, src slices, dst slices)."""
@@ -125,7 +136,7 @@ class SlabCopier:
         whole_rows = all(s.start == 0 and s.stop == c for s, c in zip(src[1:], self.chunks[1:]))
         if len(self.chunks) < 2 or out.dtype != self.dtype or not whole_rows or not out[(dst[0].start, *dst[1:])].is_contiguous():
             return False
-        views = [memoryview(row.numpy()).cast("B") for row in out[dst].view(torch.uint8).flatten(1)]
+        views = row_views(out, dst)
         if preadv_fully(fd, views, src[0].start * self.row_bytes) != len(views) * self.row_bytes:
             raise OSError(f"chunk {'.'.join(map(str, grid_index))}: the file ended early")
         return True
