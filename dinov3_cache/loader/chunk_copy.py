@@ -1,15 +1,20 @@
 """Copying checked uncompressed chunk files into a region's tensor slab by slab
-(RawChunkReader in array_readers.py; measured in benchmarks/bench_loader_read.py).
+(RawChunkReader in array_readers.py; measured in benchmarks/bench_loader_read.py and
+bench_loader_crop_rate.py; docs/loader.md, "Why it reads the way it does").
 
 Why not chunk by chunk: with the default chunks (256,16,16,16) a chunk lands in a (C, D, H, W)
 tensor as runs of 16 values, half a 64-byte cache line in float16. Copied one chunk at a time,
 each destination line is written in two halves 2 MB of copying apart, after it left the core's
 cache in between: fetched and written back twice. Here the chunks that share a slab of the
-destination (all chunks with the same grid index on all but the last two axes, e.g. the same
-channel block and z block) are copied together, a few channels at a time: the channels' rows
-from every chunk of the slab are read (pread) into one small staging buffer that stays in the
-core's cache, then copied into the destination, whose lines are then complete before they
-leave the cache. Where the chunks tile the slab (whole volumes) that copy is one strided copy.
+destination (the same grid index on all but the last two axes, e.g. the same channel block and
+z block; at most MAX_FILES of them) are copied together, a few channels at a time, so that the
+destination's lines are complete before they leave the cache:
+- where the chunks tile the slab (whole volumes), the channels' rows of every chunk are read
+  (pread) into one small staging buffer and moved in one strided copy;
+- otherwise (crops, chunks cut at the volume edge) they are copied from the chunk files mapped
+  read-only: only the pages a crop needs are touched, nothing goes through a buffer;
+- a chunk whose rows land as whole runs of the destination, in the stored dtype (chunks spanning
+  the trailing axes), is read straight into it (preadv), no copy at all.
 """
 
 from __future__ import annotations
@@ -202,6 +207,6 @@ def single_threaded_torch() -> None:
     torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: let it, then override
     try:
         set_threads = ctypes.CDLL(None).omp_set_num_threads
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no OpenMP runtime, or no process symbol table (Windows)
         return
     set_threads(1)
