@@ -13,7 +13,8 @@ without TensorStore's decode (measured in benchmarks/bench_loader_read.py):
 - For an uncompressed zarr v2 chunk the bytes on disk are the chunk in C order. TensorStore
   reads the file into a buffer, decodes (copies) it into a chunk array, then copies that into
   the output: three passes over the data. Reading the file straight into a reused per-thread
-  buffer and copying it once into the output (`RawChunkReader`) does two, and is what makes
+  buffer and copying it once into the output (`RawChunkReader`; files checked before are
+  copied slab by slab, mapped, or read straight into the output: chunk_copy.py) does two, and is what makes
   the default format (uncompressed v2) read faster than zarr-python 3.
 - Whatever the reader, the copy into a (C, D, H, W) array is a scatter of runs as long as
   the chunk's x extent (16 float16 = 32 bytes with the default chunks): that copy, not the
