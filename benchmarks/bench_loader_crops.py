@@ -66,8 +66,10 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=None, help="a cache like the 'c256x128' one (default: build it in /tmp)")
     parser.add_argument("--crops", type=int, default=20)
     parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--kind", choices=("c256x128", "c256x128-yx"), default="c256x128",
+                        help="which cache to build: default chunks, or chunks spanning y and x (256,16,128,128)")
     args = parser.parse_args()
-    cache = ensure_cache("c256x128", 1, args.cache)
+    cache = ensure_cache(args.kind, 1, args.cache)
     probe = PreprocessedDINOv3Dataset(cache, volume_indices=[0])
     volume = probe.volumes[0]
     print(f"cache {cache}: features {list(volume.features_shape)} {volume.metadata.dtypes['features']}, "

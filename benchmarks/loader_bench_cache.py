@@ -2,9 +2,12 @@
 
 - "c1024": C=1024 (random:vitl16-1layer, ViT-L width), 64^3 label voxels, float16, default
   chunks (256,16,16,16): 537 MB of features per volume. Whole-volume reads, prefetch, GPU.
+- "c1024-yx": "c1024" with chunks spanning the volume's y and x, (256,16,64,64): each channel of
+  a chunk lands in the batch as one 32 KiB run, which the loader reads straight into it.
 - "c256x128": C=256 (a 1-layer random DINOv3 of width 256 saved like a checkpoint), 128^3,
   default chunks: 1.07 GB per volume. Random 64^3 crops need room to move; with C a multiple
   of 256 every crop reads whole channel chunks, so the bytes ratio is that of any such C.
+- "c256x128-yx": "c256x128" with chunks (256,16,128,128), spanning y and x (crops read more bytes).
 - "tiny": C=192 (random:tiny), 16^3: the --smoke runs, which check a benchmark's code paths on
   a CPU in seconds and measure nothing.
 """
@@ -39,8 +42,12 @@ def model_256(root: Path) -> Path:
 def extraction_args(kind: str, root: Path) -> list[str]:
     if kind == "c1024":
         return ["--model-id", "random:vitl16-1layer", "--output-image-dim", "64"]
+    if kind == "c1024-yx":
+        return [*extraction_args("c1024", root), "--chunks", "256,16,64,64"]
     if kind == "c256x128":
         return ["--model-id", str(model_256(root)), "--output-image-dim", "128", "--min-resolution-for-raw", "64"]
+    if kind == "c256x128-yx":
+        return [*extraction_args("c256x128", root), "--chunks", "256,16,128,128"]
     if kind == "tiny":
         return ["--model-id", "random:tiny", "--output-image-dim", "16"]
     raise ValueError(kind)

@@ -19,6 +19,7 @@ import torch
 
 from dinov3_cache.array_form import array_owner_problem
 from dinov3_cache.chunk_files import chunk_file_map, chunk_nbytes, may_be_missing, missing_written_chunks, present_files
+from dinov3_cache.loader.chunk_copy import SlabCopier, slab_groups
 from dinov3_cache.loader.identity import (
     VERIFIED_CHUNKS,
     chunk_file_identity,
@@ -35,9 +36,10 @@ from dinov3_cache.zarr_arrays import (
 
 
 class RawChunkReader:
-    """Uncompressed zarr v2: each chunk file is read into a reused per-thread buffer and
-    copied once into the destination (one file read + one copy per chunk). The copy is
-    torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
+    """Uncompressed zarr v2: a chunk file this process has not checked yet is read whole into a
+    reused per-thread buffer, checked and copied; checked ones are copied slab by slab through a
+    small staging buffer (chunk_copy.py). Either way one file read and one copy per byte; the
+    copy is torch's (vectorised, casts on the fly: float16 on disk -> float32 tensor in one pass)."""
 
     def __init__(self, path: Path, array: ArrayMetadata, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
         self.path = path
@@ -49,37 +51,69 @@ class RawChunkReader:
         self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self.executor = executor
         self.local = threading.local()
+        self.copier = SlabCopier(self.chunks, self.dtype)
 
     def read_into(self, region: tuple[slice, ...], out: torch.Tensor) -> list[Future]:
-        """Start reading `region` into `out` (a tensor of the region's shape, any dtype)."""
-        return [
-            self.executor.submit(self._copy_chunk, grid_index, src, dst, out)
-            for grid_index, src, dst in chunk_overlaps(region, self.chunks)
-        ]
+        """Start reading `region` into `out` (a tensor of the region's shape, any dtype): one
+        task per slab of chunks (chunk_copy.py)."""
+        return [self.executor.submit(self._copy_slab, group, out) for group in slab_groups(list(chunk_overlaps(region, self.chunks)))]
 
-    def _copy_chunk(self, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
+    def _copy_slab(self, overlaps, out: torch.Tensor) -> None:
+        """Chunks read for the first time in this process are read whole and checked, then
+        copied; the others (checked before, by the identity of the file now open) are copied
+        together by SlabCopier."""
+        checked = []
+        try:
+            for grid_index, src, dst in overlaps:
+                opened = self._open_chunk(grid_index, dst, out)
+                if opened is None:
+                    continue
+                fd, identity = opened
+                if self.verify and not self._verified(grid_index, identity):
+                    try:
+                        self._copy_checked(fd, identity, grid_index, src, dst, out)
+                    finally:
+                        os.close(fd)
+                else:
+                    checked.append((fd, grid_index, src, dst))
+            if checked:
+                self.copier.copy(checked, out)
+        finally:
+            for fd, *_ in checked:
+                os.close(fd)
+
+    def _open_chunk(self, grid_index, dst: tuple[slice, ...], out: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+        """The chunk file open, and its identity from the same fd (whatever its path holds later);
+        None after filling `dst` where the writer skipped the chunk."""
         key = self.file_map.chunk_file(grid_index)
         try:
             fd = os.open(self.path / key, os.O_RDONLY)
         except FileNotFoundError:
             self._check_skipped(grid_index)
             out[dst].fill_(self.fill_value)  # a chunk the writer skipped (all fill value), as TensorStore gives
-            return
-        buffer = self._buffer()
+            return None
         try:
-            stat = os.fstat(fd)  # of the file the bytes come from, whatever its path holds later
-            size = stat.st_size
-            if size != self.chunk_nbytes:
-                raise OSError(f"chunk {key} is {size} bytes, an uncompressed chunk must be {self.chunk_nbytes}")
-            read = read_fully(fd, buffer)
-        finally:
+            stat = os.fstat(fd)
+            if stat.st_size != self.chunk_nbytes:
+                raise OSError(f"chunk {key} is {stat.st_size} bytes, an uncompressed chunk must be {self.chunk_nbytes}")
+        except BaseException:
             os.close(fd)
+            raise
+        return fd, chunk_file_identity(stat)
+
+    def _copy_checked(self, fd: int, identity, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
+        """Read the whole chunk, check it (unless this process checked this very file before), copy."""
+        buffer = self._buffer()
+        read = read_fully(fd, buffer)
         if read != self.chunk_nbytes:
-            raise OSError(f"chunk {key}: the file ended after {read} of {self.chunk_nbytes} bytes")
+            raise OSError(f"chunk {self.file_map.chunk_file(grid_index)}: the file ended after {read} of {self.chunk_nbytes} bytes")
+        self._check_crc(grid_index, buffer, identity)
         chunk = torch.from_numpy(buffer).view(self.dtype).view(self.chunks)
-        if self.verify:
-            self._check_crc(grid_index, buffer, chunk_file_identity(stat))
         out[dst].copy_(chunk[src])
+
+    def _verified(self, grid_index, identity: tuple[int, ...]) -> bool:
+        recorded = self.recorded.get(chunk_key(grid_index))
+        return recorded is not None and VERIFIED_CHUNKS.contains(identity, chunk_key(grid_index), recorded)
 
     def _valid_extent(self, grid_index) -> tuple[slice, ...]:
         return tuple(slice(0, min(c, s - g * c)) for g, c, s in zip(grid_index, self.chunks, self.shape))
@@ -95,7 +129,7 @@ class RawChunkReader:
         them) unless this process checked this very file before."""
         key = chunk_key(grid_index)
         recorded = self.recorded.get(key)
-        if recorded is not None and VERIFIED_CHUNKS.contains(identity, key, recorded):
+        if self._verified(grid_index, identity):
             return
         elements = buffer.view(f"u{self.dtype.itemsize}").reshape(self.chunks)  # any dtype, bfloat16 too
         check_chunk_crc(key, recorded, elements[self._valid_extent(grid_index)])

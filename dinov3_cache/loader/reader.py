@@ -13,7 +13,8 @@ without TensorStore's decode (measured in benchmarks/bench_loader_read.py):
 - For an uncompressed zarr v2 chunk the bytes on disk are the chunk in C order. TensorStore
   reads the file into a buffer, decodes (copies) it into a chunk array, then copies that into
   the output: three passes over the data. Reading the file straight into a reused per-thread
-  buffer and copying it once into the output (`RawChunkReader`) does two, and is what makes
+  buffer and copying it once into the output (`RawChunkReader`; files checked before are
+  copied slab by slab, mapped, or read straight into the output: chunk_copy.py) does two, and is what makes
   the default format (uncompressed v2) read faster than zarr-python 3.
 - Whatever the reader, the copy into a (C, D, H, W) array is a scatter of runs as long as
   the chunk's x extent (16 float16 = 32 bytes with the default chunks): that copy, not the
@@ -36,6 +37,7 @@ import torch
 from dinov3_cache.array_form import expected_form, form_problem
 from dinov3_cache.errors import first_line
 from dinov3_cache.loader.array_readers import array_form_problem, open_reader
+from dinov3_cache.loader.chunk_copy import single_threaded_torch
 from dinov3_cache.loader.identity import (
     FileIdentity,
     OpenedArray,
@@ -175,7 +177,7 @@ class ReadResources:
             raise CacheError(f"num_threads must be positive, got {num_threads}")
         self.num_threads, self.mode, self.verify_checksums = num_threads, mode, verify_checksums
         self.context = ts_context(num_threads)
-        self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read")
+        self.executor = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-read", initializer=single_threaded_torch)
         self.readers: dict[int, VolumeReader] = {}
         self.lock = threading.Lock()
 
