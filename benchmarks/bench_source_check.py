@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The cost of checking volumes against their source, against reading their crops again.
 
-    python -m benchmarks.source_check [--volumes 4] [--repeats 3] [--no-s3] [--extraction]
+    python -m benchmarks.bench_source_check [--volumes 4] [--repeats 3] [--no-s3] [--extraction]
 
 Builds a CellMap-layout dataset (raw 320^3 uint8 at 32 nm, labels 80^3 uint64 at 128 nm, 64^3
 chunks, blosc-zstd), samples --volumes crops (output 64, base 128 nm, raw 32 nm: 256^3 raw and
