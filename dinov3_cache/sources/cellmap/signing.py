@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +83,10 @@ class ChunkGrid:
         return self.prefix + self.separator.join(str(grid_index[a]) for a in self.key_axes)
 
     def listing_prefix(self, key: str) -> str:
-        """The prefix listing this chunk with its neighbours: its plane of chunks where that
-        fits one listing page, else its row."""
+        """The prefix listing this chunk with its neighbours: every chunk of the array where
+        they fit one listing page, else its plane of chunks where that fits, else its row."""
+        if math.prod(self.counts) < LIST_PAGE:  # '<': the page also lists the metadata objects
+            return self.prefix
         plane = self.counts[self.key_axes[-1]] * self.counts[self.key_axes[-2]]
         drop = 2 if plane <= LIST_PAGE else 1
         return self.separator.join(key.split(self.separator)[:-drop]) + self.separator
