@@ -162,9 +162,9 @@ def run_in_process(out, model_dir, indices: str, overlap_commits: bool = True, r
 
 class CommitProbe:
     """Records, for each volume's commit, the thread it ran on and whether the next volume's
-    extraction had started by then (waiting up to `wait` seconds for it)."""
+    extraction had started by then (waiting up to `wait` seconds for it; volumes 0..last)."""
 
-    def __init__(self, monkeypatch, wait: float):
+    def __init__(self, monkeypatch, wait: float, last: int = 2):
         from dinov3_cache.extraction import pipeline
 
         self.computing: dict[int, threading.Event] = collections.defaultdict(threading.Event)
@@ -176,7 +176,8 @@ class CommitProbe:
             return real_write(loaded, crop, config, *rest)
 
         def commit_volume(paths, commit_id, metadata):
-            next_started = self.computing[paths.volume_index + 1].wait(timeout=wait)
+            # the last volume has no next one to wait for
+            next_started = self.computing[paths.volume_index + 1].wait(timeout=wait if paths.volume_index < last else 0)
             self.commits[paths.volume_index] = (next_started, threading.current_thread().name)
             return real_commit(paths, commit_id, metadata)
 
