@@ -18,6 +18,7 @@ from dinov3_cache.probe.metrics import confusion, scores
 from dinov3_cache.probe.options import ProbeOptions, ProbePlan, plan_probe, read_labels
 from dinov3_cache.probe.raw import RAW_CHANNELS, raw_features
 from dinov3_cache.probe.train import LinearProbe, TrainingTime, predict, print_progress, train_probe
+from dinov3_cache.storage.base import DEFAULT_STORAGE_FORM
 
 RAW_ROW = "raw + filters"
 MAJORITY_ROW = "majority class"
@@ -115,7 +116,7 @@ def predict_test_features(plan: ProbePlan, cache: Path, probe: LinearProbe, devi
 def describe_cache(volume: CachedVolume) -> dict:
     config = volume.metadata.configuration
     return {
-        "model_id": config.model_id, "layout": config.layout or "dense", "features_dtype": config.features_dtype,
+        "model_id": config.model_id, "layout": config.layout or DEFAULT_STORAGE_FORM, "features_dtype": config.features_dtype,
         "channels": volume.features_shape[0], "planes": list(config.planes),
     }
 
