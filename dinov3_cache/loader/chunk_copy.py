@@ -48,17 +48,6 @@ def slab_groups(overlaps: Sequence) -> list[list]:
     return pieces
 
 
-def pread_fully(fd: int, view: memoryview, offset: int) -> int:
-    """Fill `view` from the file at `offset`; the bytes read (fewer only at end of file)."""
-    done = 0
-    while done < len(view):
-        read = os.preadv(fd, [view[done:]], offset + done)
-        if read == 0:
-            break
-        done += read
-    return done
-
-
 def preadv_fully(fd: int, views: list[memoryview], offset: int) -> int:
     """Fill the buffers in turn from the file at `offset` (IOV_MAX of them per call); the bytes read."""
     done, first = 0, 0
@@ -163,7 +152,7 @@ class SlabCopier:
         buffer = memoryview(stage.view(torch.uint8).numpy()).cast("B")
         stride = stage.shape[1] * self.row_bytes
         for j, (fd, grid_index, _, _) in enumerate(files):
-            if pread_fully(fd, buffer[j * stride:j * stride + nbytes], first * self.row_bytes) != nbytes:
+            if preadv_fully(fd, [buffer[j * stride:j * stride + nbytes]], first * self.row_bytes) != nbytes:
                 raise OSError(f"chunk {'.'.join(map(str, grid_index))}: the file ended early")
 
     def _tiling(self, files) -> tuple[int, int] | None:
