@@ -63,3 +63,15 @@ def test_gpu_session_refuses_a_machine_without_cuda_or_an_unknown_option(tmp_pat
     assert no_gpu.returncode == 2
     assert no_gpu.stderr.strip().splitlines()[-1].startswith("error: ") and "sees no CUDA GPU" in no_gpu.stderr
     assert "CUDA available: False" in (tmp_path / "environment.txt").read_text()
+
+
+def test_token_kernel_benchmark_compares_every_tile_size_with_the_default_and_the_definition():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_token_kernel", "--smoke", "--tiles-mb", "0.5,4"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for item in ("whole volume", "16^3 crop"):
+        for threads in (1, 2):
+            assert f"{item}, {threads} thread(s)" in result.stdout
+    assert result.stdout.count("(default)") == 4
+    assert len(re.findall(r"^ +0\.50 MB +[0-9.]+ +[0-9.]+ +[0-9.]+$", result.stdout, re.MULTILINE)) == 4
+    assert result.stdout.count("kernel at the default tile / definition, time:") == 4

@@ -47,7 +47,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=[2**20, 4096], ids=["L2 tiles", "tiny tiles"])
+@pytest.fixture(params=[token_kernel.TILE_BYTES, 4096], ids=["default tiles", "tiny tiles"])
 def tile_bytes(request, monkeypatch):
     """Tiny tiles split both the channels and the slices into many tiles."""
     monkeypatch.setattr(token_kernel, "TILE_BYTES", request.param)

@@ -3,8 +3,8 @@ tests/test_token_kernel.py checks that both agree to float32 rounding).
 
 The reference builds each plane as a full-size float32 (C, D, H, W) intermediate and adds it to
 the total: about ten bytes of memory traffic per byte delivered. Here the output is built in
-tiles that fit in the L2 cache (whole channels when one fits, else a slab of one channel's
-z slices: either way a contiguous piece of the output), written straight into a contiguous
+tiles of a few MB (whole channels when one fits, else a slab of one channel's z slices: either
+way a contiguous piece of the output), written straight into a contiguous
 float32 output (else built in a scratch tile and copied, cast, once). Each output byte leaves
 the cache once. The mean over the planes is folded into the interpolation matrices.
 
@@ -28,7 +28,11 @@ import torch
 from dinov3_cache.storage.planes import PLANE_AXES
 from dinov3_cache.storage.upsampling import interpolation_matrix
 
-TILE_BYTES = 2**20  # float32 tile: half the L2 cache of one core, the rest for the operands
+# float32 tile. Each tile costs a dozen torch calls whatever its size, so small tiles pay their
+# overhead (1 MB: 1.2x slower on whole volumes, 1.3x on 64^3 crops) and very large ones leave the
+# caches; 2-8 MB measured within 5 % of each other on a 2-core VM with 2 MB of L2 per core
+# (docs/benchmarks.md, "Layouts: dense or tokens").
+TILE_BYTES = 4 * 2**20
 # The tiles' products are small: torch's intra-op threads would meet at a barrier after each
 # one (costly when the cores are shared). Instead the channel blocks are shared among
 # torch.get_num_threads() threads, each running its products on one core; the thread count is
