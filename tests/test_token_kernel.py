@@ -85,6 +85,21 @@ def test_crop_matches_definition(planes, name, threads, tile_bytes):
     assert_same(reference, whole[(slice(None), *(slice(lo, hi) for lo, hi in region))])
 
 
+def test_planes_with_different_token_windows_along_x_match_definition(threads, tile_bytes):
+    """xy and xz share their last product over x only when they hold the same tokens along x;
+    a wider xz window (more tokens than the crop reads) takes its own product."""
+    out_dim, grid_size, region = 32, 8, [(5, 21), (3, 19), (9, 25)]
+    tokens = volume_tokens(("xy", "xz", "yz"), 5, out_dim, grid_size, seed=2)
+    grids, origins = crop_tokens(tokens, out_dim, grid_size, region)
+    (z0, z1), (b0, b1) = token_window(grid_size, out_dim, *region[0]), token_window(grid_size, out_dim, *region[2])
+    grids["xz"] = tokens["xz"][:, region[1][0] : region[1][1], z0:z1, b0 - 1 : b1 + 1]
+    origins["xz"] = (z0, b0 - 1)
+    reference = features_from_tokens(grids, out_dim, region, grid_size, origins)
+    assert_same(fast_features_from_tokens(grids, out_dim, region, grid_size, origins), reference)
+    whole = features_from_tokens(tokens, out_dim)
+    assert_same(reference, whole[(slice(None), *(slice(lo, hi) for lo, hi in region))])
+
+
 def test_fills_out_of_another_dtype_and_a_batch_slot(tile_bytes):
     tokens = volume_tokens(("xy", "xz", "yz"), 4, 24, 3)
     batch = torch.full((2, 4, 24, 24, 24), float("nan"), dtype=torch.float16)

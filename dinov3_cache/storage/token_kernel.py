@@ -4,17 +4,19 @@ tests/test_token_kernel.py checks that both agree to float32 rounding).
 The reference builds each plane as a full-size float32 (C, D, H, W) intermediate and adds it to
 the total: about ten bytes of memory traffic per byte delivered. Here the output is built in
 tiles of a few MB (whole channels when one fits, else a slab of one channel's z slices: either
-way a contiguous piece of the output), written straight into a contiguous
-float32 output (else built in a scratch tile and copied, cast, once). Each output byte leaves
-the cache once. The mean over the planes is folded into the interpolation matrices.
+way a contiguous piece of the output), each written once, by one batched product, straight into
+a contiguous float32 output (else into a scratch tile copied, cast, once). The mean over the
+planes is folded into the interpolation matrices.
 
 Per plane, with the tile's rows of the interpolation matrices (W: outputs x tokens, the same
 matrices `features_from_tokens` uses) and tokens T (C, n, ga, gb) in the stored layout:
-    xy (normal z; y, x):  tile[c, z] = W_y @ T[c, z] @ W_x^T   (last product over x)
-    xz (normal y; z, x):  tile[c] = (W_z T[c] over z) @ W_x^T  (last product over x)
-    yz (normal x; z, y):  tile[c, z] += W_y @ (W_z T[c] over z) (last product over y, batched)
-xy and xz share the last product: their rows are added first, so one GEMM writes the tile for
-both, and yz accumulates into it (beta=1): two passes over the tile for three planes.
+    xy (normal z; y, x):  tile[c, z] = (W_y @ T[c, z]) @ W_x^T   (last product over x)
+    xz (normal y; z, x):  tile[c] = (W_z T[c] over z) @ W_x^T    (last product over x)
+    yz (normal x; z, y):  tile[c, z] = W_y @ (W_z T[c] over z)   (last product over y)
+The three last products are one: for each (channel, slice) pair b of the tile,
+    tile[b] = [rows_b | W_y] @ [W_x^T ; U_b]
+with rows_b the xy and xz rows added (they share W_x) and U_b the yz columns: one pass over the
+tile (a sum of separate products writes the tile, then reads it back to add the next).
 """
 
 from __future__ import annotations
@@ -65,45 +67,61 @@ def axis_matrices(
 
 
 def x_rows(plane: str, grids: torch.Tensor, w: Mapping[int, torch.Tensor], z: slice) -> torch.Tensor:
-    """xy or xz: the plane's features over slices z before the product over x, (cb * dz * Y, gx)."""
+    """xy or xz: the plane's features over slices z before the product over x, (cb, dz, Y, gx)."""
     if plane == "xy":  # grids (cb, n, gy, gx), normal z
-        rows = torch.matmul(w[1], grids[:, z])  # (cb, dz, Y, gx)
-    else:  # xz: grids (cb, gz, Y * gx), normal y
-        rows = torch.matmul(w[0][z], grids)  # (cb, dz, Y * gx)
-    return rows.reshape(-1, w[2].shape[1])
+        return torch.matmul(w[1], grids[:, z])
+    rows = torch.matmul(w[0][z], grids)  # xz: grids (cb, gz, Y * gx), normal y
+    return rows.view(*rows.shape[:2], -1, w[2].shape[1])
 
 
-def fill_tile(
-    tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]],
-    z: slice, shared_x: bool,
-) -> None:
-    """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z (relative
-    to the region). xy and xz end with the same product over x: with the same matrix (shared_x)
-    their rows are added first, so the tile is written by one product for both; yz adds its own
-    (beta=1). beta=0 ignores the tile's old contents (NaN-safe)."""
-    cb, dz, height, width = tile.shape
-    written, pending = False, None  # pending: (rows, matrix over x) not yet multiplied
-    for plane in ("xy", "xz"):
-        if plane in blocks:
-            rows = x_rows(plane, blocks[plane], matrices[plane], z)
-            if pending is not None and shared_x:
-                pending = (pending[0].add_(rows), pending[1])
-                continue
-            if pending is not None:
-                tile.view(-1, width).addmm_(pending[0], pending[1].T, beta=int(written))
-                written = True
-            pending = (rows, matrices[plane][2])
-    if pending is not None:
-        tile.view(-1, width).addmm_(pending[0], pending[1].T, beta=int(written))
-        written = True
-    if "yz" in blocks:  # grids (cb, gz, gy * X), normal x
-        w = matrices["yz"]
-        columns = torch.matmul(w[0][z], blocks["yz"]).view(cb * dz, -1, width)  # (cb * dz, gy, X)
-        tile.view(cb * dz, height, width).baddbmm_(w[1].expand(cb * dz, *w[1].shape), columns, beta=int(written))
+class TileProduct:
+    """A tile as one batched product over its (channel, slice) pairs b, the planes' last products
+    side by side along K, so that the tile is written once and never read back:
+        tile[b] (Y, X) = [rows_b | W_y] @ [W_x^T ; U_b]
+    rows_b (Y, gx): the pair's xy and xz rows before their product over x (added first when both
+    planes share W_x, else side by side with their own W_x); U_b (gy, X): its yz columns before the
+    product over y. W_x^T and W_y are the same in every batch: copied in once per call, so a tile
+    writes only rows_b and U_b before the product."""
+
+    def __init__(self, matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool, batch: int, height: int, width: int):
+        x_planes = [plane for plane in ("xy", "xz") if plane in matrices]
+        groups = [x_planes] if shared_x else [[plane] for plane in x_planes]
+        self.x_terms, k = [], 0  # (planes, first, last + 1 column of K)
+        for planes in groups:
+            gx = matrices[planes[0]][2].shape[1]
+            self.x_terms.append((planes, k, k + gx))
+            k += gx
+        self.y_term = None
+        if "yz" in matrices:
+            self.y_term = (k, k + matrices["yz"][1].shape[1])
+            k = self.y_term[1]
+        self.a = torch.empty(batch, height, k)
+        self.b = torch.empty(batch, k, width)
+        for planes, k0, k1 in self.x_terms:
+            self.b[:, k0:k1] = matrices[planes[0]][2].T
+        if self.y_term is not None:
+            self.a[:, :, slice(*self.y_term)] = matrices["yz"][1]
+
+    def fill(self, tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]],
+             z: slice) -> None:
+        """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z
+        (relative to the region); the tile's old contents are ignored (NaN-safe)."""
+        cb, dz, height, width = tile.shape
+        a, b = self.a[: cb * dz], self.b[: cb * dz]
+        for planes, k0, k1 in self.x_terms:
+            target = a[:, :, k0:k1].view(cb, dz, height, k1 - k0)
+            target.copy_(x_rows(planes[0], blocks[planes[0]], matrices[planes[0]], z))
+            for plane in planes[1:]:
+                target.add_(x_rows(plane, blocks[plane], matrices[plane], z))
+        if self.y_term is not None:  # grids (cb, gz, gy * X), normal x
+            w, grids = matrices["yz"], blocks["yz"]
+            columns = torch.matmul(w[0][z], grids)  # (cb, dz, gy * X)
+            b[:, slice(*self.y_term)].copy_(columns.view(cb * dz, -1, width))
+        torch.bmm(a, b, out=tile.view(cb * dz, height, width))
 
 
 def block_grids(plane: str, grids: torch.Tensor) -> torch.Tensor:
-    """A channel block's token grids as float32, laid out for `add_plane` (small: the tokens)."""
+    """A channel block's token grids as float32, laid out for `TileProduct.fill` (small: the tokens)."""
     x = grids.float()
     if plane == "xy":
         return x.contiguous()
@@ -123,7 +141,8 @@ def fast_features_from_tokens(
 ) -> torch.Tensor:
     """`features_from_tokens` (same arguments, same values to float32 rounding) in cache-sized
     tiles, for CPU tensors; `out` may have any floating dtype (the tile is cast as it is copied).
-    Memory beyond `out`: one tile and a channel block's float32 tokens."""
+    Memory beyond `out`, per thread: a tile, the product's two operands (K / X and K / Y of a
+    tile, K the tokens its last products read) and a channel block's float32 tokens."""
     if not tokens:
         raise ValueError("features_from_tokens needs the token grids of at least one plane")
     region = [tuple(r) for r in region] if region is not None else [(0, out_dim)] * 3
@@ -166,14 +185,15 @@ def build_blocks(
     channels, dz, height, width = out.shape
     direct = out.dtype == torch.float32 and out.is_contiguous()
     scratch = None if direct else torch.empty(cb * slab * height * width, dtype=torch.float32)
+    product = TileProduct(matrices, shared_x, cb * slab, height, width)
     for c0 in starts:
         c1 = min(c0 + cb, channels)
         blocks = {plane: block_grids(plane, grids[c0:c1]) for plane, grids in tokens.items()}
         for z0 in range(0, dz, slab):
             z = slice(z0, min(z0 + slab, dz))
             if direct:
-                fill_tile(out[c0:c1, z], blocks, matrices, z, shared_x)
+                product.fill(out[c0:c1, z], blocks, matrices, z)
             else:
                 tile = scratch[: (c1 - c0) * (z.stop - z0) * height * width].view(c1 - c0, z.stop - z0, height, width)
-                fill_tile(tile, blocks, matrices, z, shared_x)
+                product.fill(tile, blocks, matrices, z)
                 out[c0:c1, z].copy_(tile)
