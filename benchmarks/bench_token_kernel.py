@@ -1,8 +1,9 @@
 """The token kernel alone (storage/token_kernel.py): features built from in-memory token grids,
 no reading, for a whole volume and a 64^3 crop, at several tile sizes (TILE_BYTES), each against
 the kernel at its default tile size in the same run, and the default against the definition
-(`features_from_tokens`). Random float16 tokens at the loader benchmarks' geometry: C = 256,
-128^3 features from 32^2 grids, three planes; float32 delivered into one reused output.
+(`features_from_tokens`). Random float16 tokens, C = 256, 128^3 features from 32^2 grids (512^2
+slices, the seed geometry; --grid-size 16 is that of the loader benchmarks' cache), three planes;
+float32 delivered into one reused output.
 
     python -m benchmarks.bench_token_kernel                 # tile sizes 1, 2, 4, 8, 16 MB; 1 and 2 threads
     python -m benchmarks.bench_token_kernel --smoke         # tiny sizes: checks the script, measures nothing

@@ -30,10 +30,10 @@ import torch
 from dinov3_cache.storage.planes import PLANE_AXES
 from dinov3_cache.storage.upsampling import interpolation_matrix
 
-# float32 tile. Each tile costs a dozen torch calls whatever its size, so small tiles pay their
-# overhead (1 MB: 1.2x slower on whole volumes, 1.3x on 64^3 crops) and very large ones leave the
-# caches; 2-8 MB measured within 5 % of each other on a 2-core VM with 2 MB of L2 per core
-# (docs/benchmarks.md, "Layouts: dense or tokens").
+# float32 tile. Each tile costs about ten torch calls whatever its size, and with several threads
+# the Python between them runs one at a time: with two threads 1 MB tiles took 1.3-1.5x the time
+# of 4 MB ones, 2-8 MB within 0.98-1.23x of each other, on a 2-core VM with 2 MB of L2 per core
+# (benchmarks/bench_token_kernel.py; docs/benchmarks.md, "Layouts: dense or tokens").
 TILE_BYTES = 4 * 2**20
 # The tiles' products are small: torch's intra-op threads would meet at a barrier after each
 # one (costly when the cores are shared). Instead the channel blocks are shared among
