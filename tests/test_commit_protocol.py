@@ -186,13 +186,21 @@ def test_a_staged_tree_recreated_by_a_late_chunk_write_is_removed_again(tmp_path
     staged = tmp_path / "volume_000000.partial"
     (staged / "features" / "c").mkdir(parents=True)
 
+    written = threading.Event()
+
     def late_chunk_write():
         time.sleep(0.2)
-        (staged / "features" / "c").mkdir(parents=True, exist_ok=True)
-        (staged / "features" / "c" / "0").write_bytes(b"late")
+        while not written.is_set():  # as a writer does: its directories may go while it creates them
+            try:
+                (staged / "features" / "c").mkdir(parents=True, exist_ok=True)
+                (staged / "features" / "c" / "0").write_bytes(b"late")
+                written.set()
+            except FileNotFoundError:
+                continue
 
     writer = threading.Thread(target=late_chunk_write)
     writer.start()
     remove_abandoned_tree(staged, quiet_seconds=0.5)
     writer.join()
+    assert written.is_set()  # the tree was recreated after its first removal began
     assert not staged.exists()
