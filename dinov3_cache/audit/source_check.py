@@ -58,16 +58,16 @@ def check_sources(
     """The source check of these volumes (a report section) and the damage it found; `option`
     names the command-line option that asked for it in error lines."""
     started = time.perf_counter()
-    volumes, problems = signed_volumes(output_dir, indices)
-    names = {m.source_dataset.signature.source for m in volumes.values() if m.source_dataset.signature is not None}
     from dinov3_cache.sources.registry import SOURCE_TYPES
 
+    volumes, problems = signed_volumes(output_dir, indices)
     for index, metadata in list(volumes.items()):
         signature = metadata.source_dataset.signature
         if signature is not None and signature.source not in SOURCE_TYPES:
             problems.append({"index": index, "problem": f"volume {index}: its source signature names an unknown source {signature.source!r}; the metadata is damaged"})
             del volumes[index]
-    sources = sources_for(names & set(SOURCE_TYPES), settings, option)
+    names = {m.source_dataset.signature.source for m in volumes.values() if m.source_dataset.signature is not None}
+    sources = sources_for(names, settings, option)
     statuses: dict[int, SourceStatus] = {}
     for index, metadata in volumes.items():
         signature = metadata.source_dataset.signature

@@ -102,7 +102,7 @@ class RawChunkReader:
         return fd, chunk_file_identity(stat)
 
     def _copy_checked(self, fd: int, identity, grid_index, src: tuple[slice, ...], dst: tuple[slice, ...], out: torch.Tensor) -> None:
-        """Read the whole chunk, check it (unless this process checked this very file before), copy."""
+        """Read the whole chunk (one this process has not checked yet), check it, copy."""
         buffer = self._buffer()
         read = read_fully(fd, buffer)
         if read != self.chunk_nbytes:
@@ -125,12 +125,10 @@ class RawChunkReader:
             raise OSError(f"chunk {key}: the file is missing, but the writer wrote data there")
 
     def _check_crc(self, grid_index, buffer: np.ndarray, identity: tuple[int, ...]) -> None:
-        """Check the chunk's bytes (cropped to the array at its edges, as the writer summed
-        them) unless this process checked this very file before."""
+        """Check the chunk's bytes (cropped to the array at its edges, as the writer summed them)
+        and remember this file as checked."""
         key = chunk_key(grid_index)
         recorded = self.recorded.get(key)
-        if self._verified(grid_index, identity):
-            return
         elements = buffer.view(f"u{self.dtype.itemsize}").reshape(self.chunks)  # any dtype, bfloat16 too
         check_chunk_crc(key, recorded, elements[self._valid_extent(grid_index)])
         VERIFIED_CHUNKS.add(identity, key, recorded)

@@ -84,6 +84,7 @@ class TileProduct:
     writes only rows_b and U_b before the product."""
 
     def __init__(self, matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool, batch: int, height: int, width: int):
+        self.matrices = matrices
         x_planes = [plane for plane in ("xy", "xz") if plane in matrices]
         groups = [x_planes] if shared_x else [[plane] for plane in x_planes]
         self.x_terms, k = [], 0  # (planes, first, last + 1 column of K)
@@ -102,12 +103,11 @@ class TileProduct:
         if self.y_term is not None:
             self.a[:, :, slice(*self.y_term)] = matrices["yz"][1]
 
-    def fill(self, tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]],
-             z: slice) -> None:
+    def fill(self, tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], z: slice) -> None:
         """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z
         (relative to the region); the tile's old contents are ignored (NaN-safe)."""
         cb, dz, height, width = tile.shape
-        a, b = self.a[: cb * dz], self.b[: cb * dz]
+        matrices, a, b = self.matrices, self.a[: cb * dz], self.b[: cb * dz]
         for planes, k0, k1 in self.x_terms:
             target = a[:, :, k0:k1].view(cb, dz, height, k1 - k0)
             target.copy_(x_rows(planes[0], blocks[planes[0]], matrices[planes[0]], z))
@@ -192,8 +192,8 @@ def build_blocks(
         for z0 in range(0, dz, slab):
             z = slice(z0, min(z0 + slab, dz))
             if direct:
-                product.fill(out[c0:c1, z], blocks, matrices, z)
+                product.fill(out[c0:c1, z], blocks, z)
             else:
                 tile = scratch[: (c1 - c0) * (z.stop - z0) * height * width].view(c1 - c0, z.stop - z0, height, width)
-                product.fill(tile, blocks, matrices, z)
+                product.fill(tile, blocks, z)
                 out[c0:c1, z].copy_(tile)
