@@ -30,11 +30,12 @@ import torch
 from dinov3_cache.storage.planes import PLANE_AXES
 from dinov3_cache.storage.upsampling import interpolation_matrix
 
-# float32 tile. Each tile costs about ten torch calls whatever its size, and with several threads
-# the Python between them runs one at a time: with two threads 1 MB tiles took 1.3-1.5x the time
-# of 4 MB ones, 2-8 MB within 0.98-1.23x of each other, on a 2-core VM with 2 MB of L2 per core
+# float32 tile. Each tile costs a few torch calls whatever its size, and with several threads the
+# Python between them runs one at a time: with two threads, 64^3 crops from 16^2 grids took
+# 0.84-0.90x the time with 8 MB tiles as with 4 MB ones, 1.6x with 1 MB; from 32^2 grids 4 and
+# 8 MB are alike (0.99-1.03x), on a 2-core VM with 2 MB of L2 per core
 # (benchmarks/bench_token_kernel.py; docs/benchmarks.md, "Layouts: dense or tokens").
-TILE_BYTES = 4 * 2**20
+TILE_BYTES = 8 * 2**20
 # The tiles' products are small: torch's intra-op threads would meet at a barrier after each
 # one (costly when the cores are shared). Instead the channel blocks are shared among
 # torch.get_num_threads() threads, each running its products on one core; the thread count is
@@ -66,28 +67,22 @@ def axis_matrices(
     return matrices
 
 
-def x_rows(plane: str, grids: torch.Tensor, w: Mapping[int, torch.Tensor], z: slice) -> torch.Tensor:
-    """xy or xz: the plane's features over slices z before the product over x, (cb, dz, Y, gx)."""
-    if plane == "xy":  # grids (cb, n, gy, gx), normal z
-        return torch.matmul(w[1], grids[:, z])
-    rows = torch.matmul(w[0][z], grids)  # xz: grids (cb, gz, Y * gx), normal y
-    return rows.view(*rows.shape[:2], -1, w[2].shape[1])
-
-
 class TileProduct:
     """A tile as one batched product over its (channel, slice) pairs b, the planes' last products
     side by side along K, so that the tile is written once and never read back:
-        tile[b] (Y, X) = [rows_b | W_y] @ [W_x^T ; U_b]
-    rows_b (Y, gx): the pair's xy and xz rows before their product over x (added first when both
-    planes share W_x, else side by side with their own W_x); U_b (gy, X): its yz columns before the
-    product over y. W_x^T and W_y are the same in every batch: copied in once per call, so a tile
-    writes only rows_b and U_b before the product."""
+        tile[b] (Y, X) = [R_b | W_y] @ [W_x^T ; U_b]
+    R_b (Y, gx): the pair's xz and xy rows before their product over x (added when both planes
+    share W_x, else side by side with their own W_x); U_b (gy, X): its yz columns before the
+    product over y. The left operand is kept transposed, (K, Y) per pair, so that every block of
+    K rows is one run per pair: the products over z (xz, yz) write their results straight into
+    the operands, the xy rows (one product for the tile) are added there. W_x^T and W_y are the
+    same in every batch: copied in once per call."""
 
     def __init__(self, matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool, batch: int, height: int, width: int):
         self.matrices = matrices
-        x_planes = [plane for plane in ("xy", "xz") if plane in matrices]
+        x_planes = [plane for plane in ("xz", "xy") if plane in matrices]  # xz writes its block, xy adds
         groups = [x_planes] if shared_x else [[plane] for plane in x_planes]
-        self.x_terms, k = [], 0  # (planes, first, last + 1 column of K)
+        self.x_terms, k = [], 0  # (planes, first, last + 1 row of K)
         for planes in groups:
             gx = matrices[planes[0]][2].shape[1]
             self.x_terms.append((planes, k, k + gx))
@@ -96,39 +91,48 @@ class TileProduct:
         if "yz" in matrices:
             self.y_term = (k, k + matrices["yz"][1].shape[1])
             k = self.y_term[1]
-        self.a = torch.empty(batch, height, k)
+        self.a_t = torch.empty(batch, k, height)  # the left operand, transposed
         self.b = torch.empty(batch, k, width)
         for planes, k0, k1 in self.x_terms:
             self.b[:, k0:k1] = matrices[planes[0]][2].T
         if self.y_term is not None:
-            self.a[:, :, slice(*self.y_term)] = matrices["yz"][1]
+            self.a_t[:, slice(*self.y_term)] = matrices["yz"][1].T
+        self.w_y_t = matrices["xy"][1].T.contiguous() if "xy" in matrices else None
 
     def fill(self, tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], z: slice) -> None:
         """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z
-        (relative to the region); the tile's old contents are ignored (NaN-safe)."""
+        (relative to the region), from the grids' channels laid out by `block_grids`; the
+        tile's old contents are ignored (NaN-safe)."""
         cb, dz, height, width = tile.shape
-        matrices, a, b = self.matrices, self.a[: cb * dz], self.b[: cb * dz]
+        a_t, b = self.a_t[: cb * dz], self.b[: cb * dz]
         for planes, k0, k1 in self.x_terms:
-            target = a[:, :, k0:k1].view(cb, dz, height, k1 - k0)
-            target.copy_(x_rows(planes[0], blocks[planes[0]], matrices[planes[0]], z))
-            for plane in planes[1:]:
-                target.add_(x_rows(plane, blocks[plane], matrices[plane], z))
+            target = a_t[:, k0:k1]  # (cb * dz, gx, Y)
+            for plane in planes:
+                if plane == "xz":  # grids (cb, gz, gx * Y), normal y
+                    self._over_z(plane, blocks[plane], z, target, cb, dz)
+                else:  # xy: grids (cb, n, gx, gy), normal z
+                    rows = torch.mm(blocks[plane][:, z].reshape(-1, self.w_y_t.shape[0]), self.w_y_t).view(target.shape)
+                    target.add_(rows) if plane is not planes[0] else target.copy_(rows)
         if self.y_term is not None:  # grids (cb, gz, gy * X), normal x
-            w, grids = matrices["yz"], blocks["yz"]
-            columns = torch.matmul(w[0][z], grids)  # (cb, dz, gy * X)
-            b[:, slice(*self.y_term)].copy_(columns.view(cb * dz, -1, width))
-        torch.bmm(a, b, out=tile.view(cb * dz, height, width))
+            self._over_z("yz", blocks["yz"], z, b[:, slice(*self.y_term)], cb, dz)
+        torch.bmm(a_t.transpose(1, 2), b, out=tile.view(cb * dz, height, width))
+
+    def _over_z(self, plane: str, grids: torch.Tensor, z: slice, target: torch.Tensor, cb: int, dz: int) -> None:
+        """target (cb * dz, k, n) = the plane's W_z[z] @ grids (cb, gz, k * n) per channel: one
+        product for the tile, written in place."""
+        w_z = self.matrices[plane][0][z]
+        torch.bmm(w_z.expand(cb, *w_z.shape), grids, out=target.view(cb, dz, -1))
 
 
 def block_grids(plane: str, grids: torch.Tensor) -> torch.Tensor:
-    """A channel block's token grids as float32, laid out for `TileProduct.fill` (small: the tokens)."""
-    x = grids.float()
-    if plane == "xy":
-        return x.contiguous()
-    cb, n, ga, gb = x.shape
-    if plane == "xz":  # (cb, Y, gz, gx) -> (cb, gz, Y * gx)
-        return x.permute(0, 2, 1, 3).reshape(cb, ga, n * gb)
-    return x.permute(0, 2, 3, 1).reshape(cb, ga, gb * n)  # yz: (cb, X, gz, gy) -> (cb, gz, gy * X)
+    """A channel block's token grids as float32, laid out for `TileProduct.fill` (small: the
+    tokens), converted and moved in one copy."""
+    if plane == "xy":  # (cb, Z, gy, gx) -> (cb, Z, gx, gy)
+        return torch.empty(grids.transpose(2, 3).shape).copy_(grids.transpose(2, 3))
+    cb, n, ga, gb = grids.shape  # xz: (cb, Y, gz, gx) -> (cb, gz, gx * Y); yz: (cb, X, gz, gy) -> (cb, gz, gy * X)
+    laid_out = torch.empty(cb, ga, gb, n)
+    laid_out.copy_(grids.permute(0, 2, 3, 1))
+    return laid_out.view(cb, ga, gb * n)
 
 
 def fast_features_from_tokens(
@@ -157,17 +161,18 @@ def fast_features_from_tokens(
     }
     shared_x = "xy" in matrices and "xz" in matrices and torch.equal(matrices["xy"][2], matrices["xz"][2])
     cb, slab = tile_shape(channels, dz, height * width)
-    starts = list(range(0, channels, cb))
+    blocks = -(-channels // cb)
     with _THREADS_LOCK:
         threads = torch.get_num_threads()
-        workers = min(threads, len(starts))
+        workers = min(threads, blocks)
         if workers <= 1:
-            build_blocks(tokens, matrices, shared_x, out, starts, cb, slab)
+            build_blocks(tokens, matrices, shared_x, out, (0, channels), cb, slab)
             return out
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(workers) as pool:
-                shares = [pool.submit(build_blocks, tokens, matrices, shared_x, out, starts[w::workers], cb, slab) for w in range(workers)]
+                ranges = [(blocks * w // workers * cb, min(channels, blocks * (w + 1) // workers * cb)) for w in range(workers)]
+                shares = [pool.submit(build_blocks, tokens, matrices, shared_x, out, r, cb, slab) for r in ranges]
                 for share in shares:
                     share.result()
         finally:
@@ -177,23 +182,34 @@ def fast_features_from_tokens(
 
 def build_blocks(
     tokens: Mapping[str, torch.Tensor], matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool,
-    out: torch.Tensor, starts: Sequence[int], cb: int, slab: int,
+    out: torch.Tensor, channel_range: tuple[int, int], cb: int, slab: int,
 ) -> None:
-    """Fill out[c0 : c0 + cb] for every c0 in starts, a tile (cb channels, slab slices) at a
-    time: straight into `out` when it is contiguous float32 (each tile is a contiguous piece of
-    it), else in a scratch tile copied (and cast) into `out`."""
-    channels, dz, height, width = out.shape
+    """Fill out[lo:hi] (channel_range) a tile (cb channels, slab slices) at a time: straight
+    into `out` when it is contiguous float32 (each tile is a contiguous piece of it), else in a
+    scratch tile copied (and cast) into `out`."""
+    lo, hi = channel_range
+    _, dz, height, width = out.shape
     direct = out.dtype == torch.float32 and out.is_contiguous()
     scratch = None if direct else torch.empty(cb * slab * height * width, dtype=torch.float32)
     product = TileProduct(matrices, shared_x, cb * slab, height, width)
-    for c0 in starts:
-        c1 = min(c0 + cb, channels)
+    for c0 in range(lo, hi, cb):
+        c1 = min(c0 + cb, hi)
         blocks = {plane: block_grids(plane, grids[c0:c1]) for plane, grids in tokens.items()}
-        for z0 in range(0, dz, slab):
-            z = slice(z0, min(z0 + slab, dz))
-            if direct:
-                product.fill(out[c0:c1, z], blocks, z)
-            else:
-                tile = scratch[: (c1 - c0) * (z.stop - z0) * height * width].view(c1 - c0, z.stop - z0, height, width)
-                product.fill(tile, blocks, z)
-                out[c0:c1, z].copy_(tile)
+        fill_channels(product, blocks, out, (c0, c1), slab, scratch)
+
+
+def fill_channels(
+    product: TileProduct, blocks: Mapping[str, torch.Tensor], out: torch.Tensor, channels: tuple[int, int], slab: int,
+    scratch: torch.Tensor | None,
+) -> None:
+    """out[c0:c1] (channels), a slab of slices at a time: straight into `out`, or through
+    `scratch` (copied and cast) when given."""
+    (c0, c1), (_, dz, height, width) = channels, out.shape
+    for z0 in range(0, dz, slab):
+        z = slice(z0, min(z0 + slab, dz))
+        if scratch is None:
+            product.fill(out[c0:c1, z], blocks, z)
+        else:
+            tile = scratch[: (c1 - c0) * (z.stop - z0) * height * width].view(c1 - c0, z.stop - z0, height, width)
+            product.fill(tile, blocks, z)
+            out[c0:c1, z].copy_(tile)
