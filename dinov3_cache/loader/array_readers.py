@@ -19,7 +19,7 @@ import torch
 
 from dinov3_cache.array_form import array_owner_problem
 from dinov3_cache.chunk_files import chunk_file_map, chunk_nbytes, may_be_missing, missing_written_chunks, present_files
-from dinov3_cache.loader.chunk_copy import SlabCopier, slab_groups
+from dinov3_cache.loader.chunk_copy import OpenChunk, SlabCopier, slab_groups
 from dinov3_cache.loader.identity import (
     VERIFIED_CHUNKS,
     chunk_file_identity,
@@ -43,6 +43,7 @@ class RawChunkReader:
 
     def __init__(self, path: Path, array: ArrayMetadata, executor: ThreadPoolExecutor, recorded: dict[str, int], verify: bool):
         self.path = path
+        self.root = os.path.join(path, "")  # chunk paths by concatenation: one per chunk read
         self.recorded, self.verify = recorded, verify
         self.shape, self.chunks = array.shape, array.chunks
         self.dtype = stored_torch_dtype(array.dtype)
@@ -75,19 +76,19 @@ class RawChunkReader:
                     finally:
                         os.close(fd)
                 else:
-                    checked.append((fd, grid_index, src, dst))
+                    checked.append(OpenChunk(fd, identity, grid_index, src, dst))
             if checked:
                 self.copier.copy(checked, out)
         finally:
-            for fd, *_ in checked:
-                os.close(fd)
+            for file in checked:
+                os.close(file.fd)
 
     def _open_chunk(self, grid_index, dst: tuple[slice, ...], out: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
         """The chunk file open, and its identity from the same fd (whatever its path holds later);
         None after filling `dst` where the writer skipped the chunk."""
         key = self.file_map.chunk_file(grid_index)
         try:
-            fd = os.open(self.path / key, os.O_RDONLY)
+            fd = os.open(self.root + key, os.O_RDONLY)
         except FileNotFoundError:
             self._check_skipped(grid_index)
             out[dst].fill_(self.fill_value)  # a chunk the writer skipped (all fill value), as TensorStore gives

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from dinov3_cache.disk import iter_files
+from dinov3_cache.loader.mapped_files import MAPPED_FILES
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -32,6 +33,9 @@ def volume_files(volumes: Iterable) -> list[Path]:
 
 
 def evict_from_page_cache(files: Iterable[Path]) -> None:
+    """Drop the files' pages from the page cache. Pages mapped by a process stay: this process's
+    kept chunk mappings (mapped_files.py) are dropped first, as a new process would have none."""
+    MAPPED_FILES.clear()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:

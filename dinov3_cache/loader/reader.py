@@ -120,6 +120,9 @@ class VolumeReader:
     def shape(self, array: str) -> tuple[int, ...]:
         return tuple(self.opened.arrays[array].reader.shape)
 
+    def chunks(self, array: str) -> tuple[int, ...]:
+        return tuple(self.opened.arrays[array].reader.chunks)
+
     def start_read(self, spatial: tuple[slice, ...], outputs: dict[str, torch.Tensor]) -> list[Read]:
         """Start reading the region into outputs[array] (features get all channels)."""
         return [

@@ -74,7 +74,9 @@ class TokenStorage(FeatureStorage):
 
     def start_read(self, reader, spatial: Sequence[slice], out=None) -> tuple[TokenCrop, list]:
         """For every plane, the slices of the crop along its normal and the tokens its
-        interpolation reads along the image axes."""
+        interpolation reads along the image axes; along b (the last axis) rounded out to whole
+        chunks, so that each chunk's rows land whole and aligned (chunk_copy.py copies them 16
+        bytes at a time, twice as fast as token by token; the build reads the tokens it needs)."""
         import torch
 
         from dinov3_cache.storage.dtypes import torch_dtype
@@ -82,18 +84,20 @@ class TokenStorage(FeatureStorage):
 
         volume = reader.volume
         _, channels, out_dim, grid_size, _ = reader.shape(self.array_name)
+        chunk_b = reader.chunks(self.array_name)[-1]
         dtype = torch_dtype(volume.metadata.dtypes[self.array_name])
         region = tuple((s.start, s.stop) for s in spatial)
-        grids, origins, pending = {}, {}, []
+        windows, cuts, origins, pending = {}, {}, {}, []
         for position, plane in enumerate(volume.metadata.configuration.planes):
             normal, image_axes = PLANE_AXES[plane]
             (a0, a1), (b0, b1) = (token_window(grid_size, out_dim, *region[axis]) for axis in image_axes)
+            r0, r1 = b0 // chunk_b * chunk_b, min(grid_size, -(-b1 // chunk_b) * chunk_b)
             n0, n1 = region[normal]
-            window_out = torch.empty((1, channels, n1 - n0, a1 - a0, b1 - b0), dtype=dtype)
-            window = (slice(position, position + 1), slice(0, channels), slice(n0, n1), slice(a0, a1), slice(b0, b1))
+            window_out = torch.empty((1, channels, n1 - n0, a1 - a0, r1 - r0), dtype=dtype)
+            window = (slice(position, position + 1), slice(0, channels), slice(n0, n1), slice(a0, a1), slice(r0, r1))
             pending.append(reader.start_region(self.array_name, window, window_out))
-            grids[plane], origins[plane] = window_out[0], (a0, b0)
-        return TokenCrop(grids, origins, region, out_dim, grid_size), pending
+            windows[plane], cuts[plane], origins[plane] = window_out[0], slice(b0 - r0, b1 - r0), (a0, b0)
+        return TokenCrop(windows, cuts, origins, region, out_dim, grid_size), pending
 
     def volume_problems(self, metadata: VolumeMetadata) -> list[str]:
         problems = super().volume_problems(metadata)
@@ -119,20 +123,26 @@ class TokenStorage(FeatureStorage):
 class TokenCrop:
     """The token windows of one crop of a tokens volume, and how to build its features."""
 
-    grids: dict[str, torch.Tensor]  # plane -> (C, n, wa, wb) in the stored dtype
-    origins: dict[str, tuple[int, int]]  # plane -> first token along a, b
+    windows: dict[str, torch.Tensor]  # plane -> the tokens read (C, n, wa, wb') in the stored dtype
+    cuts: dict[str, slice]  # plane -> the grids' tokens along b within the window (start_read)
+    origins: dict[str, tuple[int, int]]  # plane -> first token of the grids along a, b
     region: tuple[tuple[int, int], ...]  # the crop: (start, stop) along z, y, x
     out_dim: int
     grid_size: int
 
     @property
+    def grids(self) -> dict[str, torch.Tensor]:
+        """plane -> (C, n, wa, wb): the tokens the crop's interpolation reads (views of the windows)."""
+        return {plane: window[..., self.cuts[plane]] for plane, window in self.windows.items()}
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        channels = next(iter(self.grids.values())).shape[0]
+        channels = next(iter(self.windows.values())).shape[0]
         return (channels, *(hi - lo for lo, hi in self.region))
 
     @property
     def stored_dtype(self) -> torch.dtype:
-        return next(iter(self.grids.values())).dtype
+        return next(iter(self.windows.values())).dtype
 
     def features(self, device: torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The crop's features (C, dz, dy, dx), built on `device` (default: where the tokens
@@ -151,13 +161,16 @@ class TokenCrop:
         channels, voxels = self.shape[0], math.prod(self.shape[1:])
         group = max(1, BUILD_BYTES // (4 * voxels))
         for c0 in range(0, channels, group):
-            grids = {p: g[c0 : c0 + group].to(device or g.device, non_blocking=True) for p, g in self.grids.items()}
+            grids = {  # the windows travel as they are (one contiguous copy each), the grids are cut there
+                p: w[c0 : c0 + group].to(device or w.device, non_blocking=True)[..., self.cuts[p]] for p, w in self.windows.items()
+            }
             target = out[c0 : c0 + group]
             if target.dtype == torch.float32:
                 features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins, out=target)
             else:
                 target.copy_(features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins))
         return out
+
 
 
 TOKENS = register_storage(TokenStorage())
