@@ -2,7 +2,8 @@
 whole volumes and crops at every offset class (chunk-aligned, straddling, at the volume edge),
 in the stored dtype and cast, for the default-like chunks (staged slab copy, mapped copy),
 chunks that do not divide the volume, and chunks spanning y and x (read straight into the
-batch); the first read of a file is still checked. Real caches from the CLI."""
+batch); the first read of a file is still checked; kept mappings are bounded, dropped before an
+eviction, and never outlive the file they map. Real caches from the CLI."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from conftest import call_main, preprocess_args
 
 from dinov3_cache.loader import chunk_copy
 from dinov3_cache.loader.chunk_copy import SlabCopier, single_threaded_torch
-from dinov3_cache.loader.identity import VERIFIED_CHUNKS
+from dinov3_cache.loader.identity import VERIFIED_CHUNKS, chunk_file_identity
+from dinov3_cache.loader.mapped_files import MAPPED_FILES
+from dinov3_cache.loader.page_cache import evict_from_page_cache, volume_files
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.zarr_arrays import open_array
 from preprocessed_dataloader import PreprocessedDINOv3Dataset, VolumeReadError
@@ -165,3 +168,77 @@ def test_slabs_are_whole_rows_of_chunks_and_bounded():
     assert sum(len(g) for g in groups) == len(overlaps)
     for group in groups:
         assert len({g[0][:2] for g in group}) == 1 and len(group) % 3 == 0 and len(group) <= max(3, chunk_copy.MAX_FILES)
+
+
+def open_chunk_file(path: Path, data: np.ndarray, src, dst) -> chunk_copy.OpenChunk:
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    return chunk_copy.OpenChunk(fd, chunk_file_identity(os.fstat(fd)), (0,) * data.ndim, src, dst)
+
+
+@pytest.mark.parametrize(("offset", "wide"), [(8, True), (3, False)], ids=["aligned: 16-byte elements", "misaligned"])
+def test_mapped_copies_keep_every_bit_pattern(tmp_path, offset, wide, monkeypatch):
+    """Chunk rows copied from the mapped file as 16-byte elements (whole, aligned rows) or as they
+    are: every float16 bit pattern (NaN payloads, infinities, subnormals, -0) arrives unchanged."""
+    widened = []
+    real = chunk_copy.widened
+    monkeypatch.setattr(chunk_copy, "widened", lambda s, t: widened.append(real(s, t)[0].dtype) or real(s, t))
+    patterns = np.arange(1 << 16, dtype=np.uint16)
+    chunks = (4, 16, 8, 8)  # 4096 values per chunk: 16 chunk files hold every pattern
+    out = torch.zeros(4, 16 * 16, 8, 24, dtype=torch.float16)
+    files = []
+    for i in range(16):
+        data = patterns[i * 4096 : (i + 1) * 4096].reshape(chunks)
+        dst = (slice(0, 4), slice(16 * i, 16 * i + 16), slice(0, 8), slice(offset, offset + 8))
+        files.append(open_chunk_file(tmp_path / f"chunk{i}", data, tuple(slice(0, c) for c in chunks), dst))
+    try:
+        chunk_copy.SlabCopier(chunks, torch.float16)._copy_mapped(files, out)
+    finally:
+        for f in files:
+            os.close(f.fd)
+    got = out[..., offset : offset + 8].view(torch.int16).numpy().view(np.uint16)
+    expected = np.concatenate([patterns[i * 4096 : (i + 1) * 4096].reshape(chunks) for i in range(16)], axis=1)
+    assert np.array_equal(got, expected)
+    assert set(widened) == {torch.complex128 if wide else torch.float16}
+
+
+def test_kept_mappings_are_bounded_and_dropped_before_eviction(caches, monkeypatch):
+    cache = caches["small"]
+    dataset = PreprocessedDINOv3Dataset(cache, volume_indices=[0], num_threads=2)
+    bound = 40_000  # two gt chunk files (16^3 int32) and a few feature chunk files (2 KiB)
+    monkeypatch.setattr(MAPPED_FILES, "max_bytes", bound)
+    MAPPED_FILES.clear()
+    features = stored(cache, "features")
+    for _ in range(2):  # checked, then copied from mappings
+        for name, spatial in REGIONS.items():
+            got = read_region(dataset, spatial, None)
+            assert torch.equal(got["features"], features[(slice(None), *spatial)]), name
+            assert MAPPED_FILES.nbytes <= bound
+    assert MAPPED_FILES.mapped
+    evict_from_page_cache(volume_files(dataset.volumes))
+    assert not MAPPED_FILES.mapped and MAPPED_FILES.nbytes == 0  # a mapped page cannot be dropped
+
+
+def test_a_rewritten_file_is_mapped_again_not_served_from_the_old_mapping(caches, tmp_path):
+    """Unchecked reads (verify_checksums=False) of a file kept mapped, then replaced under the
+    same path by other values, and then rewritten in place: each read returns what the file
+    holds now."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["small"], cache)
+    dataset = PreprocessedDINOv3Dataset(cache, volume_indices=[0], num_threads=2, verify_checksums=False)
+    spatial = REGIONS["straddling"]
+    expected = stored(cache, "features")[(slice(None), *spatial)]
+    assert torch.equal(read_region(dataset, spatial, None)["features"], expected)
+    chunk = VolumePaths(cache, 0).array("features") / "0.1.1.1"
+    assert any(key[0] == chunk_file_identity(os.stat(chunk)) for key in MAPPED_FILES.mapped)
+    for change in ("replaced by rename", "rewritten in place"):
+        values = np.frombuffer(chunk.read_bytes(), dtype=np.float16) + np.float16(1)
+        if change == "replaced by rename":
+            chunk.with_name("staged").write_bytes(values.tobytes())
+            os.replace(chunk.with_name("staged"), chunk)
+        else:
+            with open(chunk, "r+b") as handle:
+                handle.write(values.tobytes())
+        assert torch.equal(read_region(dataset, spatial, None)["features"], stored(cache, "features")[(slice(None), *spatial)])
+        assert not torch.equal(read_region(dataset, spatial, None)["features"], expected), change
+        expected = stored(cache, "features")[(slice(None), *spatial)]

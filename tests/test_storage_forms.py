@@ -49,7 +49,7 @@ class WholeChannelDense(FeatureStorage):
     def read_region(self, store, planes: Sequence[str], region):
         return store[(slice(None), *(slice(lo, hi) for lo, hi in region))].read().result().astype("float32")
 
-    def start_read(self, reader, spatial, out):
+    def start_read(self, reader, spatial, out, allocate=None):
         return None, [reader.start_region(self.array_name, (slice(0, reader.shape(self.array_name)[0]), *spatial), out)]
 
 

@@ -22,7 +22,7 @@ def volume_tokens(planes, channels: int, out_dim: int, grid_size: int, seed: int
 
 def crop_tokens(tokens, out_dim: int, grid_size: int, region):
     """What the loader reads for a crop: the region's slices along each plane's normal and the
-    token windows of its image axes (as loader/tokens.py's start_token_read)."""
+    token windows of its image axes (as TokenStorage.start_read in storage/tokens.py)."""
     grids, origins = {}, {}
     for plane, whole in tokens.items():
         normal, image_axes = PLANE_AXES[plane]
@@ -110,6 +110,38 @@ def test_fills_out_of_another_dtype_and_a_batch_slot(tile_bytes):
     # float16 rounding of the float32 result (half an ulp) on top of float32 rounding
     bound = (torch.finfo(torch.float16).eps / 2 + 1e-5) * reference.abs().max().item()
     assert (batch[1].float() - reference).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("name", ["straddling", "at the edge"])
+def test_grids_cut_from_wider_windows_match_definition(name, threads):
+    """The loader reads token windows rounded out to whole chunks along b and hands the kernel
+    the grids cut from them (views whose rows are not contiguous)."""
+    tokens = volume_tokens(("xy", "xz", "yz"), 6, 40, 5)
+    region = {"straddling": ((3, 30), (11, 29), (9, 27)), "at the edge": ((30, 40), (0, 40), (21, 40))}[name]
+    grids, origins = crop_tokens(tokens, 40, 5, region)
+    cut = {}
+    for plane, exact in grids.items():
+        b0, width = origins[plane][1], exact.shape[-1]
+        r0, r1 = max(0, b0 - 1), min(5, b0 + width + 1)  # one token more on each side where there is one
+        normal, (a_axis, _) = PLANE_AXES[plane]
+        a0 = origins[plane][0]
+        window = tokens[plane][:, slice(*region[normal]), a0 : a0 + exact.shape[2], r0:r1].clone()
+        cut[plane] = window[..., b0 - r0 : b0 - r0 + width]
+        assert torch.equal(cut[plane], exact)
+    assert not all(g.is_contiguous() for g in cut.values())
+    assert_same(fast_features_from_tokens(cut, 40, region, 5, origins), features_from_tokens(grids, 40, region, 5, origins))
+
+
+def test_memory_reused_from_earlier_builds_never_leaks_into_a_result():
+    """Operand and layout buffers are lent from earlier builds (token_kernel.MEMORY) with their
+    old contents: every element a build reads it wrote first."""
+    with token_kernel.MEMORY.lock:
+        token_kernel.MEMORY.free = [torch.full((n,), float("nan")) for n in (1 << 16, 1 << 20, 1 << 22)]
+    tokens = volume_tokens(("xy", "xz", "yz"), 5, 24, 3)
+    for region in (((0, 24),) * 3, ((3, 17), (5, 24), (0, 9))):
+        grids, origins = crop_tokens(tokens, 24, 3, region)
+        assert_same(fast_features_from_tokens(grids, 24, region, 3, origins), features_from_tokens(grids, 24, region, 3, origins))
+    assert len(token_kernel.MEMORY.free) <= token_kernel.MEMORY.keep
 
 
 def test_nan_in_out_is_ignored():

@@ -17,6 +17,7 @@ from dinov3_cache.loader.reader import ReadResources
 from dinov3_cache.loader.volumes import find_volumes
 from dinov3_cache.paths import VolumePaths
 from dinov3_cache.storage import storage_for
+from dinov3_cache.storage.planes import PLANE_AXES
 from dinov3_cache.storage.upsampling import rounding_bound
 from dinov3_cache.zarr_arrays import open_array, ts_context
 from tests.conftest import call_main, preprocess_args
@@ -108,6 +109,53 @@ def test_a_crop_reads_only_the_tokens_under_it(both_layouts):
     # 16 outputs from 4 tokens: outputs 0-3 read tokens 0-1, outputs 12-15 tokens 2-3
     assert {p: tuple(g.shape[1:]) for p, g in crop.grids.items()} == {"xy": (4, 2, 2), "xz": (4, 2, 2), "yz": (4, 2, 2)}
     assert crop.origins == {"xy": (0, 2), "xz": (0, 2), "yz": (0, 0)}
+
+
+def test_token_windows_are_read_in_whole_chunks_and_arrive_exact(tmp_path, tiny_model_dir, monkeypatch):
+    """128-pixel slices: 8^2 token grids in one (.., 8, 8) chunk per plane and slab. A crop's
+    windows are read in whole chunks along b (16 bytes per chunk row: copied 16 bytes at a time
+    once the files are checked), and the grids cut from them are exactly the stored tokens."""
+    from dinov3_cache.loader import chunk_copy
+
+    cache = tmp_path / "grids8"
+    call_main("preprocess_volume", *preprocess_args(cache, 0, tiny_model_dir, "--layout", "tokens", "--min-resolution-for-raw", "16"),
+              check=True)
+    stored = torch.from_numpy(open_array(VolumePaths(cache, 0).array("tokens"), ts_context(2)).read().result())
+    assert stored.shape[-2:] == (8, 8) and metadata(cache, 0)["configuration"]["chunks"][-2:] == [8, 8]
+    wide = []
+    real = chunk_copy.widened
+    monkeypatch.setattr(chunk_copy, "widened", lambda s, t: wide.append(real(s, t)[0].dtype == torch.complex128) or real(s, t))
+    (volume,) = find_volumes(cache, [0])
+    reader = ReadResources(2, "auto").reader(volume)
+    for spatial in [(slice(0, 16),) * 3, (slice(3, 11), slice(5, 9), slice(9, 16)), (slice(15, 16), slice(0, 2), slice(7, 8))]:
+        for _ in range(2):  # checked on the first read, copied from the kept mappings on the second
+            crop, pending = storage_for("tokens").start_read(reader, spatial, None)
+            reader.finish(pending)
+            for position, (plane, grids) in enumerate(crop.grids.items()):
+                normal, _ = PLANE_AXES[plane]
+                (a0, b0), (_, _, wa, wb) = crop.origins[plane], grids.shape
+                assert crop.windows[plane].shape[-1] == 8  # whole chunks along b
+                assert torch.equal(grids, stored[position, :, spatial[normal], a0 : a0 + wa, b0 : b0 + wb]), (plane, spatial)
+    assert wide and all(wide)
+
+
+def test_token_windows_reuse_batch_memory_only_once_it_is_free(both_layouts):
+    """Token windows are carved from the loader's reused batch buffers: a batch still held keeps
+    its windows (a later read never writes into them); once dropped, its buffer is reused."""
+    _, tokens = both_layouts
+    dataset = PreprocessedDINOv3Dataset(tokens, crop_size=(5, 7, 9), samples_per_volume=4, volume_indices=[0])
+
+    def buffers(raw) -> set[int]:
+        return {window.untyped_storage().data_ptr() for window in raw.tokens[0].windows.values()}
+
+    first = dataset.read_batch([0], convert_on_host=False)  # built later, where the batch goes
+    kept = {plane: window.clone() for plane, window in first.tokens[0].windows.items()}
+    second = dataset.read_batch([1], convert_on_host=False)
+    assert len(buffers(first)) == 1 and buffers(first).isdisjoint(buffers(second))
+    assert all(torch.equal(first.tokens[0].windows[plane], window) for plane, window in kept.items())
+    freed = buffers(first)
+    del first
+    assert buffers(dataset.read_batch([2], convert_on_host=False)) == freed
 
 
 def test_chunks_option_shapes_the_tokens_array(both_layouts, tmp_path, tiny_model_dir):

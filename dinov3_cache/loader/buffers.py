@@ -120,12 +120,15 @@ def read_samples(
     has_mask = [s.volume.has_mask for s in samples]
     mask = buffers.empty((n, *feature_shape[1:]), torch.bool, pin_memory) if any(has_mask) else None
 
+    def allocate(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:  # what a form reads besides the batch
+        return buffers.empty(shape, dtype, pin_memory)
+
     started: list[tuple[Any, list]] = []
     try:
         for b, s in enumerate(samples):
             reader = resources.reader(s.volume)
             outputs = {"gt": gt[b]}
-            built_crops[b], pending = forms[b].start_read(reader, s.spatial, None if built[b] else features[b])
+            built_crops[b], pending = forms[b].start_read(reader, s.spatial, None if built[b] else features[b], allocate)
             if s.volume.has_mask:
                 outputs["mask"] = mask[b]
             elif mask is not None:

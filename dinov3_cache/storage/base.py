@@ -119,11 +119,15 @@ class FeatureStorage(ABC):
         the opened TensorStore array (the audit's previews; the loader uses start_read)."""
 
     @abstractmethod
-    def start_read(self, reader, spatial: Sequence[slice], out: torch.Tensor | None) -> tuple[BuiltCrop | None, list]:
+    def start_read(
+        self, reader, spatial: Sequence[slice], out: torch.Tensor | None, allocate=None
+    ) -> tuple[BuiltCrop | None, list]:
         """Start the loader's reads of the features of `spatial` through `reader` (a
         loader.reader.VolumeReader); finish with reader.finish(pending). Returns (None, pending)
         when the stored values land in `out` (C, dz, dy, dx) as they are, or (crop, pending)
-        when `builds_features`: the crop builds them once the reads are done (`out` unused)."""
+        when `builds_features`: the crop builds them once the reads are done (`out` unused).
+        allocate(shape, dtype), when given, provides the memory the form reads into besides
+        `out` (the loader's reused batch buffers)."""
 
     # ------------------------------------------------------------------ verification
 

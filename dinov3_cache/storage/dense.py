@@ -37,7 +37,7 @@ class DenseStorage(FeatureStorage):
         window = (slice(None), *(slice(lo, hi) for lo, hi in region))
         return store[window].read().result().astype("float32")
 
-    def start_read(self, reader, spatial: Sequence[slice], out):
+    def start_read(self, reader, spatial: Sequence[slice], out, allocate=None):
         channels = reader.shape(self.array_name)[0]
         return None, [reader.start_region(self.array_name, (slice(0, channels), *spatial), out)]
 

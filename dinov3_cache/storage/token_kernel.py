@@ -21,8 +21,9 @@ tile (a sum of separate products writes the tile, then reads it back to add the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,6 +42,37 @@ TILE_BYTES = 8 * 2**20
 # torch.get_num_threads() threads, each running its products on one core; the thread count is
 # process-wide in torch, so it is set to 1 (and restored) under this lock for the duration.
 _THREADS_LOCK = threading.Lock()
+
+
+class ReusedMemory:
+    """float32 buffers lent to each build and returned after it: a fresh buffer of a few MB costs
+    a page fault per 4 KiB on its first use (about 2,300 for a C = 256, 64^3 crop)."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[Callable[[int], torch.Tensor]]:
+        """take(n) -> n float32 elements (1-d, contents undefined); returned when the block ends."""
+        taken: list[torch.Tensor] = []
+
+        def take(numel: int) -> torch.Tensor:
+            with self.lock:
+                fits = [i for i, t in enumerate(self.free) if t.numel() >= numel]
+                buffer = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else None
+            taken.append(buffer if buffer is not None else torch.empty(numel))
+            return taken[-1][:numel]
+
+        try:
+            yield take
+        finally:
+            with self.lock:
+                self.free = (self.free + taken)[-self.keep :]
+
+
+MEMORY = ReusedMemory()  # one per process
 
 
 def tile_shape(channels: int, dz: int, slice_voxels: int) -> tuple[int, int]:
@@ -78,7 +110,11 @@ class TileProduct:
     the operands, the xy rows (one product for the tile) are added there. W_x^T and W_y are the
     same in every batch: copied in once per call."""
 
-    def __init__(self, matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool, batch: int, height: int, width: int):
+    def __init__(
+        self, matrices: Mapping[str, Mapping[int, torch.Tensor]], shared_x: bool, batch: int, height: int, width: int,
+        take: Callable[[int], torch.Tensor],
+    ):
+        """take(n): n float32 elements of memory for the operands."""
         self.matrices = matrices
         x_planes = [plane for plane in ("xz", "xy") if plane in matrices]  # xz writes its block, xy adds
         groups = [x_planes] if shared_x else [[plane] for plane in x_planes]
@@ -91,13 +127,14 @@ class TileProduct:
         if "yz" in matrices:
             self.y_term = (k, k + matrices["yz"][1].shape[1])
             k = self.y_term[1]
-        self.a_t = torch.empty(batch, k, height)  # the left operand, transposed
-        self.b = torch.empty(batch, k, width)
+        self.a_t = take(batch * k * height).view(batch, k, height)  # the left operand, transposed
+        self.b = take(batch * k * width).view(batch, k, width)
         for planes, k0, k1 in self.x_terms:
             self.b[:, k0:k1] = matrices[planes[0]][2].T
         if self.y_term is not None:
             self.a_t[:, slice(*self.y_term)] = matrices["yz"][1].T
         self.w_y_t = matrices["xy"][1].T.contiguous() if "xy" in matrices else None
+        self.rows = take(batch * matrices["xy"][2].shape[1] * height) if "xy" in matrices else None  # the xy product's
 
     def fill(self, tile: torch.Tensor, blocks: Mapping[str, torch.Tensor], z: slice) -> None:
         """tile (cb, dz, Y, X) = the mean of the planes' features over the tile's slices z
@@ -111,7 +148,9 @@ class TileProduct:
                 if plane == "xz":  # grids (cb, gz, gx * Y), normal y
                     self._over_z(plane, blocks[plane], z, target, cb, dz)
                 else:  # xy: grids (cb, n, gx, gy), normal z
-                    rows = torch.mm(blocks[plane][:, z].reshape(-1, self.w_y_t.shape[0]), self.w_y_t).view(target.shape)
+                    grids = blocks[plane][:, z].reshape(-1, self.w_y_t.shape[0])
+                    rows = torch.mm(grids, self.w_y_t, out=self.rows[: grids.shape[0] * height].view(-1, height))
+                    rows = rows.view(target.shape)
                     target.add_(rows) if plane is not planes[0] else target.copy_(rows)
         if self.y_term is not None:  # grids (cb, gz, gy * X), normal x
             self._over_z("yz", blocks["yz"], z, b[:, slice(*self.y_term)], cb, dz)
@@ -124,15 +163,14 @@ class TileProduct:
         torch.bmm(w_z.expand(cb, *w_z.shape), grids, out=target.view(cb, dz, -1))
 
 
-def block_grids(plane: str, grids: torch.Tensor) -> torch.Tensor:
-    """A channel block's token grids as float32, laid out for `TileProduct.fill` (small: the
-    tokens), converted and moved in one copy."""
+def block_grids(plane: str, grids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """A channel block's token grids as float32 in `memory` (1-d, at least grids.numel()), laid
+    out for `TileProduct.fill` (small: the tokens), converted and moved in one copy."""
+    cb, n, ga, gb = grids.shape
     if plane == "xy":  # (cb, Z, gy, gx) -> (cb, Z, gx, gy)
-        return torch.empty(grids.transpose(2, 3).shape).copy_(grids.transpose(2, 3))
-    cb, n, ga, gb = grids.shape  # xz: (cb, Y, gz, gx) -> (cb, gz, gx * Y); yz: (cb, X, gz, gy) -> (cb, gz, gy * X)
-    laid_out = torch.empty(cb, ga, gb, n)
-    laid_out.copy_(grids.permute(0, 2, 3, 1))
-    return laid_out.view(cb, ga, gb * n)
+        return memory[: grids.numel()].view(cb, n, gb, ga).copy_(grids.transpose(2, 3))
+    laid_out = memory[: grids.numel()].view(cb, ga, gb, n)  # xz: (cb, Y, gz, gx) -> (cb, gz, gx, Y); yz: (cb, X, gz, gy) -> (cb, gz, gy, X)
+    return laid_out.copy_(grids.permute(0, 2, 3, 1)).view(cb, ga, gb * n)
 
 
 def fast_features_from_tokens(
@@ -189,13 +227,14 @@ def build_blocks(
     scratch tile copied (and cast) into `out`."""
     lo, hi = channel_range
     _, dz, height, width = out.shape
-    direct = out.dtype == torch.float32 and out.is_contiguous()
-    scratch = None if direct else torch.empty(cb * slab * height * width, dtype=torch.float32)
-    product = TileProduct(matrices, shared_x, cb * slab, height, width)
-    for c0 in range(lo, hi, cb):
-        c1 = min(c0 + cb, hi)
-        blocks = {plane: block_grids(plane, grids[c0:c1]) for plane, grids in tokens.items()}
-        fill_channels(product, blocks, out, (c0, c1), slab, scratch)
+    with MEMORY.lend() as take:
+        scratch = None if out.dtype == torch.float32 and out.is_contiguous() else take(cb * slab * height * width)
+        product = TileProduct(matrices, shared_x, cb * slab, height, width, take)
+        memory = {plane: take(grids[:cb].numel()) for plane, grids in tokens.items()}  # one block's laid-out tokens
+        for c0 in range(lo, hi, cb):
+            c1 = min(c0 + cb, hi)
+            blocks = {plane: block_grids(plane, grids[c0:c1], memory[plane]) for plane, grids in tokens.items()}
+            fill_channels(product, blocks, out, (c0, c1), slab, scratch)
 
 
 def fill_channels(

@@ -18,7 +18,6 @@ indices clamped to g - 1. Every row is non-negative and sums to one.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -48,7 +47,6 @@ def interpolation_matrix(in_size: int, out_size: int, start: int, stop: int, dev
     return matrix
 
 
-@functools.lru_cache(maxsize=4096)  # every crop asks, for a few hundred distinct windows
 def token_window(grid_size: int, out_dim: int, start: int, stop: int) -> tuple[int, int]:
     """The tokens (first, stop) that outputs start:stop along one image axis read."""
     i0, i1, _ = linear_weights(grid_size, out_dim, start, stop, torch.device("cpu"))
