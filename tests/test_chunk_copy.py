@@ -207,13 +207,14 @@ def test_kept_mappings_are_bounded_and_dropped_before_eviction(caches, monkeypat
     dataset = PreprocessedDINOv3Dataset(cache, volume_indices=[0], num_threads=2)
     bound = 40_000  # two gt chunk files (16^3 int32) and a few feature chunk files (2 KiB)
     monkeypatch.setattr(MAPPED_FILES, "max_bytes", bound)
+    monkeypatch.setattr(MAPPED_FILES, "max_files", 6)
     MAPPED_FILES.clear()
     features = stored(cache, "features")
     for _ in range(2):  # checked, then copied from mappings
         for name, spatial in REGIONS.items():
             got = read_region(dataset, spatial, None)
             assert torch.equal(got["features"], features[(slice(None), *spatial)]), name
-            assert MAPPED_FILES.nbytes <= bound
+            assert MAPPED_FILES.nbytes <= bound and len(MAPPED_FILES.mapped) <= 6
     assert MAPPED_FILES.mapped
     evict_from_page_cache(volume_files(dataset.volumes))
     assert not MAPPED_FILES.mapped and MAPPED_FILES.nbytes == 0  # a mapped page cannot be dropped

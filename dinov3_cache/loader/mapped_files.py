@@ -9,8 +9,9 @@ mapped once per process and kept, by the identity of the file the reader opened 
 - a reader finds a mapping only through the identity of the file it has just opened, so a file
   replaced or rewritten since has another identity and is mapped (and checked) again;
 - while a mapping is kept its inode stays allocated, so its number cannot be reused by a new file;
-- at most MAX_MAPPED_BYTES stay mapped per process, least recently used first out. A dropped
-  mapping is unmapped when the last copy using it is done (the tensor holds the mapping).
+- at most MAX_MAPPED_BYTES in at most MAX_MAPPINGS files stay mapped per process, least
+  recently used first out. A dropped mapping is unmapped when the last copy using it is done
+  (the tensor holds the mapping).
 
 Mapped pages are the page cache's, shared with every process reading the same files; they
 count in a process's resident size while mapped. A file removed while mapped keeps its disk
@@ -27,13 +28,14 @@ from collections.abc import Sequence
 import torch
 
 MAX_MAPPED_BYTES = 1 << 30  # per process: a few crops' chunk files, dense or tokens
+MAX_MAPPINGS = 8192  # per process: each is one memory area, of at most vm.max_map_count (65530 by default)
 
 
 class MappedFiles:
     """A bounded, least-recently-used set of read-only mappings of checked chunk files."""
 
-    def __init__(self, max_bytes: int = MAX_MAPPED_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = MAX_MAPPED_BYTES, max_files: int = MAX_MAPPINGS):
+        self.max_bytes, self.max_files = max_bytes, max_files
         self.mapped: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.nbytes = 0
         self.lock = threading.Lock()
@@ -58,7 +60,7 @@ class MappedFiles:
         return tensor
 
     def _drop_oldest(self) -> None:
-        while self.nbytes > self.max_bytes and len(self.mapped) > 1:
+        while (self.nbytes > self.max_bytes or len(self.mapped) > self.max_files) and len(self.mapped) > 1:
             _, tensor = self.mapped.popitem(last=False)
             self.nbytes -= tensor.numel() * tensor.element_size()
 
