@@ -508,3 +508,35 @@ def test_batch_memory_is_reused_only_when_nothing_holds_it(built_cache):
     assert np.array_equal(as_numpy[0], stored(built_cache, 1, "features"))
     del view, third
     assert dataset.read_batch([2]).features.data_ptr() == address  # released: reused, no new page faults
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the memory area of this process holding `address` (/proc/self/smaps)."""
+    area = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            start, stop = (int(x, 16) for x in first.split("-"))
+            area = start <= address < stop
+        elif area and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no memory area holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="huge pages are asked for on Linux only")
+def test_large_batch_tensors_start_on_a_huge_page_and_ask_for_huge_pages():
+    from dinov3_cache.loader.buffers import HUGE_PAGE, HUGE_PAGES_FROM, BatchBuffers, empty_tensor
+
+    shape = (3, HUGE_PAGES_FROM // 4 // 3 + 5)  # float32, not a whole number of huge pages
+    tensor = empty_tensor(shape, torch.float32, pin_memory=False)
+    assert tensor.shape == shape and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert tensor.data_ptr() % HUGE_PAGE == 0 and tensor._base is None
+    tensor.fill_(2.0)
+    assert float(tensor.sum()) == 2.0 * tensor.numel()
+    assert "hg" in vm_flags(tensor.data_ptr())  # madvise(MADV_HUGEPAGE) on its memory
+    assert "hg" not in vm_flags(empty_tensor((16,), torch.float32, pin_memory=False).data_ptr())  # small: as torch gives
+    buffers = BatchBuffers()
+    first = buffers.empty(shape, torch.float32, False)
+    address = first.data_ptr()
+    del first
+    assert buffers.empty(shape, torch.float32, False).data_ptr() == address  # reused once free

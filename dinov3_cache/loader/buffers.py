@@ -3,6 +3,9 @@ preallocated tensor per array kind (no per-item arrays, no collate copy)."""
 
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
 import sys
 import threading
 from collections.abc import Sequence
@@ -36,8 +39,35 @@ class RawBatch:
     tokens: list[BuiltCrop | None] | None = None
 
 
+HUGE_PAGE = 2 << 20
+HUGE_PAGES_FROM = 8 << 20  # bytes: batch tensors this large are backed by huge pages where the system allows it
+
+
 def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
+    """A batch tensor. A large one in pageable memory starts on a 2 MiB boundary and asks the
+    kernel for transparent huge pages (madvise; nothing changes where they are off): writing a
+    batch then misses the TLB 512x less often (C = 256, 64^3 token crops built 7-10 % faster on the
+    2-core VM; docs/benchmarks.md, "Layouts: dense or tokens")."""
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if (pin_memory and torch.cuda.is_available()) or nbytes < HUGE_PAGES_FROM or _madvise is None:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
+    storage = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8).untyped_storage()
+    start = -storage.data_ptr() % HUGE_PAGE
+    _madvise(ctypes.c_void_p(storage.data_ptr() + start), ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE), mmap.MADV_HUGEPAGE)
+    return torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)  # no other tensor holds the storage
+
+
+def _libc_madvise():
+    """libc's madvise, or None where there is none to ask (not Linux)."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
+_madvise = _libc_madvise()
 
 
 class BatchBuffers:
