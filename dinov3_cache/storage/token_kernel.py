@@ -150,8 +150,10 @@ class TileProduct:
                 else:  # xy: grids (cb, n, gx, gy), normal z
                     grids = blocks[plane][:, z].reshape(-1, self.w_y_t.shape[0])
                     rows = torch.mm(grids, self.w_y_t, out=self.rows[: grids.shape[0] * height].view(-1, height))
-                    rows = rows.view(target.shape)
-                    target.add_(rows) if plane is not planes[0] else target.copy_(rows)
+                    if plane is planes[0]:
+                        target.copy_(rows.view(target.shape))
+                    else:
+                        target.add_(rows.view(target.shape))
         if self.y_term is not None:  # grids (cb, gz, gy * X), normal x
             self._over_z("yz", blocks["yz"], z, b[:, slice(*self.y_term)], cb, dz)
         torch.bmm(a_t.transpose(1, 2), b, out=tile.view(cb * dz, height, width))
@@ -169,7 +171,8 @@ def block_grids(plane: str, grids: torch.Tensor, memory: torch.Tensor) -> torch.
     cb, n, ga, gb = grids.shape
     if plane == "xy":  # (cb, Z, gy, gx) -> (cb, Z, gx, gy)
         return memory[: grids.numel()].view(cb, n, gb, ga).copy_(grids.transpose(2, 3))
-    laid_out = memory[: grids.numel()].view(cb, ga, gb, n)  # xz: (cb, Y, gz, gx) -> (cb, gz, gx, Y); yz: (cb, X, gz, gy) -> (cb, gz, gy, X)
+    # xz: (cb, Y, gz, gx) -> (cb, gz, gx, Y); yz: (cb, X, gz, gy) -> (cb, gz, gy, X)
+    laid_out = memory[: grids.numel()].view(cb, ga, gb, n)
     return laid_out.copy_(grids.permute(0, 2, 3, 1)).view(cb, ga, gb * n)
 
 

@@ -45,7 +45,8 @@ def carve_windows(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, alloca
     starts, total = {}, 0
     for plane, size in sizes.items():
         starts[plane], total = total, total + -(-size // WINDOW_ALIGN) * WINDOW_ALIGN
-    flat = (allocate or (lambda shape, dt: torch.empty(shape, dtype=dt)))((-(-total // WINDOWS_STEP) * WINDOWS_STEP,), torch.uint8)
+    nbytes = -(-total // WINDOWS_STEP) * WINDOWS_STEP
+    flat = allocate((nbytes,), torch.uint8) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8)
     return {plane: flat[starts[plane] : starts[plane] + sizes[plane]].view(dtype).view(shapes[plane]) for plane in shapes}
 
 
@@ -187,7 +188,6 @@ class TokenCrop:
             else:
                 target.copy_(features_from_tokens(grids, self.out_dim, self.region, self.grid_size, self.origins))
         return out
-
 
 
 TOKENS = register_storage(TokenStorage())
