@@ -186,8 +186,9 @@ def fast_features_from_tokens(
 ) -> torch.Tensor:
     """`features_from_tokens` (same arguments, same values to float32 rounding) in cache-sized
     tiles, for CPU tensors; `out` may have any floating dtype (the tile is cast as it is copied).
-    Memory beyond `out`, per thread: a tile, the product's two operands (K / X and K / Y of a
-    tile, K the tokens its last products read) and a channel block's float32 tokens."""
+    Memory beyond `out`, per thread: a tile (when `out` is not contiguous float32), the product's
+    two operands (K / X and K / Y of a tile, K the tokens its last products read), the xy rows
+    and a channel block's float32 tokens, all lent from MEMORY (kept for the next build)."""
     if not tokens:
         raise ValueError("features_from_tokens needs the token grids of at least one plane")
     region = [tuple(r) for r in region] if region is not None else [(0, out_dim)] * 3
