@@ -26,7 +26,6 @@ live in array_readers.py.
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +63,6 @@ SPATIAL_ARRAYS = ("gt", "mask")
 
 def wait_for(reads: Sequence[Read]) -> tuple[Read, Exception] | None:
     """Wait for every read (all of them, even after a failure); the first failure."""
-    concurrent.futures.wait([future for read in reads for future in read.futures])  # one wake-up, not one per task
     failure = None
     for read in reads:
         for future in read.futures:
