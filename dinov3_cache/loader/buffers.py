@@ -54,6 +54,7 @@ def empty_tensor(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool) -> 
         return torch.empty(shape, dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
     storage = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8).untyped_storage()
     start = -storage.data_ptr() % HUGE_PAGE
+    # the advice stays with the memory once the tensor is freed (malloc may hand it out again): harmless
     _madvise(ctypes.c_void_p(storage.data_ptr() + start), ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE), mmap.MADV_HUGEPAGE)
     return torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)  # no other tensor holds the storage
 
