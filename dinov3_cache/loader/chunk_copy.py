@@ -111,7 +111,6 @@ class SlabCopier:
     def __init__(self, chunks: Sequence[int], dtype: torch.dtype):
         self.chunks, self.dtype = tuple(chunks), dtype
         self.row_bytes = int(np.prod(self.chunks[1:])) * dtype.itemsize  # one index of axis 0, contiguous in the file
-        self.chunk_nbytes = self.chunks[0] * self.row_bytes
         self.local = threading.local()
 
     def copy(self, files: Sequence[OpenChunk], out: torch.Tensor) -> None:
